@@ -1,0 +1,62 @@
+# Agentry — the two commands a newcomer runs: `make demo` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+# Build outputs and tool caches live outside the clone so fresh clones (and CI) reuse them.
+export AGENTRY_CACHE ?= $(HOME)/.cache/agentry
+export CARGO_TARGET_DIR ?= $(AGENTRY_CACHE)/target
+export AGENTRY_CLUSTER_DIR ?= $(AGENTRY_CACHE)/cluster
+KUBECONFIG_LOCAL := $(AGENTRY_CLUSTER_DIR)/kubeconfig
+BIN := $(CARGO_TARGET_DIR)/debug/agentry
+DEMO_DIR := $(AGENTRY_CACHE)/demo
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+.PHONY: build
+build: ## Build the agentry binary (debug)
+	cargo build --bin agentry
+
+.PHONY: crds
+crds: ## Regenerate crds/ from the Rust types
+	cargo run --quiet --bin agentry -- crd > crds/agentry.dev_crds.yaml
+
+.PHONY: lint
+lint: ## cargo fmt --check and clippy with warnings as errors
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+.PHONY: cluster-up
+cluster-up: ## Start the local control plane (etcd, apiserver, controller-manager, scheduler, kwok)
+	hack/local-cluster up
+
+.PHONY: cluster-down
+cluster-down: ## Stop the local control plane
+	hack/local-cluster down
+
+.PHONY: unit
+unit: ## Unit tests (no cluster)
+	cargo test --lib --bins
+
+.PHONY: e2e
+e2e: cluster-up ## End-to-end tests against the local control plane
+	KUBECONFIG=$(KUBECONFIG_LOCAL) cargo test --tests -- --test-threads=2
+
+.PHONY: test
+test: lint unit e2e ## Everything: fmt, clippy, unit and end-to-end tests
+
+.PHONY: demo
+demo: build cluster-up ## Local control plane + CRDs + controller + examples, then what to look at
+	hack/demo up
+
+.PHONY: demo-down
+demo-down: ## Stop the demo controller and the local control plane
+	hack/demo down
+	hack/local-cluster down
+
+.PHONY: bench
+bench: ## Benchmarks (ratios against a baseline in the same run) -> target/bench/*.json
+	mkdir -p target/bench
+	AGENTRY_BENCH_OUT=$(CURDIR)/target/bench cargo bench --bench identity

@@ -1,0 +1,60 @@
+//! The operations endpoint: Prometheus metrics and health probes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::{Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get};
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::Metrics;
+
+#[derive(Clone)]
+pub struct OpsState {
+    pub metrics: Arc<Metrics>,
+    /// False until the replica has joined leader election (standby replicas are ready too).
+    pub ready: Arc<AtomicBool>,
+}
+
+pub fn router(state: OpsState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<OpsState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.metrics.render(),
+    )
+}
+
+async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
+
+/// Binds `addr` and serves until `shutdown` fires. Returns the bound address (useful with port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    state: OpsState,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = router(state);
+    let handle = tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "ops server failed");
+        }
+    });
+    Ok((bound, handle))
+}

@@ -1,0 +1,183 @@
+//! The Agent reconciler: dereference -> validate -> build -> apply -> status.
+//!
+//! Every pass ends with one server-side-apply status patch (skipped when nothing changed), so the
+//! status always describes the generation it names in `observedGeneration`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Patch, PatchParams};
+use kube::core::{DeserializeGuard, error_boundary::InvalidObject};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::runtime::finalizer::{Event, finalizer};
+use kube::{Api, Resource, ResourceExt};
+
+use super::conditions::{self, READY};
+use super::{Context, Error, FINALIZER, MANAGER};
+use crate::crd::{Agent, AgentStatus, Phase};
+use crate::telemetry::ResultLabels;
+
+/// The longest we wait between two passes over a healthy Agent (a safety net; renewals requeue
+/// at their own exact times).
+const RESYNC: Duration = Duration::from_secs(600);
+
+pub async fn reconcile(guard: Arc<DeserializeGuard<Agent>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let agent = match &guard.0 {
+        Ok(agent) => Arc::new(agent.clone()),
+        Err(invalid) => {
+            report_undecodable(invalid, &ctx).await;
+            return Ok(Action::await_change());
+        }
+    };
+    let key = format!("{}/{}", agent.namespace().unwrap_or_default(), agent.name_any());
+    let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, agent, |event| async {
+        match event {
+            Event::Apply(agent) => apply(agent, &ctx).await,
+            Event::Cleanup(agent) => cleanup(agent, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    let label = ResultLabels {
+        result: if result.is_ok() { "ok" } else { "error" },
+    };
+    ctx.metrics.reconciles.get_or_create(&label).inc();
+    if result.is_ok() {
+        ctx.clear_backoff(&key);
+    }
+    result
+}
+
+/// Brings the world in line with the Agent's spec.
+async fn apply(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
+    let generation = agent.metadata.generation;
+    let mut status = agent.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+
+    let _spec = match agent.spec.validate() {
+        Ok(spec) => spec,
+        Err(e) => {
+            // The apiserver should have refused this; it was stored before a rule existed, or
+            // the CRD is out of date. Say so on the object and wait for an edit.
+            let message = format!("{e}; edit the Agent to fix it");
+            conditions::upsert(&mut status.conditions, READY, false, "InvalidSpec", &message, generation);
+            status.phase = Some(Phase::Failed);
+            publish(ctx, &agent, EventType::Warning, "InvalidSpec", "Validate", &message).await;
+            write_status(ctx, &agent, status).await?;
+            return Ok(Action::await_change());
+        }
+    };
+
+    conditions::upsert(
+        &mut status.conditions,
+        READY,
+        true,
+        "Reconciled",
+        "spec accepted and reconciled",
+        generation,
+    );
+    status.phase = Some(Phase::Ready);
+    write_status(ctx, &agent, status).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Releases what lives outside Kubernetes; children go with their owner references.
+async fn cleanup(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
+    publish(
+        ctx,
+        &agent,
+        EventType::Normal,
+        "Deleted",
+        "Cleanup",
+        "released external state; removing the finalizer",
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// Writes `status` with one server-side-apply patch, unless it equals what is stored.
+pub(crate) async fn write_status(ctx: &Context, agent: &Agent, status: AgentStatus) -> Result<(), Error> {
+    if agent.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = serde_json::json!({
+        "apiVersion": Agent::api_version(&()),
+        "kind": Agent::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &agent.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Publishes a Kubernetes Event on the Agent. Events are best effort: a failure is logged, never
+/// allowed to fail the reconcile.
+pub(crate) async fn publish(
+    ctx: &Context,
+    agent: &Agent,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
+    let event = KubeEvent {
+        type_,
+        reason: reason.into(),
+        note: Some(note.into()),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &agent.object_ref(&())).await {
+        tracing::warn!(agent = %agent.name_any(), error = %e, "could not publish event");
+    }
+}
+
+/// An Agent that does not decode into our types cannot be reconciled, but must not stop the
+/// others: warn on the object and wait for it to change.
+async fn report_undecodable(invalid: &InvalidObject, ctx: &Context) {
+    let meta = &invalid.metadata;
+    let name = meta.name.clone().unwrap_or_default();
+    let namespace = meta.namespace.clone().unwrap_or_default();
+    tracing::warn!(agent = %format!("{namespace}/{name}"), error = %invalid.error, "Agent does not decode; skipping it");
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::telemetry::ErrorLabels { kind: "undecodable" })
+        .inc();
+    let reference = ObjectReference {
+        api_version: Some(Agent::api_version(&()).into()),
+        kind: Some(Agent::kind(&()).into()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..Default::default()
+    };
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: "InvalidObject".into(),
+        note: Some(format!(
+            "the stored Agent does not match the agentry.dev/v1alpha1 schema ({}); re-apply it with valid fields or delete it",
+            invalid.error
+        )),
+        action: "Decode".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        tracing::warn!(agent = %name, error = %e, "could not publish event");
+    }
+}

@@ -1,0 +1,336 @@
+//! The controller process: leader election on a Lease, the Agent reconciler, the ops endpoint and
+//! graceful shutdown. One file per reconciler; this file wires them together.
+
+pub mod agent;
+pub mod conditions;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, controller::Action, watcher};
+use kube::{Api, Client, core::DeserializeGuard};
+use kube_lease_manager::LeaseManagerBuilder;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::ops;
+use crate::crd::Agent;
+use crate::telemetry::{ErrorLabels, Metrics};
+
+/// The field manager for every server-side apply, and the Event reporter name.
+pub const MANAGER: &str = "agentry";
+/// The finalizer that guards state kept outside Kubernetes (CA ledger, Redis users, S3 objects).
+pub const FINALIZER: &str = "agentry.dev/cleanup";
+
+/// How the controller process is run (from `agentry controller` flags).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Reconcile Agents only in this namespace (sharding, tests); all namespaces when None.
+    pub watch_namespace: Option<String>,
+    /// The controller's own namespace: its Lease, CA Secret and published ConfigMaps.
+    pub namespace: String,
+    pub lease_name: String,
+    pub lease_duration: Duration,
+    /// This replica's name in the Lease.
+    pub replica: String,
+    pub ops_addr: SocketAddr,
+    /// Where the SQLite ledger lives.
+    pub data_dir: PathBuf,
+    /// SPIFFE trust domain for agent IDs.
+    pub trust_domain: String,
+}
+
+/// Shared state handed to every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub config: Config,
+    /// Consecutive transient failures per object, for exponential backoff.
+    failures: std::sync::Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<Metrics>, config: Config) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: Some(config.replica.clone()),
+            },
+        );
+        Self {
+            client,
+            recorder,
+            metrics,
+            config,
+            failures: Default::default(),
+        }
+    }
+
+    /// Records one more failure of `key` and returns the delay before the next try:
+    /// 1s doubling to 5 minutes, with ±20% jitter so a fleet of failures does not retry in lockstep.
+    fn next_backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        backoff_delay(*n, rand::random::<f64>())
+    }
+
+    fn clear_backoff(&self, key: &str) {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        failures.remove(key);
+    }
+}
+
+/// The delay after `attempt` consecutive failures; `jitter` in [0, 1) spreads it by ±20%.
+pub fn backoff_delay(attempt: u32, jitter: f64) -> Duration {
+    let base = 1.0_f64 * 2f64.powi(attempt.saturating_sub(1).min(16) as i32);
+    let capped = base.min(300.0);
+    Duration::from_secs_f64(capped * (0.8 + 0.4 * jitter.clamp(0.0, 1.0)))
+}
+
+/// Errors of one reconcile. Each says what failed; `is_permanent` decides between a condition that
+/// waits for a spec change and a retry with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API call failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("object has no namespace")]
+    MissingNamespace,
+}
+
+impl Error {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.kind(),
+                _ => "finalizer",
+            },
+            Error::MissingNamespace => "missing_namespace",
+        }
+    }
+
+    /// True when retrying cannot help until someone changes the object (the apiserver refused what
+    /// we built as invalid, or the request was malformed).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::Kube(kube::Error::Api(status)) => status.code == 400 || status.code == 422,
+            Error::Kube(_) => false,
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.is_permanent(),
+                _ => false,
+            },
+            Error::MissingNamespace => true,
+        }
+    }
+}
+
+fn error_policy(guard: Arc<DeserializeGuard<Agent>>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = guard_key(&guard);
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabels { kind: error.kind() })
+        .inc();
+    if error.is_permanent() {
+        tracing::warn!(agent = %key, error = %error, "permanent error; waiting for a change to the Agent");
+        return Action::await_change();
+    }
+    let delay = ctx.next_backoff(&key);
+    tracing::warn!(agent = %key, error = %error, retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+fn guard_key(guard: &DeserializeGuard<Agent>) -> String {
+    let meta = match &guard.0 {
+        Ok(a) => &a.metadata,
+        Err(invalid) => &invalid.metadata,
+    };
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or(""),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs the controller until SIGTERM (exit 0) or until leadership is lost (error: the process
+/// exits and restarts as a standby, so two replicas never write at once).
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (set KUBECONFIG or run in a pod)")?;
+    let metrics = Arc::new(Metrics::default());
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown signal received");
+            shutdown.cancel();
+        });
+    }
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let (ops_addr, ops_task) = ops::serve(
+        config.ops_addr,
+        ops::OpsState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("binding the ops endpoint on {}", config.ops_addr))?;
+    tracing::info!(addr = %ops_addr, "serving /metrics, /healthz and /readyz");
+
+    let lease_secs = config.lease_duration.as_secs().max(2);
+    let manager = LeaseManagerBuilder::new(client.clone(), &config.lease_name)
+        .with_namespace(&config.namespace)
+        .with_identity(&config.replica)
+        .with_duration(lease_secs)
+        .with_grace((lease_secs / 3).max(1))
+        .with_field_manager(format!("{MANAGER}-lease-{}", config.replica))
+        .build()
+        .await
+        .with_context(|| {
+            format!(
+                "preparing leader election on Lease {}/{} (does namespace {} exist?)",
+                config.namespace, config.lease_name, config.namespace
+            )
+        })?;
+    let (mut leading, lease_task) = manager.watch().await;
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(replica = %config.replica, lease = %config.lease_name, "waiting to become leader");
+
+    // Wait for leadership or shutdown.
+    let became_leader = tokio::select! {
+        _ = shutdown.cancelled() => false,
+        r = leading.wait_for(|l| *l) => r.is_ok(),
+    };
+    if !became_leader {
+        drop(leading);
+        let _ = lease_task.await;
+        let _ = ops_task.await;
+        return Ok(());
+    }
+    tracing::info!(replica = %config.replica, "became leader; starting reconcilers");
+    metrics.leader.set(1);
+
+    // Stop the controller on shutdown or on loss of leadership.
+    let stop = CancellationToken::new();
+    let lost_leadership = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let shutdown = shutdown.clone();
+        let lost = lost_leadership.clone();
+        let mut leading = leading.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {},
+                _ = leading.wait_for(|l| !*l) => {
+                    tracing::error!("lost the leader lease; stopping reconcilers");
+                    lost.store(true, Ordering::SeqCst);
+                },
+            }
+            stop.cancel();
+        });
+    }
+
+    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), config.clone()));
+    run_agent_controller(ctx, stop.clone()).await;
+
+    metrics.leader.set(0);
+    shutdown.cancel();
+    // Dropping the receiver makes the lease task release the Lease, so a standby takes over at once.
+    drop(leading);
+    let _ = lease_task.await;
+    let _ = ops_task.await;
+    if lost_leadership.load(Ordering::SeqCst) {
+        anyhow::bail!("lost the leader lease; exiting so this replica restarts as a standby");
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// The Agent controller: watches Agents (guarded, so one undecodable object cannot stop the
+/// stream) and the children it owns, until `stop` fires.
+async fn run_agent_controller(ctx: Arc<Context>, stop: CancellationToken) {
+    let client = ctx.client.clone();
+    let agents: Api<DeserializeGuard<Agent>> = match &ctx.config.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    Controller::new(agents, watcher::Config::default().any_semantic())
+        .graceful_shutdown_on(stop.cancelled_owned())
+        .run(agent::reconcile, error_policy, ctx.clone())
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => tracing::debug!(agent = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile loop error"),
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_jitters() {
+        assert_eq!(backoff_delay(1, 0.5), Duration::from_secs(1));
+        assert_eq!(backoff_delay(2, 0.5), Duration::from_secs(2));
+        assert_eq!(backoff_delay(4, 0.5), Duration::from_secs(8));
+        assert_eq!(backoff_delay(30, 0.5), Duration::from_secs(300));
+        assert_eq!(backoff_delay(30, 0.0), Duration::from_secs(240));
+        assert_eq!(backoff_delay(30, 1.0), Duration::from_secs(360));
+    }
+
+    #[test]
+    fn api_validation_errors_are_permanent_others_transient() {
+        let api = |code| {
+            Error::Kube(kube::Error::Api(
+                kube::core::Status::failure("x", "Invalid").with_code(code).boxed(),
+            ))
+        };
+        assert!(api(422).is_permanent());
+        assert!(!api(409).is_permanent());
+        assert!(!api(500).is_permanent());
+        assert!(!api(429).is_permanent());
+    }
+}

@@ -1,0 +1,112 @@
+//! `agentry`: one binary, clap subcommands. Dispatch only; the work lives in the library.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use agentry::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "agentry", version, about = "Identity, workloads, discovery, messaging and backups for AI agents on Kubernetes")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "AGENTRY_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller: reconcilers, CA and token issuer, with leader election.
+    Controller(ControllerArgs),
+    /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
+    Crd,
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// Reconcile Agents in this namespace only (default: all namespaces).
+    #[arg(long, env = "AGENTRY_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// The controller's own namespace, holding its Lease, CA Secret and published ConfigMaps.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "agentry-system")]
+    namespace: String,
+    /// Name of the coordination.k8s.io Lease used for leader election.
+    #[arg(long, default_value = "agentry-controller")]
+    lease_name: String,
+    /// How long the leader's Lease lasts without renewal (a standby takes over after this).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// This replica's identity in the Lease (default: hostname-pid).
+    #[arg(long, env = "POD_NAME")]
+    replica: Option<String>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "127.0.0.1:9464", env = "AGENTRY_OPS_ADDR")]
+    ops_addr: SocketAddr,
+    /// Directory for the SQLite ledger (created 0700; files 0600).
+    #[arg(long, default_value = "/var/lib/agentry", env = "AGENTRY_DATA_DIR")]
+    data_dir: PathBuf,
+    /// SPIFFE trust domain of agent identities.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    agentry::crd::units::parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging(cli.log_format);
+    // One TLS crypto provider for the whole process (kube, rustls, jsonwebtoken all use aws-lc-rs).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    match cli.command {
+        Command::Crd => match agentry::crd::render_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: rendering the CRDs failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Controller(args) => {
+            let replica = args.replica.unwrap_or_else(|| {
+                let host = hostname::get()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "agentry".into());
+                format!("{host}-{}", std::process::id())
+            });
+            let config = agentry::controller::Config {
+                watch_namespace: args.watch_namespace.filter(|n| !n.is_empty()),
+                namespace: args.namespace,
+                lease_name: args.lease_name,
+                lease_duration: args.lease_duration,
+                replica,
+                ops_addr: args.ops_addr,
+                data_dir: args.data_dir,
+                trust_domain: args.trust_domain,
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: starting the async runtime failed: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(agentry::controller::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "controller stopped");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! End-to-end harness: the real local control plane (`hack/local-cluster up`, reached through
+//! KUBECONFIG), one namespace per test, and controller processes run from the built binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+
+use agentry::crd::Agent;
+
+pub const E2E_LABEL: &str = "agentry.dev/e2e";
+
+/// A client for the local control plane. Fails loudly when there is none: these tests must run.
+pub async fn client() -> Client {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    assert!(
+        std::env::var_os("KUBECONFIG").is_some(),
+        "KUBECONFIG is not set: run the end-to-end tests with `make test` (it starts hack/local-cluster)"
+    );
+    Client::try_default()
+        .await
+        .expect("cannot reach the local control plane: is `hack/local-cluster up` running?")
+}
+
+/// Installs (server-side apply) the CRDs from the Rust types and waits until they are Established.
+pub async fn ensure_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in agentry::crd::all() {
+        let name = crd.name_any();
+        crds.patch(&name, &PatchParams::apply("agentry-e2e").force(), &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("CRD {name} not Established within 30s"))
+        .unwrap();
+    }
+}
+
+/// A namespace that exists for one test and is deleted when dropped.
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub async fn new(client: &Client, prefix: &str) -> Self {
+        let name = format!("{prefix}-{:08x}", rand::random::<u32>());
+        let ns = Namespace {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some([(E2E_LABEL.to_string(), "true".to_string())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+        Self { name }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        // Drop cannot be async; kubectl-free cleanup on a throwaway runtime in its own thread.
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Runtime::new() else { return };
+            rt.block_on(async {
+                if let Ok(client) = Client::try_default().await {
+                    let _ = Api::<Namespace>::all(client)
+                        .delete(&name, &DeleteParams::background())
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A free loopback port (bound then released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An `agentry controller` process scoped to one namespace, killed when dropped.
+pub struct ControllerProcess {
+    pub child: Child,
+    pub ops_port: u16,
+    pub log: PathBuf,
+    pub replica: String,
+    _data: tempfile::TempDir,
+}
+
+pub struct ControllerOptions<'a> {
+    pub namespace: &'a str,
+    pub replica: &'a str,
+    pub lease_duration: &'a str,
+    pub extra_args: Vec<String>,
+}
+
+impl<'a> ControllerOptions<'a> {
+    pub fn new(namespace: &'a str) -> Self {
+        Self {
+            namespace,
+            replica: "replica-a",
+            lease_duration: "4s",
+            extra_args: vec![],
+        }
+    }
+}
+
+impl ControllerProcess {
+    pub fn start(opts: ControllerOptions<'_>) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let ops_port = free_port();
+        let log = data.path().join("controller.log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_agentry"))
+            .args([
+                "controller",
+                "--watch-namespace",
+                opts.namespace,
+                "--namespace",
+                opts.namespace,
+                "--lease-name",
+                "agentry-controller",
+                "--lease-duration",
+                opts.lease_duration,
+                "--replica",
+                opts.replica,
+                "--ops-addr",
+                &format!("127.0.0.1:{ops_port}"),
+                "--data-dir",
+                data.path().join("data").to_str().unwrap(),
+            ])
+            .args(&opts.extra_args)
+            .env("RUST_LOG", "info,agentry=debug")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("starting the agentry binary");
+        Self {
+            child,
+            ops_port,
+            log,
+            replica: opts.replica.to_string(),
+            _data: data,
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self._data.path()
+    }
+
+    /// The controller's log so far (for assertion messages).
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Reads one unlabelled-or-summed metric from /metrics; None while the endpoint is not up.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let body = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.ops_port))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let mut total = None;
+        for line in body.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            if metric == name {
+                *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+            }
+        }
+        total
+    }
+
+    /// SIGKILL: no graceful release of the lease.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for exit; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.kill();
+        None
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A minimal valid Agent manifest; tests override fields with `merge`.
+pub fn agent_manifest(name: &str, overrides: serde_json::Value) -> serde_json::Value {
+    let mut base = json!({
+        "apiVersion": "agentry.dev/v1alpha1",
+        "kind": "Agent",
+        "metadata": {"name": name},
+        "spec": {
+            "capabilities": ["summarize"],
+            "permissions": ["backup:write", "memory:read"],
+            "template": {"image": "ghcr.io/example/summarizer:1.4"},
+            "resources": {"memory": "384Mi", "cpu": "250m"}
+        }
+    });
+    merge(&mut base, overrides);
+    base
+}
+
+/// JSON merge patch semantics (RFC 7386): null deletes, objects merge, anything else replaces.
+pub fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
+    match (base, patch) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    b.remove(&k);
+                } else {
+                    merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+        }
+        (b, p) => *b = p,
+    }
+}
+
+/// Creates an Agent from a manifest.
+pub async fn create_agent(client: &Client, ns: &str, manifest: serde_json::Value) -> Result<Agent, kube::Error> {
+    let agent: Agent = serde_json::from_value(manifest).expect("manifest decodes as an Agent");
+    Api::<Agent>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &agent)
+        .await
+}
+
+/// Waits until `check` holds for the named Agent, or panics after `timeout` with the last state.
+pub async fn wait_agent(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&Agent) -> bool,
+) -> Agent {
+    let api: Api<Agent> = Api::namespaced(client.clone(), ns);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Ok(Some(agent)) = api.get_opt(name).await {
+            if check(&agent) {
+                return agent;
+            }
+            last = Some(agent);
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "agent {ns}/{name}: {what} did not happen within {timeout:?}; last seen: {}",
+                serde_json::to_string_pretty(&last).unwrap()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until `check` returns true, polling every 200ms, or panics after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("{what} did not happen within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The condition of `type_` on an Agent, if any.
+pub fn condition<'a>(
+    agent: &'a Agent,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    agent
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+pub fn has_finalizer(agent: &Agent) -> bool {
+    agent.finalizers().iter().any(|f| f == "agentry.dev/cleanup")
+}
+
+/// The API group/version string of Agents, for raw requests.
+pub fn agent_api_version() -> String {
+    Agent::api_version(&()).into_owned()
+}

@@ -1,0 +1,195 @@
+//! The Agent CRD on the real apiserver: it installs, valid specs are accepted with defaults, and
+//! invalid specs are refused by the apiserver itself with a message naming the field.
+
+mod common;
+
+use common::*;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Api;
+use serde_json::json;
+
+use agentry::crd::Agent;
+
+#[tokio::test]
+async fn crd_installs_and_is_established() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let crd = Api::<CustomResourceDefinition>::all(client.clone())
+        .get("agents.agentry.dev")
+        .await
+        .unwrap();
+    let status = crd.status.unwrap();
+    let established = status
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "Established")
+        .unwrap();
+    assert_eq!(established.status, "True");
+    assert_eq!(status.accepted_names.unwrap().short_names, Some(vec!["ag".to_string()]));
+    let version = &crd.spec.versions[0];
+    assert_eq!(version.name, "v1alpha1");
+    assert!(version.subresources.as_ref().unwrap().status.is_some());
+    let columns: Vec<_> = version
+        .additional_printer_columns
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(columns, ["Phase", "Capabilities", "Memory", "Cert-Expiry", "Last-Backup", "Age"]);
+}
+
+#[tokio::test]
+async fn valid_agent_is_accepted_with_defaults() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = TestNamespace::new(&client, "crd-valid").await;
+    // Only the required field: everything else defaults.
+    let minimal = json!({
+        "apiVersion": "agentry.dev/v1alpha1", "kind": "Agent",
+        "metadata": {"name": "minimal"},
+        "spec": {"template": {"image": "ghcr.io/example/echo:1"}}
+    });
+    let created = create_agent(&client, &ns.name, minimal).await.unwrap();
+    assert_eq!(created.spec.resources.memory, "512Mi");
+    assert_eq!(created.spec.identity.token_ttl, "1h");
+    assert_eq!(created.spec.identity.certificate_ttl, "24h");
+    assert_eq!(created.spec.template.port, 8080);
+
+    let full = agent_manifest(
+        "full",
+        json!({"spec": {
+            "capabilities": ["summarize", "translate"],
+            "permissions": ["backup:write", "backup:read", "memory:read", "memory:write",
+                            "messages:send", "messages:read", "agents:discover"],
+            "identity": {"certificateTTL": "2160h", "tokenTTL": "5m"},
+            "resources": {"memory": "512Mi", "cpu": "1"},
+            "backup": {"schedule": "0 */6 * * *", "paths": ["/var/lib/agent"],
+                       "retention": {"keepLast": 5, "keepDaily": 7}},
+            "messaging": {"enabled": true, "maxLen": 10000},
+            "state": {"persistent": true, "size": "2Gi"}
+        }}),
+    );
+    let created = create_agent(&client, &ns.name, full).await.unwrap();
+    assert_eq!(created.spec.capabilities, ["summarize", "translate"]);
+    assert_eq!(created.spec.backup.unwrap().location, "default");
+    for schedule in ["@daily", "*/15 * * * MON-FRI", "0 0 1 JAN,JUL *", "5 4 * * 0"] {
+        let name = format!("sched-{:x}", rand::random::<u16>());
+        let m = agent_manifest(
+            &name,
+            json!({"spec": {"backup": {"schedule": schedule, "paths": ["/data"]}}}),
+        );
+        create_agent(&client, &ns.name, m)
+            .await
+            .unwrap_or_else(|e| panic!("schedule {schedule:?} refused: {e}"));
+    }
+    let listed = Api::<Agent>::namespaced(client.clone(), &ns.name)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 6);
+}
+
+/// Each case: (what, spec overrides, the field path the apiserver's message must name).
+fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
+    let caps33: Vec<String> = (0..33).map(|i| format!("cap{i}")).collect();
+    vec![
+        ("memory above the cap", json!({"resources": {"memory": "1Gi"}}), "spec.resources.memory"),
+        ("memory just above the cap", json!({"resources": {"memory": "513Mi"}}), "spec.resources.memory"),
+        ("memory in decimal units above the cap", json!({"resources": {"memory": "600M"}}), "spec.resources.memory"),
+        ("memory not a quantity", json!({"resources": {"memory": "lots"}}), "spec.resources.memory"),
+        ("memory below the minimum", json!({"resources": {"memory": "1Mi"}}), "spec.resources.memory"),
+        ("cpu not a quantity", json!({"resources": {"cpu": "fast"}}), "spec.resources.cpu"),
+        ("capability with upper case", json!({"capabilities": ["Summarize"]}), "spec.capabilities"),
+        ("capability with underscore", json!({"capabilities": ["bad_name"]}), "spec.capabilities"),
+        ("33 capabilities", json!({"capabilities": caps33}), "spec.capabilities"),
+        ("duplicate capabilities", json!({"capabilities": ["a", "a"]}), "spec.capabilities"),
+        ("unknown permission", json!({"permissions": ["root:all"]}), "spec.permissions"),
+        ("token TTL too short", json!({"identity": {"tokenTTL": "1m"}}), "spec.identity.tokenTTL"),
+        ("token TTL too long", json!({"identity": {"tokenTTL": "48h"}}), "spec.identity.tokenTTL"),
+        ("token TTL not a duration", json!({"identity": {"tokenTTL": "forever"}}), "spec.identity.tokenTTL"),
+        ("token TTL in days", json!({"identity": {"tokenTTL": "1d"}}), "spec.identity.tokenTTL"),
+        ("certificate TTL too short", json!({"identity": {"certificateTTL": "30m"}}), "spec.identity.certificateTTL"),
+        ("certificate TTL above 90 days", json!({"identity": {"certificateTTL": "2161h"}}), "spec.identity.certificateTTL"),
+        ("cron in words", json!({"backup": {"schedule": "every day", "paths": ["/data"]}}), "spec.backup.schedule"),
+        ("cron minute 61", json!({"backup": {"schedule": "61 * * * *", "paths": ["/data"]}}), "spec.backup.schedule"),
+        ("cron with four fields", json!({"backup": {"schedule": "* * * *", "paths": ["/data"]}}), "spec.backup.schedule"),
+        ("cron hour 24", json!({"backup": {"schedule": "0 24 * * *", "paths": ["/data"]}}), "spec.backup.schedule"),
+        ("relative backup path", json!({"backup": {"schedule": "@daily", "paths": ["data"]}}), "spec.backup.paths"),
+        ("backup path escaping", json!({"backup": {"schedule": "@daily", "paths": ["/data/../etc"]}}), "spec.backup.paths"),
+        ("no backup paths", json!({"backup": {"schedule": "@daily", "paths": []}}), "spec.backup.paths"),
+        ("keepLast zero", json!({"backup": {"schedule": "@daily", "paths": ["/d"], "retention": {"keepLast": 0}}}), "spec.backup.retention.keepLast"),
+        ("messaging maxLen zero", json!({"messaging": {"maxLen": 0}}), "spec.messaging.maxLen"),
+        ("empty image", json!({"template": {"image": ""}}), "spec.template.image"),
+        ("image with spaces", json!({"template": {"image": "a b"}}), "spec.template.image"),
+        ("missing image", json!({"template": {"image": null, "command": ["x"]}}), "spec.template.image"),
+        ("port out of range", json!({"template": {"port": 70000}}), "spec.template.port"),
+        ("state size not a quantity", json!({"state": {"persistent": true, "size": "big"}}), "spec.state.size"),
+    ]
+}
+
+#[tokio::test]
+async fn invalid_specs_are_refused_by_the_apiserver_naming_the_field() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = TestNamespace::new(&client, "crd-invalid").await;
+    let api = kube::Api::<kube::api::DynamicObject>::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &kube::api::ApiResource::erase::<Agent>(&()),
+    );
+    let cases = invalid_cases();
+    assert!(cases.len() >= 15);
+    let mut failures = Vec::new();
+    for (i, (what, overrides, field)) in cases.iter().enumerate() {
+        let manifest = agent_manifest(&format!("bad-{i}"), json!({ "spec": overrides }));
+        // Raw JSON: some of these would not even deserialize into our Rust types.
+        let obj: kube::api::DynamicObject = serde_json::from_value(manifest).unwrap();
+        match api.create(&Default::default(), &obj).await {
+            Ok(_) => failures.push(format!("{what}: accepted")),
+            Err(kube::Error::Api(status)) => {
+                if status.code != 422 || !status.message.contains(field) {
+                    failures.push(format!(
+                        "{what}: expected 422 naming {field}, got {}: {}",
+                        status.code, status.message
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("{what}: unexpected error {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases wrong:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    // Nothing was stored.
+    let stored = kube::Api::<Agent>::namespaced(client.clone(), &ns.name)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert_eq!(stored.items.len(), 0);
+}
+
+#[tokio::test]
+async fn memory_cannot_be_raised_above_the_cap_by_an_update() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = TestNamespace::new(&client, "crd-update").await;
+    create_agent(&client, &ns.name, agent_manifest("a", json!({}))).await.unwrap();
+    let api = Api::<Agent>::namespaced(client.clone(), &ns.name);
+    let err = api
+        .patch(
+            "a",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"resources": {"memory": "2Gi"}}})),
+        )
+        .await
+        .unwrap_err();
+    match err {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 422);
+            assert!(s.message.contains("spec.resources.memory"), "{}", s.message);
+            assert!(s.message.contains("512Mi"), "{}", s.message);
+        }
+        e => panic!("unexpected {e}"),
+    }
+    assert_eq!(api.get("a").await.unwrap().spec.resources.memory, "384Mi");
+}
