@@ -11,10 +11,20 @@ use clap::{Args, Parser, Subcommand};
 use agentry::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "agentry", version, about = "Identity, workloads, discovery, messaging and backups for AI agents on Kubernetes")]
+#[command(
+    name = "agentry",
+    version,
+    about = "Identity, workloads, discovery, messaging and backups for AI agents on Kubernetes"
+)]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "AGENTRY_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "AGENTRY_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -23,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller: reconcilers, CA and token issuer, with leader election.
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
     Crd,
 }
@@ -54,6 +64,28 @@ struct ControllerArgs {
     /// SPIFFE trust domain of agent identities.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
+    /// Secret (in --namespace) holding the CA as tls.crt/tls.key. Created when missing; create it
+    /// first to bring your own CA (for example one issued by cert-manager).
+    #[arg(long, default_value = "agentry-ca")]
+    ca_secret: String,
+    /// Lifetime of a CA the controller creates.
+    #[arg(long, default_value = "87600h", value_parser = parse_duration)]
+    ca_validity: Duration,
+    /// Secret (in --namespace) holding the token signing keys.
+    #[arg(long, default_value = "agentry-token-signing")]
+    signing_secret: String,
+    /// Replace the token signing key when it is older than this (the old key stays published 24h).
+    #[arg(long, default_value = "720h", value_parser = parse_duration)]
+    signing_key_rotation: Duration,
+    /// The `iss` of agent tokens (default: https://agentry.<namespace>.svc).
+    #[arg(long)]
+    token_issuer: Option<String>,
+    /// The `aud` of agent tokens.
+    #[arg(long, default_value = "agentry")]
+    token_audience: String,
+    /// Testing only: divide every certificate and token lifetime by N, to watch renewals quickly.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    ttl_divisor: u32,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -77,6 +109,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Controller(args) => {
+            let args = *args;
             let replica = args.replica.unwrap_or_else(|| {
                 let host = hostname::get()
                     .map(|h| h.to_string_lossy().into_owned())
@@ -85,13 +118,28 @@ fn main() -> ExitCode {
             });
             let config = agentry::controller::Config {
                 watch_namespace: args.watch_namespace.filter(|n| !n.is_empty()),
-                namespace: args.namespace,
+                namespace: args.namespace.clone(),
                 lease_name: args.lease_name,
                 lease_duration: args.lease_duration,
                 replica,
                 ops_addr: args.ops_addr,
+                authority: agentry::identity::authority::AuthorityConfig {
+                    token_issuer: args
+                        .token_issuer
+                        .unwrap_or_else(|| format!("https://agentry.{}.svc", args.namespace)),
+                    namespace: args.namespace.clone(),
+                    ca_secret: args.ca_secret,
+                    signing_secret: args.signing_secret,
+                    ca_configmap: "agentry-ca".into(),
+                    jwks_configmap: "agentry-jwks".into(),
+                    trust_domain: args.trust_domain,
+                    token_audience: args.token_audience,
+                    ca_validity: args.ca_validity,
+                    signing_key_rotation: args.signing_key_rotation,
+                    data_dir: args.data_dir.clone(),
+                    ttl_divisor: args.ttl_divisor,
+                },
                 data_dir: args.data_dir,
-                trust_domain: args.trust_domain,
             };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

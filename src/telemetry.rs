@@ -2,7 +2,9 @@
 //! pass names, serials and fingerprints, never PEM or tokens.
 
 use prometheus_client::encoding::{EncodeLabelSet, text::encode};
-use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
+use prometheus_client::metrics::{
+    counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
+};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 use tracing_subscriber::{EnvFilter, prelude::*};
@@ -21,7 +23,12 @@ pub fn init_logging(format: LogFormat) {
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json().with_current_span(false).with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(false)
+                    .with_writer(std::io::stderr),
+            )
             .init(),
         LogFormat::Text => registry
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
@@ -57,27 +64,43 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("agentry");
         let reconciles = Family::<ResultLabels, Counter>::default();
-        registry.register("reconcile", "Agent reconciliations by result", reconciles.clone());
+        registry.register(
+            "reconcile",
+            "Agent reconciliations by result",
+            reconciles.clone(),
+        );
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         registry.register(
             "reconcile_errors",
             "Failed Agent reconciliations by error kind",
             reconcile_errors.clone(),
         );
-        let reconcile_duration = Histogram::new(
-            [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter(),
-        );
+        let reconcile_duration = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
         registry.register(
             "reconcile_duration_seconds",
             "Time spent in one Agent reconciliation",
             reconcile_duration.clone(),
         );
         let leader = Gauge::default();
-        registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            leader.clone(),
+        );
         let certificates_issued = Counter::default();
-        registry.register("certificates_issued", "Agent certificates issued", certificates_issued.clone());
+        registry.register(
+            "certificates_issued",
+            "Agent certificates issued",
+            certificates_issued.clone(),
+        );
         let certificates_revoked = Counter::default();
-        registry.register("certificates_revoked", "Agent certificates revoked", certificates_revoked.clone());
+        registry.register(
+            "certificates_revoked",
+            "Agent certificates revoked",
+            certificates_revoked.clone(),
+        );
         let tokens_minted = Counter::default();
         registry.register("tokens_minted", "Agent JWTs minted", tokens_minted.clone());
         let nearest_certificate_expiry = Gauge::<f64, AtomicU64>::default();
@@ -117,11 +140,19 @@ mod tests {
     #[test]
     fn renders_counters_with_the_agentry_prefix() {
         let m = Metrics::default();
-        m.reconciles.get_or_create(&ResultLabels { result: "ok" }).inc();
+        m.reconciles
+            .get_or_create(&ResultLabels { result: "ok" })
+            .inc();
         m.reconcile_duration.observe(0.02);
         let text = m.render();
-        assert!(text.contains("agentry_reconcile_total{result=\"ok\"} 1"), "{text}");
-        assert!(text.contains("agentry_reconcile_duration_seconds_count 1"), "{text}");
+        assert!(
+            text.contains("agentry_reconcile_total{result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("agentry_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
         assert!(text.contains("agentry_leader 0"), "{text}");
     }
 }

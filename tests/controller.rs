@@ -26,10 +26,24 @@ async fn reconcile_adds_finalizer_conditions_and_observed_generation() {
     ensure_crds(&client).await;
     let ns = TestNamespace::new(&client, "ctl-basic").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
-    create_agent(&client, &ns.name, agent_manifest("summarizer", json!({}))).await.unwrap();
+    create_agent(&client, &ns.name, agent_manifest("summarizer", json!({})))
+        .await
+        .unwrap();
 
-    let agent = wait_agent(&client, &ns.name, "summarizer", Duration::from_secs(30), "Ready", ready).await;
-    assert!(has_finalizer(&agent), "finalizer missing: {:?}", agent.finalizers());
+    let agent = wait_agent(
+        &client,
+        &ns.name,
+        "summarizer",
+        Duration::from_secs(30),
+        "Ready",
+        ready,
+    )
+    .await;
+    assert!(
+        has_finalizer(&agent),
+        "finalizer missing: {:?}",
+        agent.finalizers()
+    );
     let status = agent.status.as_ref().unwrap();
     assert_eq!(status.observed_generation, Some(1));
     let ready_cond = condition(&agent, "Ready").unwrap();
@@ -46,9 +60,14 @@ async fn reconcile_adds_finalizer_conditions_and_observed_generation() {
     )
     .await
     .unwrap();
-    let agent = wait_agent(&client, &ns.name, "summarizer", Duration::from_secs(30), "observedGeneration 2", |a| {
-        a.status.as_ref().and_then(|s| s.observed_generation) == Some(2)
-    })
+    let agent = wait_agent(
+        &client,
+        &ns.name,
+        "summarizer",
+        Duration::from_secs(30),
+        "observedGeneration 2",
+        |a| a.status.as_ref().and_then(|s| s.observed_generation) == Some(2),
+    )
     .await;
     assert_eq!(agent.metadata.generation, Some(2));
 }
@@ -59,11 +78,23 @@ async fn delete_runs_cleanup_and_removes_the_finalizer() {
     ensure_crds(&client).await;
     let ns = TestNamespace::new(&client, "ctl-delete").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
-    create_agent(&client, &ns.name, agent_manifest("doomed", json!({}))).await.unwrap();
-    wait_agent(&client, &ns.name, "doomed", Duration::from_secs(30), "finalizer", has_finalizer).await;
+    create_agent(&client, &ns.name, agent_manifest("doomed", json!({})))
+        .await
+        .unwrap();
+    wait_agent(
+        &client,
+        &ns.name,
+        "doomed",
+        Duration::from_secs(30),
+        "finalizer",
+        has_finalizer,
+    )
+    .await;
 
     let api: Api<Agent> = Api::namespaced(client.clone(), &ns.name);
-    api.delete("doomed", &DeleteParams::default()).await.unwrap();
+    api.delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
     eventually(Duration::from_secs(30), "agent deleted", || async {
         api.get_opt("doomed").await.unwrap().is_none()
     })
@@ -72,8 +103,10 @@ async fn delete_runs_cleanup_and_removes_the_finalizer() {
     let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
     let list = events.list(&Default::default()).await.unwrap();
     assert!(
-        list.items.iter().any(|e| e.reason.as_deref() == Some("Deleted")
-            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("doomed")),
+        list.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Deleted")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("doomed")),
         "no Deleted event: {:?}",
         list.items.iter().map(|e| &e.reason).collect::<Vec<_>>()
     );
@@ -96,22 +129,44 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     ensure_crds(&client).await;
     let ns = TestNamespace::new(&client, "ctl-leader").await;
     let lease = Duration::from_secs(4);
-    let mut a = ControllerProcess::start(ControllerOptions { replica: "replica-a", ..ControllerOptions::new(&ns.name) });
+    let mut a = ControllerProcess::start(ControllerOptions {
+        replica: "replica-a",
+        ..ControllerOptions::new(&ns.name)
+    });
     eventually(Duration::from_secs(20), "replica-a leads", || async {
         leader_of(&client, &ns.name).await.as_deref() == Some("replica-a")
     })
     .await;
-    let b = ControllerProcess::start(ControllerOptions { replica: "replica-b", ..ControllerOptions::new(&ns.name) });
-    eventually(Duration::from_secs(20), "replica-b serves metrics", || async {
-        b.metric("agentry_leader").await.is_some()
-    })
+    let b = ControllerProcess::start(ControllerOptions {
+        replica: "replica-b",
+        ..ControllerOptions::new(&ns.name)
+    });
+    eventually(
+        Duration::from_secs(20),
+        "replica-b serves metrics",
+        || async { b.metric("agentry_leader").await.is_some() },
+    )
     .await;
 
     for i in 0..3 {
-        create_agent(&client, &ns.name, agent_manifest(&format!("first-{i}"), json!({}))).await.unwrap();
+        create_agent(
+            &client,
+            &ns.name,
+            agent_manifest(&format!("first-{i}"), json!({})),
+        )
+        .await
+        .unwrap();
     }
     for i in 0..3 {
-        wait_agent(&client, &ns.name, &format!("first-{i}"), Duration::from_secs(30), "Ready", ready).await;
+        wait_agent(
+            &client,
+            &ns.name,
+            &format!("first-{i}"),
+            Duration::from_secs(30),
+            "Ready",
+            ready,
+        )
+        .await;
     }
     assert_eq!(a.metric("agentry_leader").await, Some(1.0));
     assert_eq!(b.metric("agentry_leader").await, Some(0.0));
@@ -132,9 +187,22 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     })
     .await;
     let takeover = killed.elapsed();
-    assert!(takeover <= lease * 2, "takeover took {takeover:?}, lease is {lease:?}");
-    create_agent(&client, &ns.name, agent_manifest("second", json!({}))).await.unwrap();
-    wait_agent(&client, &ns.name, "second", Duration::from_secs(30), "Ready after failover", ready).await;
+    assert!(
+        takeover <= lease * 2,
+        "takeover took {takeover:?}, lease is {lease:?}"
+    );
+    create_agent(&client, &ns.name, agent_manifest("second", json!({})))
+        .await
+        .unwrap();
+    wait_agent(
+        &client,
+        &ns.name,
+        "second",
+        Duration::from_secs(30),
+        "Ready after failover",
+        ready,
+    )
+    .await;
     assert_eq!(b.metric("agentry_leader").await, Some(1.0));
 }
 
@@ -192,24 +260,50 @@ async fn an_undecodable_agent_does_not_stop_the_others() {
     }
     .await;
     ensure_crds(&client).await; // restores the generated schema
-    assert!(created, "could not store the odd Agent under the loosened schema");
+    assert!(
+        created,
+        "could not store the odd Agent under the loosened schema"
+    );
 
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
     for name in ["good-1", "good-2"] {
-        create_agent(&client, &ns.name, agent_manifest(name, json!({}))).await.unwrap();
+        create_agent(&client, &ns.name, agent_manifest(name, json!({})))
+            .await
+            .unwrap();
     }
     for name in ["good-1", "good-2"] {
-        wait_agent(&client, &ns.name, name, Duration::from_secs(30), "Ready", ready).await;
+        wait_agent(
+            &client,
+            &ns.name,
+            name,
+            Duration::from_secs(30),
+            "Ready",
+            ready,
+        )
+        .await;
     }
     let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
-    eventually(Duration::from_secs(20), "InvalidObject event on the odd Agent", || async {
-        events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
-            e.reason.as_deref() == Some("InvalidObject")
-                && e.type_.as_deref() == Some("Warning")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("odd")
-        })
-    })
+    eventually(
+        Duration::from_secs(20),
+        "InvalidObject event on the odd Agent",
+        || async {
+            events
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("InvalidObject")
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("odd")
+                })
+        },
+    )
     .await;
     let odd_now = dynamic.get("odd").await.unwrap();
-    assert!(odd_now.finalizers().is_empty(), "the controller must not touch what it cannot read");
+    assert!(
+        odd_now.finalizers().is_empty(),
+        "the controller must not touch what it cannot read"
+    );
 }

@@ -26,7 +26,10 @@ async fn crd_installs_and_is_established() {
         .find(|c| c.type_ == "Established")
         .unwrap();
     assert_eq!(established.status, "True");
-    assert_eq!(status.accepted_names.unwrap().short_names, Some(vec!["ag".to_string()]));
+    assert_eq!(
+        status.accepted_names.unwrap().short_names,
+        Some(vec!["ag".to_string()])
+    );
     let version = &crd.spec.versions[0];
     assert_eq!(version.name, "v1alpha1");
     assert!(version.subresources.as_ref().unwrap().status.is_some());
@@ -37,7 +40,17 @@ async fn crd_installs_and_is_established() {
         .iter()
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(columns, ["Phase", "Capabilities", "Memory", "Cert-Expiry", "Last-Backup", "Age"]);
+    assert_eq!(
+        columns,
+        [
+            "Phase",
+            "Capabilities",
+            "Memory",
+            "Cert-Expiry",
+            "Last-Backup",
+            "Age"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -74,7 +87,12 @@ async fn valid_agent_is_accepted_with_defaults() {
     let created = create_agent(&client, &ns.name, full).await.unwrap();
     assert_eq!(created.spec.capabilities, ["summarize", "translate"]);
     assert_eq!(created.spec.backup.unwrap().location, "default");
-    for schedule in ["@daily", "*/15 * * * MON-FRI", "0 0 1 JAN,JUL *", "5 4 * * 0"] {
+    for schedule in [
+        "@daily",
+        "*/15 * * * MON-FRI",
+        "0 0 1 JAN,JUL *",
+        "5 4 * * 0",
+    ] {
         let name = format!("sched-{:x}", rand::random::<u16>());
         let m = agent_manifest(
             &name,
@@ -95,37 +113,161 @@ async fn valid_agent_is_accepted_with_defaults() {
 fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
     let caps33: Vec<String> = (0..33).map(|i| format!("cap{i}")).collect();
     vec![
-        ("memory above the cap", json!({"resources": {"memory": "1Gi"}}), "spec.resources.memory"),
-        ("memory just above the cap", json!({"resources": {"memory": "513Mi"}}), "spec.resources.memory"),
-        ("memory in decimal units above the cap", json!({"resources": {"memory": "600M"}}), "spec.resources.memory"),
-        ("memory not a quantity", json!({"resources": {"memory": "lots"}}), "spec.resources.memory"),
-        ("memory below the minimum", json!({"resources": {"memory": "1Mi"}}), "spec.resources.memory"),
-        ("cpu not a quantity", json!({"resources": {"cpu": "fast"}}), "spec.resources.cpu"),
-        ("capability with upper case", json!({"capabilities": ["Summarize"]}), "spec.capabilities"),
-        ("capability with underscore", json!({"capabilities": ["bad_name"]}), "spec.capabilities"),
-        ("33 capabilities", json!({"capabilities": caps33}), "spec.capabilities"),
-        ("duplicate capabilities", json!({"capabilities": ["a", "a"]}), "spec.capabilities"),
-        ("unknown permission", json!({"permissions": ["root:all"]}), "spec.permissions"),
-        ("token TTL too short", json!({"identity": {"tokenTTL": "1m"}}), "spec.identity.tokenTTL"),
-        ("token TTL too long", json!({"identity": {"tokenTTL": "48h"}}), "spec.identity.tokenTTL"),
-        ("token TTL not a duration", json!({"identity": {"tokenTTL": "forever"}}), "spec.identity.tokenTTL"),
-        ("token TTL in days", json!({"identity": {"tokenTTL": "1d"}}), "spec.identity.tokenTTL"),
-        ("certificate TTL too short", json!({"identity": {"certificateTTL": "30m"}}), "spec.identity.certificateTTL"),
-        ("certificate TTL above 90 days", json!({"identity": {"certificateTTL": "2161h"}}), "spec.identity.certificateTTL"),
-        ("cron in words", json!({"backup": {"schedule": "every day", "paths": ["/data"]}}), "spec.backup.schedule"),
-        ("cron minute 61", json!({"backup": {"schedule": "61 * * * *", "paths": ["/data"]}}), "spec.backup.schedule"),
-        ("cron with four fields", json!({"backup": {"schedule": "* * * *", "paths": ["/data"]}}), "spec.backup.schedule"),
-        ("cron hour 24", json!({"backup": {"schedule": "0 24 * * *", "paths": ["/data"]}}), "spec.backup.schedule"),
-        ("relative backup path", json!({"backup": {"schedule": "@daily", "paths": ["data"]}}), "spec.backup.paths"),
-        ("backup path escaping", json!({"backup": {"schedule": "@daily", "paths": ["/data/../etc"]}}), "spec.backup.paths"),
-        ("no backup paths", json!({"backup": {"schedule": "@daily", "paths": []}}), "spec.backup.paths"),
-        ("keepLast zero", json!({"backup": {"schedule": "@daily", "paths": ["/d"], "retention": {"keepLast": 0}}}), "spec.backup.retention.keepLast"),
-        ("messaging maxLen zero", json!({"messaging": {"maxLen": 0}}), "spec.messaging.maxLen"),
-        ("empty image", json!({"template": {"image": ""}}), "spec.template.image"),
-        ("image with spaces", json!({"template": {"image": "a b"}}), "spec.template.image"),
-        ("missing image", json!({"template": {"image": null, "command": ["x"]}}), "spec.template.image"),
-        ("port out of range", json!({"template": {"port": 70000}}), "spec.template.port"),
-        ("state size not a quantity", json!({"state": {"persistent": true, "size": "big"}}), "spec.state.size"),
+        (
+            "memory above the cap",
+            json!({"resources": {"memory": "1Gi"}}),
+            "spec.resources.memory",
+        ),
+        (
+            "memory just above the cap",
+            json!({"resources": {"memory": "513Mi"}}),
+            "spec.resources.memory",
+        ),
+        (
+            "memory in decimal units above the cap",
+            json!({"resources": {"memory": "600M"}}),
+            "spec.resources.memory",
+        ),
+        (
+            "memory not a quantity",
+            json!({"resources": {"memory": "lots"}}),
+            "spec.resources.memory",
+        ),
+        (
+            "memory below the minimum",
+            json!({"resources": {"memory": "1Mi"}}),
+            "spec.resources.memory",
+        ),
+        (
+            "cpu not a quantity",
+            json!({"resources": {"cpu": "fast"}}),
+            "spec.resources.cpu",
+        ),
+        (
+            "capability with upper case",
+            json!({"capabilities": ["Summarize"]}),
+            "spec.capabilities",
+        ),
+        (
+            "capability with underscore",
+            json!({"capabilities": ["bad_name"]}),
+            "spec.capabilities",
+        ),
+        (
+            "33 capabilities",
+            json!({"capabilities": caps33}),
+            "spec.capabilities",
+        ),
+        (
+            "duplicate capabilities",
+            json!({"capabilities": ["a", "a"]}),
+            "spec.capabilities",
+        ),
+        (
+            "unknown permission",
+            json!({"permissions": ["root:all"]}),
+            "spec.permissions",
+        ),
+        (
+            "token TTL too short",
+            json!({"identity": {"tokenTTL": "1m"}}),
+            "spec.identity.tokenTTL",
+        ),
+        (
+            "token TTL too long",
+            json!({"identity": {"tokenTTL": "48h"}}),
+            "spec.identity.tokenTTL",
+        ),
+        (
+            "token TTL not a duration",
+            json!({"identity": {"tokenTTL": "forever"}}),
+            "spec.identity.tokenTTL",
+        ),
+        (
+            "token TTL in days",
+            json!({"identity": {"tokenTTL": "1d"}}),
+            "spec.identity.tokenTTL",
+        ),
+        (
+            "certificate TTL too short",
+            json!({"identity": {"certificateTTL": "30m"}}),
+            "spec.identity.certificateTTL",
+        ),
+        (
+            "certificate TTL above 90 days",
+            json!({"identity": {"certificateTTL": "2161h"}}),
+            "spec.identity.certificateTTL",
+        ),
+        (
+            "cron in words",
+            json!({"backup": {"schedule": "every day", "paths": ["/data"]}}),
+            "spec.backup.schedule",
+        ),
+        (
+            "cron minute 61",
+            json!({"backup": {"schedule": "61 * * * *", "paths": ["/data"]}}),
+            "spec.backup.schedule",
+        ),
+        (
+            "cron with four fields",
+            json!({"backup": {"schedule": "* * * *", "paths": ["/data"]}}),
+            "spec.backup.schedule",
+        ),
+        (
+            "cron hour 24",
+            json!({"backup": {"schedule": "0 24 * * *", "paths": ["/data"]}}),
+            "spec.backup.schedule",
+        ),
+        (
+            "relative backup path",
+            json!({"backup": {"schedule": "@daily", "paths": ["data"]}}),
+            "spec.backup.paths",
+        ),
+        (
+            "backup path escaping",
+            json!({"backup": {"schedule": "@daily", "paths": ["/data/../etc"]}}),
+            "spec.backup.paths",
+        ),
+        (
+            "no backup paths",
+            json!({"backup": {"schedule": "@daily", "paths": []}}),
+            "spec.backup.paths",
+        ),
+        (
+            "keepLast zero",
+            json!({"backup": {"schedule": "@daily", "paths": ["/d"], "retention": {"keepLast": 0}}}),
+            "spec.backup.retention.keepLast",
+        ),
+        (
+            "messaging maxLen zero",
+            json!({"messaging": {"maxLen": 0}}),
+            "spec.messaging.maxLen",
+        ),
+        (
+            "empty image",
+            json!({"template": {"image": ""}}),
+            "spec.template.image",
+        ),
+        (
+            "image with spaces",
+            json!({"template": {"image": "a b"}}),
+            "spec.template.image",
+        ),
+        (
+            "missing image",
+            json!({"template": {"image": null, "command": ["x"]}}),
+            "spec.template.image",
+        ),
+        (
+            "port out of range",
+            json!({"template": {"port": 70000}}),
+            "spec.template.port",
+        ),
+        (
+            "state size not a quantity",
+            json!({"state": {"persistent": true, "size": "big"}}),
+            "spec.state.size",
+        ),
     ]
 }
 
@@ -159,7 +301,13 @@ async fn invalid_specs_are_refused_by_the_apiserver_naming_the_field() {
             Err(e) => failures.push(format!("{what}: unexpected error {e}")),
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases wrong:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases wrong:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
     // Nothing was stored.
     let stored = kube::Api::<Agent>::namespaced(client.clone(), &ns.name)
         .list(&Default::default())
@@ -173,7 +321,9 @@ async fn memory_cannot_be_raised_above_the_cap_by_an_update() {
     let client = client().await;
     ensure_crds(&client).await;
     let ns = TestNamespace::new(&client, "crd-update").await;
-    create_agent(&client, &ns.name, agent_manifest("a", json!({}))).await.unwrap();
+    create_agent(&client, &ns.name, agent_manifest("a", json!({})))
+        .await
+        .unwrap();
     let api = Api::<Agent>::namespaced(client.clone(), &ns.name);
     let err = api
         .patch(

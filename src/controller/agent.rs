@@ -14,7 +14,7 @@ use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::{Api, Resource, ResourceExt};
 
-use super::conditions::{self, READY};
+use super::conditions::{self, CERTIFICATE_ISSUED, READY, TOKEN_ISSUED};
 use super::{Context, Error, FINALIZER, MANAGER};
 use crate::crd::{Agent, AgentStatus, Phase};
 use crate::telemetry::ResultLabels;
@@ -23,7 +23,10 @@ use crate::telemetry::ResultLabels;
 /// at their own exact times).
 const RESYNC: Duration = Duration::from_secs(600);
 
-pub async fn reconcile(guard: Arc<DeserializeGuard<Agent>>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(
+    guard: Arc<DeserializeGuard<Agent>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let started = Instant::now();
     let agent = match &guard.0 {
         Ok(agent) => Arc::new(agent.clone()),
@@ -32,7 +35,11 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<Agent>>, ctx: Arc<Context>) -
             return Ok(Action::await_change());
         }
     };
-    let key = format!("{}/{}", agent.namespace().unwrap_or_default(), agent.name_any());
+    let key = format!(
+        "{}/{}",
+        agent.namespace().unwrap_or_default(),
+        agent.name_any()
+    );
     let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
     let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
     let result = finalizer(&api, FINALIZER, agent, |event| async {
@@ -63,49 +70,128 @@ async fn apply(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
     let mut status = agent.status.clone().unwrap_or_default();
     status.observed_generation = generation;
 
-    let _spec = match agent.spec.validate() {
+    let spec = match agent.spec.validate() {
         Ok(spec) => spec,
         Err(e) => {
             // The apiserver should have refused this; it was stored before a rule existed, or
             // the CRD is out of date. Say so on the object and wait for an edit.
             let message = format!("{e}; edit the Agent to fix it");
-            conditions::upsert(&mut status.conditions, READY, false, "InvalidSpec", &message, generation);
+            conditions::upsert(
+                &mut status.conditions,
+                READY,
+                false,
+                "InvalidSpec",
+                &message,
+                generation,
+            );
             status.phase = Some(Phase::Failed);
-            publish(ctx, &agent, EventType::Warning, "InvalidSpec", "Validate", &message).await;
+            publish(
+                ctx,
+                &agent,
+                EventType::Warning,
+                "InvalidSpec",
+                "Validate",
+                &message,
+            )
+            .await;
             write_status(ctx, &agent, status).await?;
             return Ok(Action::await_change());
         }
     };
 
+    // Identity: certificate + token in the Agent's Secret.
+    let outcome = match super::identity::reconcile(&agent, &spec, ctx, &ctx.authority).await {
+        Ok(o) => o,
+        Err(e) => {
+            let message = format!("could not issue the identity: {e}");
+            conditions::upsert(
+                &mut status.conditions,
+                CERTIFICATE_ISSUED,
+                false,
+                "IssueFailed",
+                &message,
+                generation,
+            );
+            conditions::upsert(
+                &mut status.conditions,
+                READY,
+                false,
+                "IdentityPending",
+                &message,
+                generation,
+            );
+            status.phase = Some(if status.identity.is_some() {
+                Phase::Degraded
+            } else {
+                Phase::Provisioning
+            });
+            // Best effort: the error itself goes to the error policy for a retry with backoff.
+            let _ = write_status(ctx, &agent, status).await;
+            return Err(e);
+        }
+    };
+    for (reason, note) in &outcome.events {
+        publish(ctx, &agent, EventType::Normal, reason, "Issue", note).await;
+    }
+    conditions::upsert(
+        &mut status.conditions,
+        CERTIFICATE_ISSUED,
+        true,
+        "Issued",
+        format!(
+            "certificate {} for {} valid until {}",
+            outcome.status.serial, outcome.status.spiffe_id, outcome.status.not_after
+        ),
+        generation,
+    );
+    conditions::upsert(
+        &mut status.conditions,
+        TOKEN_ISSUED,
+        true,
+        "Issued",
+        format!(
+            "token with scope [{}] valid until {}",
+            agent.spec.scope(),
+            outcome.status.token_expires_at.as_deref().unwrap_or("")
+        ),
+        generation,
+    );
+    status.identity = Some(outcome.status);
+
     conditions::upsert(
         &mut status.conditions,
         READY,
         true,
-        "Reconciled",
-        "spec accepted and reconciled",
+        "Ready",
+        "identity issued; every enabled part is ready",
         generation,
     );
     status.phase = Some(Phase::Ready);
     write_status(ctx, &agent, status).await?;
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(outcome.next_due.min(RESYNC)))
 }
 
 /// Releases what lives outside Kubernetes; children go with their owner references.
 async fn cleanup(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
+    let revoked = super::identity::cleanup(&agent, ctx, &ctx.authority).await?;
     publish(
         ctx,
         &agent,
         EventType::Normal,
         "Deleted",
         "Cleanup",
-        "released external state; removing the finalizer",
+        &format!("revoked {revoked} certificate(s) and published the CRL; removing the finalizer"),
     )
     .await;
     Ok(Action::await_change())
 }
 
 /// Writes `status` with one server-side-apply patch, unless it equals what is stored.
-pub(crate) async fn write_status(ctx: &Context, agent: &Agent, status: AgentStatus) -> Result<(), Error> {
+pub(crate) async fn write_status(
+    ctx: &Context,
+    agent: &Agent,
+    status: AgentStatus,
+) -> Result<(), Error> {
     if agent.status.as_ref() == Some(&status) {
         return Ok(());
     }
@@ -156,7 +242,9 @@ async fn report_undecodable(invalid: &InvalidObject, ctx: &Context) {
     tracing::warn!(agent = %format!("{namespace}/{name}"), error = %invalid.error, "Agent does not decode; skipping it");
     ctx.metrics
         .reconcile_errors
-        .get_or_create(&crate::telemetry::ErrorLabels { kind: "undecodable" })
+        .get_or_create(&crate::telemetry::ErrorLabels {
+            kind: "undecodable",
+        })
         .inc();
     let reference = ObjectReference {
         api_version: Some(Agent::api_version(&()).into()),

@@ -43,7 +43,9 @@ pub fn upsert(
 
 /// Whether the condition of `type_` is present and True.
 pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
-    conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
 }
 
 #[cfg(test)]
@@ -56,7 +58,14 @@ mod tests {
         upsert(&mut c, READY, false, "Provisioning", "waiting", Some(1));
         let first = c[0].last_transition_time.clone();
         std::thread::sleep(std::time::Duration::from_millis(5));
-        upsert(&mut c, READY, false, "Provisioning", "still waiting", Some(2));
+        upsert(
+            &mut c,
+            READY,
+            false,
+            "Provisioning",
+            "still waiting",
+            Some(2),
+        );
         assert_eq!(c[0].last_transition_time, first);
         assert_eq!(c[0].message, "still waiting");
         assert_eq!(c[0].observed_generation, Some(2));

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod conditions;
+pub mod identity;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::ops;
 use crate::crd::Agent;
+use crate::identity::authority::{Authority, AuthorityConfig};
 use crate::telemetry::{ErrorLabels, Metrics};
 
 /// The field manager for every server-side apply, and the Event reporter name.
@@ -42,8 +44,8 @@ pub struct Config {
     pub ops_addr: SocketAddr,
     /// Where the SQLite ledger lives.
     pub data_dir: PathBuf,
-    /// SPIFFE trust domain for agent IDs.
-    pub trust_domain: String,
+    /// The CA, ledger, token keys and what they publish.
+    pub authority: AuthorityConfig,
 }
 
 /// Shared state handed to every reconcile.
@@ -52,12 +54,18 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub config: Config,
+    pub authority: Arc<Authority>,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: std::sync::Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Arc<Metrics>, config: Config) -> Self {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        config: Config,
+        authority: Arc<Authority>,
+    ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -70,6 +78,7 @@ impl Context {
             recorder,
             metrics,
             config,
+            authority,
             failures: Default::default(),
         }
     }
@@ -106,9 +115,19 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("object has no namespace")]
     MissingNamespace,
+    #[error("identity: {0}")]
+    Identity(String),
+    #[error("certificate ledger: {0}")]
+    Ledger(#[from] crate::identity::store::StoreError),
+    #[error(transparent)]
+    Authority(#[from] crate::identity::authority::AuthorityError),
 }
 
 impl Error {
+    pub fn identity(e: impl std::fmt::Display) -> Self {
+        Error::Identity(e.to_string())
+    }
+
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -119,6 +138,9 @@ impl Error {
                 _ => "finalizer",
             },
             Error::MissingNamespace => "missing_namespace",
+            Error::Identity(_) => "identity",
+            Error::Ledger(_) => "ledger",
+            Error::Authority(_) => "authority",
         }
     }
 
@@ -134,6 +156,7 @@ impl Error {
                 _ => false,
             },
             Error::MissingNamespace => true,
+            Error::Identity(_) | Error::Ledger(_) | Error::Authority(_) => false,
         }
     }
 }
@@ -271,8 +294,46 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
 
-    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), config.clone()));
+    // Only the leader touches the CA, the ledger and the signing keys.
+    let authority = tokio::select! {
+        a = Authority::bootstrap(&client, config.authority.clone()) => a,
+        _ = stop.cancelled() => {
+            drop(leading);
+            let _ = lease_task.await;
+            shutdown.cancel();
+            let _ = ops_task.await;
+            return Ok(());
+        }
+    };
+    let authority = match authority {
+        Ok(a) => Arc::new(a),
+        Err(e) => {
+            shutdown.cancel();
+            drop(leading);
+            let _ = lease_task.await;
+            let _ = ops_task.await;
+            return Err(anyhow::Error::new(e).context("starting the identity authority"));
+        }
+    };
+    tracing::info!(
+        ca = %authority.ca().fingerprint(),
+        kid = %authority.tokens().active_key().kid,
+        "identity authority ready"
+    );
+    let maintenance = tokio::spawn(maintain_authority(
+        client.clone(),
+        authority.clone(),
+        stop.clone(),
+    ));
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        config.clone(),
+        authority,
+    ));
     run_agent_controller(ctx, stop.clone()).await;
+    maintenance.abort();
 
     metrics.leader.set(0);
     shutdown.cancel();
@@ -287,6 +348,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rotates the token signing key when due and re-signs the CRL, every ten minutes.
+async fn maintain_authority(client: Client, authority: Arc<Authority>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = authority.maintain(&client).await {
+                    tracing::warn!(error = %e, "identity upkeep failed; retrying in ten minutes");
+                }
+            }
+        }
+    }
+}
+
 /// The Agent controller: watches Agents (guarded, so one undecodable object cannot stop the
 /// stream) and the children it owns, until `stop` fires.
 async fn run_agent_controller(ctx: Arc<Context>, stop: CancellationToken) {
@@ -295,7 +372,14 @@ async fn run_agent_controller(ctx: Arc<Context>, stop: CancellationToken) {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = match &ctx.config.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    // Only what we manage: never list every Secret in the cluster.
+    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=agentry");
     Controller::new(agents, watcher::Config::default().any_semantic())
+        .owns(secrets, managed)
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(agent::reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
@@ -325,7 +409,9 @@ mod tests {
     fn api_validation_errors_are_permanent_others_transient() {
         let api = |code| {
             Error::Kube(kube::Error::Api(
-                kube::core::Status::failure("x", "Invalid").with_code(code).boxed(),
+                kube::core::Status::failure("x", "Invalid")
+                    .with_code(code)
+                    .boxed(),
             ))
         };
         assert!(api(422).is_permanent());

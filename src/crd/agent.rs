@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::units;
 
 /// The desired state of an agent.
+// One `printcolumn(...)` per column is how kube-derive spells it; clippy mistakes them for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "agentry.dev",
@@ -25,11 +27,31 @@ use super::units;
     derive = "PartialEq",
     doc = "An AI agent: its identity, workload, discovery, messaging and backups.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Capabilities", type_ = "string", json_path = ".spec.capabilities"),
-    printcolumn(name = "Memory", type_ = "string", json_path = ".spec.resources.memory"),
-    printcolumn(name = "Cert-Expiry", type_ = "date", json_path = ".status.identity.notAfter"),
-    printcolumn(name = "Last-Backup", type_ = "date", json_path = ".status.backup.lastBackup.time"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Capabilities",
+        type_ = "string",
+        json_path = ".spec.capabilities"
+    ),
+    printcolumn(
+        name = "Memory",
+        type_ = "string",
+        json_path = ".spec.resources.memory"
+    ),
+    printcolumn(
+        name = "Cert-Expiry",
+        type_ = "date",
+        json_path = ".status.identity.notAfter"
+    ),
+    printcolumn(
+        name = "Last-Backup",
+        type_ = "date",
+        json_path = ".status.backup.lastBackup.time"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSpec {
@@ -77,7 +99,9 @@ fn capability_rule() -> kube::core::Rule {
 }
 
 /// A JWT scope an agent may be granted. The set is closed: anything else is refused.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 pub enum Permission {
     #[serde(rename = "backup:write")]
     BackupWrite,
@@ -463,13 +487,17 @@ impl AgentSpec {
         if self.capabilities.len() > 32 {
             return Err(bad(
                 "spec.capabilities",
-                format!("{} capabilities given, at most 32 allowed", self.capabilities.len()),
+                format!(
+                    "{} capabilities given, at most 32 allowed",
+                    self.capabilities.len()
+                ),
             ));
         }
         for c in &self.capabilities {
             let ok = !c.is_empty()
                 && c.len() <= 63
-                && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && c.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !c.starts_with('-')
                 && !c.ends_with('-');
             if !ok {
@@ -482,8 +510,8 @@ impl AgentSpec {
         if self.template.image.trim().is_empty() {
             return Err(bad("spec.template.image", "must not be empty".into()));
         }
-        let memory_bytes =
-            units::parse_memory(&self.resources.memory).map_err(|e| bad("spec.resources.memory", e))?;
+        let memory_bytes = units::parse_memory(&self.resources.memory)
+            .map_err(|e| bad("spec.resources.memory", e))?;
         if memory_bytes > units::MEMORY_CAP_BYTES {
             return Err(bad(
                 "spec.resources.memory",
@@ -529,7 +557,11 @@ impl AgentSpec {
         let backup_schedule = match &self.backup {
             None => None,
             Some(b) => {
-                if b.paths.is_empty() || b.paths.iter().any(|p| !p.starts_with('/') || p.contains("..")) {
+                if b.paths.is_empty()
+                    || b.paths
+                        .iter()
+                        .any(|p| !p.starts_with('/') || p.contains(".."))
+                {
                     return Err(bad(
                         "spec.backup.paths",
                         "give at least one absolute path without '..'".into(),

@@ -16,7 +16,10 @@ pub const MEMORY_MIN_BYTES: u64 = 16 * 1024 * 1024;
 pub fn parse_memory(s: &str) -> Result<u64, String> {
     let millis = parse_quantity_millis(s)?;
     // bytes = ceil(millis / 1000)
-    Ok(millis.div_ceil(1000).try_into().map_err(|_| format!("{s:?} is too large"))?)
+    millis
+        .div_ceil(1000)
+        .try_into()
+        .map_err(|_| format!("{s:?} is too large"))
 }
 
 /// Parses a Kubernetes CPU quantity into millicores, rounding up.
@@ -27,9 +30,8 @@ pub fn parse_cpu_millis(s: &str) -> Result<u64, String> {
 
 /// Parses a Kubernetes quantity (`<number><suffix>`) into thousandths of its base unit.
 fn parse_quantity_millis(s: &str) -> Result<u128, String> {
-    let err = || {
-        format!("{s:?} is not a Kubernetes quantity (write e.g. 384Mi, 1Gi, 500M, 250m or 0.5)")
-    };
+    let err =
+        || format!("{s:?} is not a Kubernetes quantity (write e.g. 384Mi, 1Gi, 500M, 250m or 0.5)");
     if s.is_empty() || s.len() > 64 {
         return Err(err());
     }
@@ -88,7 +90,7 @@ fn parse_quantity_millis(s: &str) -> Result<u128, String> {
 /// Formats bytes the way Kubernetes users read memory: the largest binary suffix that divides evenly.
 pub fn format_memory(bytes: u64) -> String {
     for (suffix, shift) in [("Gi", 30), ("Mi", 20), ("Ki", 10)] {
-        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{suffix}", bytes >> shift);
         }
     }
@@ -143,7 +145,16 @@ mod tests {
         assert_eq!(parse_memory("1024").unwrap(), 1024);
         assert_eq!(parse_memory("1500m").unwrap(), 2); // 1.5 bytes rounds up
         assert_eq!(parse_memory("1Gi").unwrap(), 1 << 30);
-        for bad in ["", "Mi", "12XB", "1.2.3Mi", "-5Mi", "1 Mi", ".", "99999999999999999999999Ei"] {
+        for bad in [
+            "",
+            "Mi",
+            "12XB",
+            "1.2.3Mi",
+            "-5Mi",
+            "1 Mi",
+            ".",
+            "99999999999999999999999Ei",
+        ] {
             assert!(parse_memory(bad).is_err(), "{bad} should be rejected");
         }
     }
@@ -167,7 +178,10 @@ mod tests {
     fn go_durations() {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("2160h").unwrap(), Duration::from_secs(90 * 86400));
+        assert_eq!(
+            parse_duration("2160h").unwrap(),
+            Duration::from_secs(90 * 86400)
+        );
         assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         for bad in ["", "1", "h", "1d", "1h-5m", "abc", "-1h"] {

@@ -4,10 +4,9 @@
 use std::time::Duration;
 
 use rcgen::{
-    PublicKeyData,
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
-    RevokedCertParams, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, PublicKeyData, RevokedCertParams, SanType, SerialNumber,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -82,9 +81,10 @@ impl CertificateAuthority {
     /// Checks that it is a CA, unexpired, and that the key matches.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem)?;
-        let der = pem_to_der(cert_pem).ok_or_else(|| CaError::BadCaCert("no CERTIFICATE block".into()))?;
-        let (_, x509) =
-            x509_parser::parse_x509_certificate(&der).map_err(|e| CaError::BadCaCert(e.to_string()))?;
+        let der = pem_to_der(cert_pem)
+            .ok_or_else(|| CaError::BadCaCert("no CERTIFICATE block".into()))?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| CaError::BadCaCert(e.to_string()))?;
         if !x509.is_ca() {
             return Err(CaError::NotCa);
         }
@@ -131,7 +131,11 @@ impl CertificateAuthority {
         let params = leaf_params(req, now)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         let der = cert.der().to_vec();
-        let serial = hex(params.serial_number.as_ref().map(|s| s.as_ref()).unwrap_or_default());
+        let serial = hex(params
+            .serial_number
+            .as_ref()
+            .map(|s| s.as_ref())
+            .unwrap_or_default());
         let record = CertRecord {
             serial: serial.clone(),
             agent_uid: req.agent_uid.clone(),
@@ -172,8 +176,14 @@ impl CertificateAuthority {
                 .filter_map(|r| {
                     Some(RevokedCertParams {
                         serial_number: SerialNumber::from_slice(&unhex(&r.serial)?),
-                        revocation_time: OffsetDateTime::from_unix_timestamp(r.revoked_at.unwrap_or(0)).ok()?,
-                        reason_code: r.revocation_reason.as_deref().map(|s| crl_reason(RevocationReason::parse(s))),
+                        revocation_time: OffsetDateTime::from_unix_timestamp(
+                            r.revoked_at.unwrap_or(0),
+                        )
+                        .ok()?,
+                        reason_code: r
+                            .revocation_reason
+                            .as_deref()
+                            .map(|s| crl_reason(RevocationReason::parse(s))),
                         invalidity_date: None,
                     })
                 })
@@ -236,7 +246,10 @@ fn leaf_params(req: &LeafRequest, now: OffsetDateTime) -> Result<CertificatePara
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "agentry.dev");
-    let cn: String = format!("{}.{}", req.name, req.namespace).chars().take(64).collect();
+    let cn: String = format!("{}.{}", req.name, req.namespace)
+        .chars()
+        .take(64)
+        .collect();
     dn.push(DnType::CommonName, cn);
     params.distinguished_name = dn;
     let uri = req
@@ -253,7 +266,10 @@ fn leaf_params(req: &LeafRequest, now: OffsetDateTime) -> Result<CertificatePara
         .collect::<Result<_, _>>()?;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(random_serial());
     params.not_before = now - BACKDATE;
@@ -278,7 +294,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -368,10 +384,12 @@ impl CertificateAuthority {
     pub fn subject_key_id(&self) -> Option<String> {
         use x509_parser::extensions::ParsedExtension;
         let (_, x509) = x509_parser::parse_x509_certificate(&self.cert_der).ok()?;
-        x509.extensions().iter().find_map(|e| match e.parsed_extension() {
-            ParsedExtension::SubjectKeyIdentifier(k) => Some(hex(k.0)),
-            _ => None,
-        })
+        x509.extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(k) => Some(hex(k.0)),
+                _ => None,
+            })
     }
 }
 
@@ -392,29 +410,58 @@ mod tests {
 
     #[test]
     fn leaf_carries_exactly_what_we_chose() {
-        let ca = CertificateAuthority::generate("test CA", Duration::from_secs(86400 * 365)).unwrap();
+        let ca =
+            CertificateAuthority::generate("test CA", Duration::from_secs(86400 * 365)).unwrap();
         let ledger = Ledger::in_memory().unwrap();
         let leaf = ca.issue(&ledger, &request()).unwrap();
         let (_, x509) = x509_parser::parse_x509_certificate(&leaf.cert_der).unwrap();
         assert!(!x509.is_ca());
-        assert_eq!(x509.tbs_certificate.basic_constraints().unwrap().unwrap().value.ca, false);
+        assert!(
+            !x509
+                .tbs_certificate
+                .basic_constraints()
+                .unwrap()
+                .unwrap()
+                .value
+                .ca
+        );
         let eku = x509.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.client_auth && eku.server_auth && !eku.code_signing && eku.other.is_empty());
         let ku = x509.key_usage().unwrap().unwrap().value;
         assert!(ku.digital_signature() && !ku.key_cert_sign() && !ku.crl_sign());
         let facts = leaf_facts(&leaf.cert_pem).unwrap();
-        assert_eq!(facts.uris, ["spiffe://cluster.local/ns/team-a/agent/summarizer"]);
-        assert_eq!(facts.dns_names, ["summarizer.team-a.svc", "summarizer.team-a.svc.cluster.local"]);
+        assert_eq!(
+            facts.uris,
+            ["spiffe://cluster.local/ns/team-a/agent/summarizer"]
+        );
+        assert_eq!(
+            facts.dns_names,
+            [
+                "summarizer.team-a.svc",
+                "summarizer.team-a.svc.cluster.local"
+            ]
+        );
         assert_eq!(facts.authority_key_id, ca.subject_key_id());
         assert!(facts.authority_key_id.is_some());
-        assert_eq!(facts.not_after - facts.not_before, 24 * 3600 + BACKDATE.as_secs() as i64);
+        assert_eq!(
+            facts.not_after - facts.not_before,
+            24 * 3600 + BACKDATE.as_secs() as i64
+        );
         assert_eq!(facts.serial, leaf.record.serial);
         assert_eq!(facts.serial.len(), 32, "128-bit serial");
         // In the ledger, active.
         let row = ledger.get(&facts.serial).unwrap().unwrap();
         assert!(row.state.is_active());
         assert_eq!(row.fingerprint, sha256_hex(&leaf.cert_der));
-        assert!(x509.verify_signature(Some(x509_parser::parse_x509_certificate(ca.cert_der()).unwrap().1.public_key())).is_ok());
+        assert!(
+            x509.verify_signature(Some(
+                x509_parser::parse_x509_certificate(ca.cert_der())
+                    .unwrap()
+                    .1
+                    .public_key()
+            ))
+            .is_ok()
+        );
     }
 
     #[test]
@@ -431,7 +478,10 @@ mod tests {
         // A leaf is not a CA.
         let ledger = Ledger::in_memory().unwrap();
         let leaf = ca.issue(&ledger, &request()).unwrap();
-        assert!(matches!(CertificateAuthority::from_pem(&leaf.cert_pem, &leaf.key_pem), Err(CaError::NotCa)));
+        assert!(matches!(
+            CertificateAuthority::from_pem(&leaf.cert_pem, &leaf.key_pem),
+            Err(CaError::NotCa)
+        ));
     }
 
     #[test]
@@ -440,13 +490,23 @@ mod tests {
         let ledger = Ledger::in_memory().unwrap();
         let leaf = ca.issue(&ledger, &request()).unwrap();
         ledger
-            .revoke(&leaf.record.serial, RevocationReason::KeyCompromise, OffsetDateTime::now_utc().unix_timestamp())
+            .revoke(
+                &leaf.record.serial,
+                RevocationReason::KeyCompromise,
+                OffsetDateTime::now_utc().unix_timestamp(),
+            )
             .unwrap();
         let crl = ca.crl_pem(&ledger, Duration::from_secs(3600)).unwrap();
-        let der = x509_parser::pem::parse_x509_pem(crl.as_bytes()).unwrap().1.contents;
+        let der = x509_parser::pem::parse_x509_pem(crl.as_bytes())
+            .unwrap()
+            .1
+            .contents;
         let (_, parsed) = x509_parser::parse_x509_crl(&der).unwrap();
-        let serials: Vec<String> = parsed.iter_revoked_certificates().map(|r| hex(r.raw_serial())).collect();
-        assert_eq!(serials, [leaf.record.serial.clone()]);
+        let serials: Vec<String> = parsed
+            .iter_revoked_certificates()
+            .map(|r| hex(r.raw_serial()))
+            .collect();
+        assert_eq!(serials, std::slice::from_ref(&leaf.record.serial));
     }
 
     #[test]

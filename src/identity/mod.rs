@@ -1,4 +1,6 @@
 //! Agent identity: the SQLite-ledgered CA (`ca`, `store`) and scoped, certificate-bound JWTs (`jwt`).
 
+pub mod authority;
 pub mod ca;
+pub mod jwt;
 pub mod store;

@@ -161,10 +161,14 @@ impl Ledger {
         };
         // WAL survives a crash mid-write; FULL makes each commit durable before we hand the
         // certificate out.
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql)?;
         migrations().to_latest(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
@@ -230,7 +234,12 @@ impl Ledger {
     }
 
     /// Revokes one certificate. Returns false when it was unknown or already revoked.
-    pub fn revoke(&self, serial: &str, reason: RevocationReason, now: i64) -> Result<bool, StoreError> {
+    pub fn revoke(
+        &self,
+        serial: &str,
+        reason: RevocationReason,
+        now: i64,
+    ) -> Result<bool, StoreError> {
         let n = self
             .conn()
             .execute(
@@ -243,7 +252,12 @@ impl Ledger {
     }
 
     /// Revokes every unexpired certificate of an agent (on deletion). Returns how many.
-    pub fn revoke_agent(&self, agent_uid: &str, reason: RevocationReason, now: i64) -> Result<usize, StoreError> {
+    pub fn revoke_agent(
+        &self,
+        agent_uid: &str,
+        reason: RevocationReason,
+        now: i64,
+    ) -> Result<usize, StoreError> {
         self.conn()
             .execute(
                 "UPDATE certificates SET state = 'revoked', revocation_reason = ?2, revoked_at = ?3
@@ -306,13 +320,16 @@ impl Ledger {
 
     pub fn count(&self) -> Result<usize, StoreError> {
         self.conn()
-            .query_row("SELECT COUNT(*) FROM certificates", [], |r| r.get::<_, i64>(0))
+            .query_row("SELECT COUNT(*) FROM certificates", [], |r| {
+                r.get::<_, i64>(0)
+            })
             .map(|n| n as usize)
             .map_err(self.sql())
     }
 }
 
-const COLUMNS: &str = "serial, agent_uid, namespace, name, spiffe_id, fingerprint, issuer_fingerprint,
+const COLUMNS: &str =
+    "serial, agent_uid, namespace, name, spiffe_id, fingerprint, issuer_fingerprint,
     not_before, not_after, state, revocation_reason, revoked_at";
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<CertRecord> {
@@ -335,7 +352,10 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<CertRecord> {
 /// Creates `dir` (and parents) with mode 0700, tightening it if it already exists.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
@@ -389,12 +409,19 @@ mod tests {
             Err(StoreError::DuplicateSerial(_))
         ));
         // Revoking an agent revokes its unexpired certificates, superseded ones too.
-        assert_eq!(l.revoke_agent("u1", RevocationReason::CessationOfOperation, 500).unwrap(), 2);
+        assert_eq!(
+            l.revoke_agent("u1", RevocationReason::CessationOfOperation, 500)
+                .unwrap(),
+            2
+        );
         let crl = l.revoked_unexpired(500).unwrap();
         assert_eq!(crl.len(), 2);
         // Expired ones drop off the CRL.
         assert_eq!(l.revoked_unexpired(1500).unwrap().len(), 1);
-        assert!(!l.revoke("02", RevocationReason::KeyCompromise, 600).unwrap());
+        assert!(
+            !l.revoke("02", RevocationReason::KeyCompromise, 600)
+                .unwrap()
+        );
         assert_eq!(l.next_crl_number().unwrap(), 1);
         assert_eq!(l.next_crl_number().unwrap(), 2);
     }

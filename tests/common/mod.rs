@@ -34,9 +34,13 @@ pub async fn ensure_crds(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in agentry::crd::all() {
         let name = crd.name_any();
-        crds.patch(&name, &PatchParams::apply("agentry-e2e").force(), &Patch::Apply(&crd))
-            .await
-            .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+        crds.patch(
+            &name,
+            &PatchParams::apply("agentry-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
         tokio::time::timeout(
             Duration::from_secs(30),
             await_condition(crds.clone(), &name, conditions::is_crd_established()),
@@ -76,7 +80,9 @@ impl Drop for TestNamespace {
         // Drop cannot be async; kubectl-free cleanup on a throwaway runtime in its own thread.
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Runtime::new() else { return };
+            let Ok(rt) = tokio::runtime::Runtime::new() else {
+                return;
+            };
             rt.block_on(async {
                 if let Ok(client) = Client::try_default().await {
                     let _ = Api::<Namespace>::all(client)
@@ -104,6 +110,7 @@ pub struct ControllerProcess {
     pub ops_port: u16,
     pub log: PathBuf,
     pub replica: String,
+    data_dir: PathBuf,
     _data: tempfile::TempDir,
 }
 
@@ -111,6 +118,8 @@ pub struct ControllerOptions<'a> {
     pub namespace: &'a str,
     pub replica: &'a str,
     pub lease_duration: &'a str,
+    /// Where the ledger lives; a fresh temporary directory when None.
+    pub data_dir: Option<&'a Path>,
     pub extra_args: Vec<String>,
 }
 
@@ -120,6 +129,7 @@ impl<'a> ControllerOptions<'a> {
             namespace,
             replica: "replica-a",
             lease_duration: "4s",
+            data_dir: None,
             extra_args: vec![],
         }
     }
@@ -130,6 +140,10 @@ impl ControllerProcess {
         let data = tempfile::tempdir().unwrap();
         let ops_port = free_port();
         let log = data.path().join("controller.log");
+        let data_dir = opts
+            .data_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| data.path().join("data"));
         let log_file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_agentry"))
             .args([
@@ -147,7 +161,7 @@ impl ControllerProcess {
                 "--ops-addr",
                 &format!("127.0.0.1:{ops_port}"),
                 "--data-dir",
-                data.path().join("data").to_str().unwrap(),
+                data_dir.to_str().unwrap(),
             ])
             .args(&opts.extra_args)
             .env("RUST_LOG", "info,agentry=debug")
@@ -161,12 +175,13 @@ impl ControllerProcess {
             ops_port,
             log,
             replica: opts.replica.to_string(),
+            data_dir,
             _data: data,
         }
     }
 
-    pub fn data_dir(&self) -> &Path {
-        self._data.path()
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone()
     }
 
     /// The controller's log so far (for assertion messages).
@@ -258,7 +273,11 @@ pub fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
 }
 
 /// Creates an Agent from a manifest.
-pub async fn create_agent(client: &Client, ns: &str, manifest: serde_json::Value) -> Result<Agent, kube::Error> {
+pub async fn create_agent(
+    client: &Client,
+    ns: &str,
+    manifest: serde_json::Value,
+) -> Result<Agent, kube::Error> {
     let agent: Agent = serde_json::from_value(manifest).expect("manifest decodes as an Agent");
     Api::<Agent>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &agent)
@@ -326,7 +345,10 @@ pub fn condition<'a>(
 }
 
 pub fn has_finalizer(agent: &Agent) -> bool {
-    agent.finalizers().iter().any(|f| f == "agentry.dev/cleanup")
+    agent
+        .finalizers()
+        .iter()
+        .any(|f| f == "agentry.dev/cleanup")
 }
 
 /// The API group/version string of Agents, for raw requests.

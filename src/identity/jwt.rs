@@ -1,0 +1,474 @@
+//! Scoped, short-lived agent tokens: ES256 JWTs bound to the agent's certificate (RFC 8705
+//! `cnf.x5t#S256`), signed by rotating keys published as a JWKS. Verification lives in one
+//! function, `Verifier::verify`, with the algorithm pinned.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse, ThumbprintHash};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Clock skew tolerated on exp/nbf.
+pub const LEEWAY_SECS: u64 = 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JwtError {
+    #[error("token signing key: {0}")]
+    Key(String),
+    #[error("encoding the token failed: {0}")]
+    Encode(#[source] jsonwebtoken::errors::Error),
+}
+
+/// Why a token was refused. Messages are safe to return to a client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("token is malformed")]
+    Malformed,
+    #[error("token algorithm must be ES256")]
+    WrongAlgorithm,
+    #[error("token has no kid")]
+    MissingKid,
+    #[error("token kid {0:?} is not a current signing key")]
+    UnknownKid(String),
+    #[error("token is invalid: {0}")]
+    Invalid(String),
+    #[error("token has no cnf.x5t#S256 binding")]
+    MissingCnf,
+    #[error("token is bound to a different certificate than the one presented")]
+    CnfMismatch,
+}
+
+/// The RFC 8705 confirmation claim.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Confirmation {
+    #[serde(rename = "x5t#S256")]
+    pub x5t_s256: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Claims {
+    pub iss: String,
+    /// The agent's SPIFFE ID.
+    pub sub: String,
+    pub aud: String,
+    pub iat: u64,
+    pub nbf: u64,
+    pub exp: u64,
+    pub jti: String,
+    /// Space-separated permissions, e.g. `backup:write memory:read`.
+    pub scope: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+}
+
+impl Claims {
+    pub fn scopes(&self) -> impl Iterator<Item = &str> {
+        self.scope.split_whitespace()
+    }
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes().any(|s| s == scope)
+    }
+}
+
+/// `x5t#S256`: base64url(SHA-256(certificate DER)).
+pub fn thumbprint(cert_der: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(cert_der))
+}
+
+/// One ES256 signing key. Its kid is its RFC 7638 JWK thumbprint.
+pub struct SigningKey {
+    pub kid: String,
+    /// Unix seconds; rotation retires keys by age.
+    pub created_at: i64,
+    pem: String,
+    encoding: EncodingKey,
+    jwk: Jwk,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigningKey {
+    pub fn generate(created_at: i64) -> Result<Self, JwtError> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| JwtError::Key(e.to_string()))?;
+        Self::from_pem(&key.serialize_pem(), created_at)
+    }
+
+    /// Loads a PKCS#8 P-256 private key.
+    pub fn from_pem(pem: &str, created_at: i64) -> Result<Self, JwtError> {
+        let encoding =
+            EncodingKey::from_ec_pem(pem.as_bytes()).map_err(|e| JwtError::Key(e.to_string()))?;
+        let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::ES256)
+            .map_err(|e| JwtError::Key(e.to_string()))?;
+        let kid = jwk
+            .thumbprint(ThumbprintHash::SHA256)
+            .map_err(|e| JwtError::Key(e.to_string()))?;
+        jwk.common.key_id = Some(kid.clone());
+        jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+        Ok(Self {
+            kid,
+            created_at,
+            pem: pem.to_string(),
+            encoding,
+            jwk,
+        })
+    }
+
+    /// The private key, for its Secret only.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    pub fn jwk(&self) -> &Jwk {
+        &self.jwk
+    }
+}
+
+/// Mints agent tokens with the newest key of a key ring.
+pub struct TokenIssuer {
+    pub issuer: String,
+    pub audience: String,
+    /// Newest first; the first signs, all are published.
+    keys: Vec<SigningKey>,
+}
+
+impl TokenIssuer {
+    pub fn new(
+        issuer: String,
+        audience: String,
+        mut keys: Vec<SigningKey>,
+    ) -> Result<Self, JwtError> {
+        if keys.is_empty() {
+            return Err(JwtError::Key("no signing key".into()));
+        }
+        keys.sort_by_key(|k| std::cmp::Reverse(k.created_at));
+        Ok(Self {
+            issuer,
+            audience,
+            keys,
+        })
+    }
+
+    pub fn active_key(&self) -> &SigningKey {
+        &self.keys[0]
+    }
+
+    pub fn keys(&self) -> &[SigningKey] {
+        &self.keys
+    }
+
+    /// The public keys, for `/.well-known/jwks.json` and the `agentry-jwks` ConfigMap.
+    pub fn jwks(&self) -> JwkSet {
+        JwkSet {
+            keys: self.keys.iter().map(|k| k.jwk.clone()).collect(),
+        }
+    }
+
+    /// The claims a token for this agent would carry, issued at `now` (unix seconds).
+    pub fn claims(
+        &self,
+        sub: &str,
+        scope: &str,
+        ttl: Duration,
+        cert_der: &[u8],
+        now: u64,
+    ) -> Claims {
+        Claims {
+            iss: self.issuer.clone(),
+            sub: sub.to_string(),
+            aud: self.audience.clone(),
+            iat: now,
+            nbf: now,
+            exp: now + ttl.as_secs().max(1),
+            jti: crate::identity::ca::hex(&rand::random::<[u8; 16]>()),
+            scope: scope.to_string(),
+            cnf: Some(Confirmation {
+                x5t_s256: thumbprint(cert_der),
+            }),
+        }
+    }
+
+    /// Signs `claims` with the active key (header: alg ES256, typ JWT, kid).
+    pub fn sign(&self, claims: &Claims) -> Result<String, JwtError> {
+        let key = self.active_key();
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(key.kid.clone());
+        jsonwebtoken::encode(&header, claims, &key.encoding).map_err(JwtError::Encode)
+    }
+
+    pub fn mint(
+        &self,
+        sub: &str,
+        scope: &str,
+        ttl: Duration,
+        cert_der: &[u8],
+        now: u64,
+    ) -> Result<(String, Claims), JwtError> {
+        let claims = self.claims(sub, scope, ttl, cert_der, now);
+        Ok((self.sign(&claims)?, claims))
+    }
+
+    /// A verifier for exactly the keys this issuer publishes.
+    pub fn verifier(&self) -> Verifier {
+        Verifier::from_jwks(&self.jwks(), &self.issuer, &self.audience)
+    }
+}
+
+/// Verifies agent tokens against a JWKS: ES256 only, iss/aud/exp/nbf required, leeway 60 s,
+/// kid must be known, and `cnf.x5t#S256` must match the client certificate presented.
+pub struct Verifier {
+    keys: HashMap<String, DecodingKey>,
+    validation: Validation,
+}
+
+impl Verifier {
+    pub fn from_jwks(jwks: &JwkSet, issuer: &str, audience: &str) -> Self {
+        let keys = jwks
+            .keys
+            .iter()
+            .filter_map(|jwk| Some((jwk.common.key_id.clone()?, DecodingKey::from_jwk(jwk).ok()?)))
+            .collect();
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.algorithms = vec![Algorithm::ES256];
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
+        Self { keys, validation }
+    }
+
+    /// The one place a token is checked. `client_cert_der` is the certificate the caller
+    /// presented on its mTLS connection.
+    pub fn verify(&self, token: &str, client_cert_der: &[u8]) -> Result<Claims, VerifyError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| VerifyError::Malformed)?;
+        if header.alg != Algorithm::ES256 {
+            return Err(VerifyError::WrongAlgorithm);
+        }
+        let kid = header.kid.ok_or(VerifyError::MissingKid)?;
+        let key = self
+            .keys
+            .get(&kid)
+            .ok_or_else(|| VerifyError::UnknownKid(kid.clone()))?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+            .map_err(|e| VerifyError::Invalid(e.to_string()))?;
+        let claims = data.claims;
+        let cnf = claims.cnf.as_ref().ok_or(VerifyError::MissingCnf)?;
+        if !constant_time_eq(
+            cnf.x5t_s256.as_bytes(),
+            thumbprint(client_cert_der).as_bytes(),
+        ) {
+            return Err(VerifyError::CnfMismatch);
+        }
+        Ok(claims)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads a token's claims WITHOUT verifying it: only for deciding when our own stored token
+/// needs refreshing. Never use this to authorize anything.
+pub fn peek_claims(token: &str) -> Option<Claims> {
+    jsonwebtoken::dangerous::insecure_decode::<Claims>(token)
+        .ok()
+        .map(|d| d.claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ISS: &str = "https://agentry.agentry-system.svc";
+    const AUD: &str = "agentry";
+    const CERT: &[u8] = b"pretend certificate DER";
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    fn issuer() -> TokenIssuer {
+        TokenIssuer::new(
+            ISS.into(),
+            AUD.into(),
+            vec![SigningKey::generate(0).unwrap()],
+        )
+        .unwrap()
+    }
+
+    fn b64(v: &serde_json::Value) -> String {
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+    }
+
+    #[test]
+    fn minted_token_verifies_and_carries_scope_and_binding() {
+        let iss = issuer();
+        let (token, claims) = iss
+            .mint(
+                "spiffe://cluster.local/ns/a/agent/b",
+                "backup:write memory:read",
+                Duration::from_secs(3600),
+                CERT,
+                now(),
+            )
+            .unwrap();
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        assert_eq!(header.typ.as_deref(), Some("JWT"));
+        assert_eq!(header.kid.as_deref(), Some(iss.active_key().kid.as_str()));
+        let got = iss.verifier().verify(&token, CERT).unwrap();
+        assert_eq!(got, claims);
+        assert!(
+            got.has_scope("backup:write")
+                && got.has_scope("memory:read")
+                && !got.has_scope("backup:read")
+        );
+        assert_eq!(got.exp - got.iat, 3600);
+        assert_eq!(got.jti.len(), 32);
+    }
+
+    #[test]
+    fn attack_tokens_are_refused() {
+        let iss = issuer();
+        let v = iss.verifier();
+        let t = now();
+        let good = iss.claims(
+            "spiffe://x/ns/a/agent/b",
+            "backup:write",
+            Duration::from_secs(600),
+            CERT,
+            t,
+        );
+        let sign = |c: &Claims| iss.sign(c).unwrap();
+
+        // Expired beyond the leeway.
+        let mut c = good.clone();
+        c.iat = t - 7200;
+        c.nbf = t - 7200;
+        c.exp = t - 61 - 60;
+        assert!(matches!(
+            v.verify(&sign(&c), CERT),
+            Err(VerifyError::Invalid(_))
+        ));
+        // Not yet valid.
+        let mut c = good.clone();
+        c.nbf = t + 600;
+        assert!(matches!(
+            v.verify(&sign(&c), CERT),
+            Err(VerifyError::Invalid(_))
+        ));
+        // Wrong audience, wrong issuer.
+        let mut c = good.clone();
+        c.aud = "someone-else".into();
+        assert!(matches!(
+            v.verify(&sign(&c), CERT),
+            Err(VerifyError::Invalid(_))
+        ));
+        let mut c = good.clone();
+        c.iss = "https://evil".into();
+        assert!(matches!(
+            v.verify(&sign(&c), CERT),
+            Err(VerifyError::Invalid(_))
+        ));
+        // Missing cnf, and cnf for another certificate.
+        let mut c = good.clone();
+        c.cnf = None;
+        assert_eq!(v.verify(&sign(&c), CERT), Err(VerifyError::MissingCnf));
+        assert_eq!(
+            v.verify(&sign(&good), b"another cert"),
+            Err(VerifyError::CnfMismatch)
+        );
+
+        // Tampered payload: more scope, same signature.
+        let token = sign(&good);
+        let parts: Vec<&str> = token.split('.').collect();
+        let mut tampered = serde_json::to_value(&good).unwrap();
+        tampered["scope"] = "backup:write backup:read memory:write".into();
+        let forged = format!("{}.{}.{}", parts[0], b64(&tampered), parts[2]);
+        assert!(matches!(
+            v.verify(&forged, CERT),
+            Err(VerifyError::Invalid(_))
+        ));
+
+        // alg: none.
+        let none_header =
+            serde_json::json!({"alg": "none", "typ": "JWT", "kid": iss.active_key().kid});
+        let unsigned = format!(
+            "{}.{}.",
+            b64(&none_header),
+            b64(&serde_json::to_value(&good).unwrap())
+        );
+        assert!(v.verify(&unsigned, CERT).is_err());
+
+        // HS256 keyed with the public key (the classic confusion attack).
+        let public_jwk = serde_json::to_vec(iss.active_key().jwk()).unwrap();
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some(iss.active_key().kid.clone());
+        let hs = jsonwebtoken::encode(&h, &good, &EncodingKey::from_secret(&public_jwk)).unwrap();
+        assert_eq!(v.verify(&hs, CERT), Err(VerifyError::WrongAlgorithm));
+
+        // Unknown kid: signed by a key that is not published.
+        let stranger = TokenIssuer::new(
+            ISS.into(),
+            AUD.into(),
+            vec![SigningKey::generate(0).unwrap()],
+        )
+        .unwrap();
+        assert!(matches!(
+            v.verify(&stranger.sign(&good).unwrap(), CERT),
+            Err(VerifyError::UnknownKid(_))
+        ));
+        // No kid at all.
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = None;
+        let nokid = jsonwebtoken::encode(&h, &good, &iss.active_key().encoding).unwrap();
+        assert_eq!(v.verify(&nokid, CERT), Err(VerifyError::MissingKid));
+        // Garbage.
+        assert_eq!(v.verify("not.a.jwt", CERT), Err(VerifyError::Malformed));
+        assert_eq!(v.verify("", CERT), Err(VerifyError::Malformed));
+    }
+
+    #[test]
+    fn rotation_keeps_old_tokens_valid_while_published() {
+        let old = SigningKey::generate(100).unwrap();
+        let old_pem = old.pem().to_string();
+        let iss_old = TokenIssuer::new(ISS.into(), AUD.into(), vec![old]).unwrap();
+        let (token, _) = iss_old
+            .mint("s", "", Duration::from_secs(600), CERT, now())
+            .unwrap();
+        let rotated = TokenIssuer::new(
+            ISS.into(),
+            AUD.into(),
+            vec![
+                SigningKey::from_pem(&old_pem, 100).unwrap(),
+                SigningKey::generate(200).unwrap(),
+            ],
+        )
+        .unwrap();
+        assert_ne!(rotated.active_key().kid, iss_old.active_key().kid);
+        assert_eq!(rotated.jwks().keys.len(), 2);
+        assert!(rotated.verifier().verify(&token, CERT).is_ok());
+        let retired = TokenIssuer::new(
+            ISS.into(),
+            AUD.into(),
+            vec![SigningKey::generate(300).unwrap()],
+        )
+        .unwrap();
+        assert!(matches!(
+            retired.verifier().verify(&token, CERT),
+            Err(VerifyError::UnknownKid(_))
+        ));
+    }
+}

@@ -1,0 +1,549 @@
+//! Identity end to end: certificates checked by openssl, tokens by PyJWT against the published
+//! JWKS, renewal with short lifetimes, revocation onto the CRL, and crash safety of issuance.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+use agentry::crd::Agent;
+use agentry::identity::ca::{hex, leaf_facts};
+use agentry::identity::store::{CertState, Ledger};
+
+fn identity_issued(a: &Agent) -> bool {
+    condition(a, "CertificateIssued").is_some_and(|c| c.status == "True")
+        && condition(a, "TokenIssued").is_some_and(|c| c.status == "True")
+}
+
+async fn secret_data(client: &Client, ns: &str, name: &str) -> Option<SecretData> {
+    let s = Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .ok()??;
+    let data = s.data?;
+    let get = |k: &str| String::from_utf8(data.get(k)?.0.clone()).ok();
+    Some((
+        get("tls.crt")?,
+        get("tls.key")?,
+        get("ca.crt")?,
+        get("token")?,
+    ))
+}
+
+async fn configmap(client: &Client, ns: &str, name: &str, key: &str) -> String {
+    Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap()
+        .data
+        .unwrap()
+        .remove(key)
+        .unwrap()
+}
+
+type SecretData = (String, String, String, String);
+
+/// Polls the identity Secret until `pick` differs from `old`; returns the new value.
+async fn wait_secret_change(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    pick: impl Fn(&SecretData) -> String,
+    old: &str,
+    timeout: Duration,
+) -> String {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(d) = secret_data(client, ns, name).await {
+            let v = pick(&d);
+            if v != old {
+                return v;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{ns}/{name} did not change within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn write(dir: &Path, name: &str, content: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn crl_serials(crl_pem: &str) -> HashSet<String> {
+    let der = x509_parser::pem::parse_x509_pem(crl_pem.as_bytes())
+        .unwrap()
+        .1
+        .contents;
+    let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+    crl.iter_revoked_certificates()
+        .map(|r| hex(r.raw_serial()))
+        .collect()
+}
+
+#[tokio::test]
+async fn certificate_and_token_verify_with_openssl_and_pyjwt() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = TestNamespace::new(&client, "id-verify").await;
+    let controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
+    create_agent(&client, &ns.name, agent_manifest("summarizer", json!({})))
+        .await
+        .unwrap();
+    let agent = wait_agent(
+        &client,
+        &ns.name,
+        "summarizer",
+        Duration::from_secs(30),
+        "identity issued",
+        identity_issued,
+    )
+    .await;
+
+    let (crt, key, ca, token) = secret_data(&client, &ns.name, "summarizer-identity")
+        .await
+        .expect("identity Secret");
+    let dir = tempfile::tempdir().unwrap();
+    let crt_path = write(dir.path(), "tls.crt", &crt);
+    let ca_path = write(dir.path(), "ca.crt", &ca);
+
+    // openssl: chains to the CA, with exactly the extensions we chose.
+    let (ok, out) = run("openssl", &["verify", "-CAfile", &ca_path, &crt_path]);
+    assert!(ok, "openssl verify failed: {out}");
+    let (ok, out) = run(
+        "openssl",
+        &[
+            "verify",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+            &ca_path,
+            &crt_path,
+        ],
+    );
+    assert!(ok, "not valid for client auth: {out}");
+    let (ok, text) = run("openssl", &["x509", "-in", &crt_path, "-noout", "-text"]);
+    assert!(ok);
+    let spiffe = format!("spiffe://cluster.local/ns/{}/agent/summarizer", ns.name);
+    let sans = text
+        .split("Subject Alternative Name:")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(
+        sans,
+        format!(
+            "URI:{spiffe}, DNS:summarizer.{0}.svc, DNS:summarizer.{0}.svc.cluster.local",
+            ns.name
+        )
+    );
+    assert!(text.contains("CA:FALSE"), "{text}");
+    assert!(
+        text.contains("TLS Web Client Authentication, TLS Web Server Authentication"),
+        "{text}"
+    );
+    let ku = text
+        .split("X509v3 Key Usage:")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(ku, "Digital Signature");
+    assert!(
+        text.contains("X509v3 Authority Key Identifier")
+            && text.contains("X509v3 Subject Key Identifier")
+    );
+    assert!(
+        text.contains("ASN1 OID: prime256v1"),
+        "P-256 key expected: {text}"
+    );
+    let facts = leaf_facts(&crt).unwrap();
+    assert_eq!(
+        facts.not_after - facts.not_before,
+        24 * 3600 + 300,
+        "24h + 5m backdate"
+    );
+    assert!(facts.serial.len() >= 16, "serial has at least 64 bits");
+    assert!(key.contains("BEGIN PRIVATE KEY"));
+
+    // PyJWT: the token verifies against the published JWKS and is bound to the certificate.
+    let jwks = configmap(&client, &ns.name, "agentry-jwks", "jwks.json").await;
+    let jwks_path = write(dir.path(), "jwks.json", &jwks);
+    let token_path = write(dir.path(), "token", &token);
+    let issuer = format!("https://agentry.{}.svc", ns.name);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/verify_jwt.py");
+    let (ok, out) = run(
+        "python3",
+        &[
+            script,
+            &jwks_path,
+            &token_path,
+            &crt_path,
+            &issuer,
+            "agentry",
+        ],
+    );
+    assert!(ok, "PyJWT rejected the token: {out}");
+    let claims: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(claims["sub"], spiffe);
+    assert_eq!(claims["scope"], "backup:write memory:read");
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+        3600
+    );
+    // ... and PyJWT refuses it for another audience, or with another certificate.
+    let (ok, _) = run(
+        "python3",
+        &[
+            script,
+            &jwks_path,
+            &token_path,
+            &crt_path,
+            &issuer,
+            "someone-else",
+        ],
+    );
+    assert!(!ok);
+    let other = write(dir.path(), "other.crt", &ca);
+    let (ok, _) = run(
+        "python3",
+        &[script, &jwks_path, &token_path, &other, &issuer, "agentry"],
+    );
+    assert!(!ok);
+
+    // Status tells where things are, and holds no secret material.
+    let status = agent.status.as_ref().unwrap();
+    let identity = status.identity.as_ref().unwrap();
+    assert_eq!(identity.spiffe_id, spiffe);
+    assert_eq!(identity.serial, facts.serial);
+    assert_eq!(identity.secret_name, "summarizer-identity");
+    assert!(identity.renewal_time.is_some() && identity.token_expires_at.is_some());
+    let status_json = serde_json::to_string(status).unwrap();
+    assert!(!status_json.contains("PRIVATE KEY") && !status_json.contains(&token));
+
+    // The CA bundle is published, and the ledger has the serial, active, 0600.
+    assert_eq!(
+        configmap(&client, &ns.name, "agentry-ca", "ca.crt").await,
+        ca
+    );
+    let ledger_path = controller.data_dir().join("ledger.db");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&ledger_path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let ledger = Ledger::open(&controller.data_dir()).unwrap();
+    let row = ledger
+        .get(&facts.serial)
+        .unwrap()
+        .expect("serial in ledger");
+    assert_eq!(row.state, CertState::Active);
+    assert_eq!(row.spiffe_id, spiffe);
+
+    // No key material or tokens in the logs.
+    let logs = controller.logs();
+    let key_body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(
+        !logs.contains("PRIVATE KEY")
+            && !logs.contains(&key_body[..40])
+            && !logs.contains(&token[..60])
+    );
+    assert!(logs.contains(&facts.serial), "issuance is logged by serial");
+}
+
+#[tokio::test]
+async fn short_lifetimes_renew_before_expiry() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = TestNamespace::new(&client, "id-renew").await;
+    // 1h/120 = 30s certificates (renewed at 20s), 5m/120 = 2.5s tokens (refreshed at 2s).
+    let mut opts = ControllerOptions::new(&ns.name);
+    opts.extra_args = vec!["--ttl-divisor".into(), "120".into()];
+    let controller = ControllerProcess::start(opts);
+    let m = agent_manifest(
+        "fast",
+        json!({"spec": {"identity": {"certificateTTL": "1h", "tokenTTL": "5m"}}}),
+    );
+    create_agent(&client, &ns.name, m).await.unwrap();
+    wait_agent(
+        &client,
+        &ns.name,
+        "fast",
+        Duration::from_secs(30),
+        "identity issued",
+        identity_issued,
+    )
+    .await;
+    let (crt0, _, _, token0) = secret_data(&client, &ns.name, "fast-identity")
+        .await
+        .unwrap();
+    let facts0 = leaf_facts(&crt0).unwrap();
+    let token_exp0 = agentry::identity::jwt::peek_claims(&token0).unwrap().exp as i64;
+
+    // The token is replaced before it expires.
+    let token1 = wait_secret_change(
+        &client,
+        &ns.name,
+        "fast-identity",
+        |d| d.3.clone(),
+        &token0,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_ne!(token1, token0);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(now < token_exp0, "token refreshed only after it expired");
+
+    // The certificate is replaced before it expires, and the old one is superseded in the ledger.
+    let crt1 = wait_secret_change(
+        &client,
+        &ns.name,
+        "fast-identity",
+        |d| d.0.clone(),
+        &crt0,
+        Duration::from_secs(40),
+    )
+    .await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(
+        now < facts0.not_after,
+        "certificate renewed only after it expired"
+    );
+    let facts1 = leaf_facts(&crt1).unwrap();
+    assert_ne!(facts1.serial, facts0.serial);
+    let ledger = Ledger::open(&controller.data_dir()).unwrap();
+    assert_eq!(
+        ledger.get(&facts0.serial).unwrap().unwrap().state,
+        CertState::Superseded
+    );
+    assert_eq!(
+        ledger.get(&facts1.serial).unwrap().unwrap().state,
+        CertState::Active
+    );
+    // Status follows.
+    wait_agent(
+        &client,
+        &ns.name,
+        "fast",
+        Duration::from_secs(10),
+        "status shows the new serial",
+        |a| {
+            a.status
+                .as_ref()
+                .and_then(|s| s.identity.as_ref())
+                .is_some_and(|i| i.serial == facts1.serial)
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn revocation_by_annotation_and_by_deletion_lands_on_the_crl() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = TestNamespace::new(&client, "id-revoke").await;
+    let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
+    create_agent(&client, &ns.name, agent_manifest("victim", json!({})))
+        .await
+        .unwrap();
+    let agent = wait_agent(
+        &client,
+        &ns.name,
+        "victim",
+        Duration::from_secs(30),
+        "identity issued",
+        identity_issued,
+    )
+    .await;
+    let first = agent.status.unwrap().identity.unwrap().serial;
+
+    // Annotate: the certificate is revoked, a new one issued, the annotation cleared.
+    let api: Api<Agent> = Api::namespaced(client.clone(), &ns.name);
+    api.patch(
+        "victim",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"annotations": {"agentry.dev/revoke": "keyCompromise"}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let agent = wait_agent(
+        &client,
+        &ns.name,
+        "victim",
+        Duration::from_secs(30),
+        "re-issued after revocation",
+        |a| {
+            a.status
+                .as_ref()
+                .and_then(|s| s.identity.as_ref())
+                .is_some_and(|i| i.serial != first)
+                && !a
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|m| m.contains_key("agentry.dev/revoke"))
+        },
+    )
+    .await;
+    let second = agent.status.unwrap().identity.unwrap().serial;
+    let crl = configmap(&client, &ns.name, "agentry-ca", "crl.pem").await;
+    let listed = crl_serials(&crl);
+    assert!(
+        listed.contains(&first) && !listed.contains(&second),
+        "CRL: {listed:?}"
+    );
+
+    // openssl with CRL checking refuses the revoked certificate... (the Secret now holds the
+    // new one, so rebuild the old one's check from the CRL's own view: the serial is listed)
+    let (crt, _, ca, _) = secret_data(&client, &ns.name, "victim-identity")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out) = run(
+        "openssl",
+        &[
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            &write(dir.path(), "ca.crt", &ca),
+            "-CRLfile",
+            &write(dir.path(), "crl.pem", &crl),
+            &write(dir.path(), "tls.crt", &crt),
+        ],
+    );
+    assert!(ok, "the new certificate must pass a CRL check: {out}");
+
+    // Delete: the current certificate joins the CRL within one reconcile.
+    api.delete("victim", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "agent gone", || async {
+        api.get_opt("victim").await.unwrap().is_none()
+    })
+    .await;
+    let crl = configmap(&client, &ns.name, "agentry-ca", "crl.pem").await;
+    assert!(crl_serials(&crl).contains(&second));
+    let (ok, out) = run(
+        "openssl",
+        &[
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            &write(dir.path(), "ca.crt", &ca),
+            "-CRLfile",
+            &write(dir.path(), "crl2.pem", &crl),
+            &write(dir.path(), "tls.crt", &crt),
+        ],
+    );
+    assert!(
+        !ok && out.contains("revoked"),
+        "a deleted agent's certificate must fail a CRL check: {out}"
+    );
+}
+
+/// SIGKILL the controller again and again while it issues: no Secret may ever hold a certificate
+/// the ledger lacks, and no serial repeats.
+#[tokio::test]
+async fn killing_the_controller_during_issuance_never_orphans_a_certificate() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = TestNamespace::new(&client, "id-kill").await;
+    let data = tempfile::tempdir().unwrap();
+    let agents = 30;
+    for i in 0..agents {
+        create_agent(
+            &client,
+            &ns.name,
+            agent_manifest(&format!("a{i}"), json!({})),
+        )
+        .await
+        .unwrap();
+    }
+    for round in 0..6u64 {
+        let mut opts = ControllerOptions::new(&ns.name);
+        opts.data_dir = Some(data.path());
+        opts.lease_duration = "2s";
+        // Same replica name each round: it resumes its own lease at once instead of waiting it out.
+        opts.replica = "crashy";
+        let mut c = ControllerProcess::start(opts);
+        // Kill at a different point each round, from mid-bootstrap to mid-fleet.
+        tokio::time::sleep(Duration::from_millis(300 + 450 * round)).await;
+        c.kill();
+    }
+    // Let a final controller finish the fleet.
+    let mut opts = ControllerOptions::new(&ns.name);
+    opts.data_dir = Some(data.path());
+    opts.lease_duration = "2s";
+    opts.replica = "crashy";
+    let _c = ControllerProcess::start(opts);
+    for i in 0..agents {
+        wait_agent(
+            &client,
+            &ns.name,
+            &format!("a{i}"),
+            Duration::from_secs(60),
+            "identity issued",
+            identity_issued,
+        )
+        .await;
+    }
+    let ledger = Ledger::open(data.path()).unwrap();
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns.name)
+        .list(&kube::api::ListParams::default().labels("agentry.dev/agent"))
+        .await
+        .unwrap();
+    assert_eq!(secrets.items.len(), agents);
+    let mut serials = HashSet::new();
+    for s in &secrets.items {
+        let crt = String::from_utf8(s.data.as_ref().unwrap()["tls.crt"].0.clone()).unwrap();
+        let serial = leaf_facts(&crt).unwrap().serial;
+        let row = ledger.get(&serial).unwrap();
+        assert!(
+            row.is_some(),
+            "Secret {:?} holds certificate {serial} that the ledger lacks",
+            s.metadata.name
+        );
+        assert!(serials.insert(serial), "duplicate serial");
+    }
+    assert!(ledger.count().unwrap() >= agents);
+}
