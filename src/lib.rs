@@ -7,3 +7,4 @@ pub mod controller;
 pub mod crd;
 pub mod identity;
 pub mod telemetry;
+pub mod workload;

@@ -14,10 +14,11 @@ use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::{Api, Resource, ResourceExt};
 
-use super::conditions::{self, CERTIFICATE_ISSUED, READY, TOKEN_ISSUED};
+use super::conditions::{self, CERTIFICATE_ISSUED, READY, TOKEN_ISSUED, WORKLOAD_READY};
 use super::{Context, Error, FINALIZER, MANAGER};
 use crate::crd::{Agent, AgentStatus, Phase};
 use crate::telemetry::ResultLabels;
+use crate::workload::MemoryPlan;
 
 /// The longest we wait between two passes over a healthy Agent (a safety net; renewals requeue
 /// at their own exact times).
@@ -156,17 +157,55 @@ async fn apply(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
         ),
         generation,
     );
+    let secret_name = outcome.status.secret_name.clone();
     status.identity = Some(outcome.status);
 
+    // Workload: Deployment/StatefulSet, Service, ServiceAccount, memory capped.
+    let plan = MemoryPlan::new(spec.memory_bytes, 0);
+    let workload = super::workload::reconcile(&agent, &spec, &plan, &secret_name, ctx).await?;
     conditions::upsert(
         &mut status.conditions,
-        READY,
-        true,
-        "Ready",
-        "identity issued; every enabled part is ready",
+        WORKLOAD_READY,
+        workload.ready,
+        if workload.ready {
+            "Available"
+        } else {
+            "RollingOut"
+        },
+        &workload.message,
         generation,
     );
-    status.phase = Some(Phase::Ready);
+    status.assigned_resources = Some(crate::workload::assigned_resources(&spec, &plan));
+    status.endpoint = Some(crate::workload::endpoint(&agent));
+
+    let was_ready = conditions::is_true(&status.conditions, READY);
+    if workload.ready {
+        conditions::upsert(
+            &mut status.conditions,
+            READY,
+            true,
+            "Ready",
+            "identity issued and workload available",
+            generation,
+        );
+        status.phase = Some(Phase::Ready);
+    } else {
+        let message = format!("waiting for the workload: {}", workload.message);
+        conditions::upsert(
+            &mut status.conditions,
+            READY,
+            false,
+            "WorkloadNotReady",
+            &message,
+            generation,
+        );
+        // Degraded once it has been Ready; Provisioning on the way up.
+        status.phase = Some(if was_ready || status.phase == Some(Phase::Degraded) {
+            Phase::Degraded
+        } else {
+            Phase::Provisioning
+        });
+    }
     write_status(ctx, &agent, status).await?;
     Ok(Action::requeue(outcome.next_due.min(RESYNC)))
 }

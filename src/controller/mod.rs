@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod conditions;
 pub mod identity;
+pub mod workload;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -372,14 +373,38 @@ async fn run_agent_controller(ctx: Arc<Context>, stop: CancellationToken) {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = match &ctx.config.watch_namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    // Only what we manage: never list every Secret in the cluster.
-    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=agentry");
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        scoped(&client, &ctx.config.watch_namespace);
+    fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let ns = &ctx.config.watch_namespace;
+    // Only what we manage: never list every Secret (or Deployment) in the cluster.
+    let managed = || watcher::Config::default().labels("app.kubernetes.io/managed-by=agentry");
     Controller::new(agents, watcher::Config::default().any_semantic())
-        .owns(secrets, managed)
+        .owns(secrets, managed())
+        .owns(
+            scoped::<k8s_openapi::api::apps::v1::Deployment>(&client, ns),
+            managed(),
+        )
+        .owns(
+            scoped::<k8s_openapi::api::apps::v1::StatefulSet>(&client, ns),
+            managed(),
+        )
+        .owns(
+            scoped::<k8s_openapi::api::core::v1::Service>(&client, ns),
+            managed(),
+        )
+        .owns(
+            scoped::<k8s_openapi::api::core::v1::ServiceAccount>(&client, ns),
+            managed(),
+        )
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(agent::reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {

@@ -1,0 +1,523 @@
+//! Builds an Agent's workload objects (pure functions: spec in, objects out): a Deployment (or a
+//! StatefulSet with a volume when `spec.state.persistent`), a Service and a ServiceAccount, all
+//! owned by the Agent, labelled for discovery, memory-capped and locked down ("restricted").
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+
+use crate::crd::units::{MEMORY_CAP_BYTES, format_memory};
+use crate::crd::{Agent, AssignedResources, ValidatedSpec};
+
+pub mod policy;
+
+pub const AGENT_LABEL: &str = "agentry.dev/agent";
+pub const CAPABILITY_PREFIX: &str = "capability.agentry.dev/";
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "agentry");
+/// Where the identity Secret (tls.crt, tls.key, ca.crt, token) appears in the agent's container.
+pub const IDENTITY_MOUNT: &str = "/var/run/agentry/identity";
+pub const AGENT_CONTAINER: &str = "agent";
+/// The non-root user agent containers run as when the image does not say.
+pub const DEFAULT_UID: i64 = 65532;
+
+/// The labels that make an Agent and its objects discoverable by capability.
+pub fn discovery_labels(agent: &Agent) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([(AGENT_LABEL.to_string(), agent.name_any())]);
+    for c in &agent.spec.capabilities {
+        labels.insert(format!("{CAPABILITY_PREFIX}{c}"), String::new());
+    }
+    labels
+}
+
+/// Labels on every child object: discovery plus the standard app.kubernetes.io set.
+pub fn child_labels(agent: &Agent) -> BTreeMap<String, String> {
+    let mut labels = discovery_labels(agent);
+    labels.insert(MANAGED_BY.0.into(), MANAGED_BY.1.into());
+    labels.insert("app.kubernetes.io/name".into(), "agent".into());
+    labels.insert("app.kubernetes.io/instance".into(), agent.name_any());
+    labels
+}
+
+fn selector(agent: &Agent) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some([(AGENT_LABEL.to_string(), agent.name_any())].into()),
+        ..Default::default()
+    }
+}
+
+fn meta(agent: &Agent, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: agent.namespace(),
+        labels: Some(child_labels(agent)),
+        owner_references: agent.controller_owner_ref(&()).map(|o| vec![o]),
+        ..Default::default()
+    }
+}
+
+/// How a pod's memory is split: the agent container gets what the spec asks minus what the
+/// sidecar (when present) takes, so the pod total never exceeds the spec, nor the 512Mi cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    pub agent_bytes: u64,
+    pub sidecar_bytes: u64,
+}
+
+impl MemoryPlan {
+    pub fn new(spec_bytes: u64, sidecar_bytes: u64) -> Self {
+        let total = spec_bytes.min(MEMORY_CAP_BYTES);
+        let sidecar = sidecar_bytes.min(total / 2);
+        Self {
+            agent_bytes: total - sidecar,
+            sidecar_bytes: sidecar,
+        }
+    }
+    pub fn total(&self) -> u64 {
+        self.agent_bytes + self.sidecar_bytes
+    }
+}
+
+/// What `status.assignedResources` reports for this spec.
+pub fn assigned_resources(spec: &ValidatedSpec, plan: &MemoryPlan) -> AssignedResources {
+    AssignedResources {
+        memory: format_memory(plan.total()),
+        cpu: spec.cpu_millis.map(|m| format!("{m}m")),
+    }
+}
+
+fn agent_container(agent: &Agent, spec: &ValidatedSpec, plan: &MemoryPlan) -> Container {
+    let t = &agent.spec.template;
+    let memory = Quantity(format_memory(plan.agent_bytes));
+    let mut requests = BTreeMap::from([("memory".to_string(), memory.clone())]);
+    if let Some(cpu) = spec.cpu_millis {
+        requests.insert("cpu".into(), Quantity(format!("{cpu}m")));
+    }
+    let mut mounts = vec![
+        VolumeMount {
+            name: "identity".into(),
+            mount_path: IDENTITY_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..Default::default()
+        },
+    ];
+    if let Some(state) = agent.spec.state.as_ref().filter(|s| s.persistent) {
+        mounts.push(VolumeMount {
+            name: "state".into(),
+            mount_path: state.mount_path.clone(),
+            ..Default::default()
+        });
+    }
+    let mut env = t.env.clone();
+    env.push(k8s_openapi::api::core::v1::EnvVar {
+        name: "AGENTRY_IDENTITY_DIR".into(),
+        value: Some(IDENTITY_MOUNT.into()),
+        ..Default::default()
+    });
+    Container {
+        name: AGENT_CONTAINER.into(),
+        image: Some(t.image.clone()),
+        command: (!t.command.is_empty()).then(|| t.command.clone()),
+        args: (!t.args.is_empty()).then(|| t.args.clone()),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: t.port,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        resources: Some(ResourceRequirements {
+            // Requests equal the memory limit: the agent is never OOM-killed for using what it
+            // was promised. CPU is requested, not limited (no throttling).
+            limits: Some([("memory".to_string(), memory)].into()),
+            requests: Some(requests),
+            ..Default::default()
+        }),
+        security_context: Some(restricted_container_security()),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    }
+}
+
+/// Pod Security "restricted" for a container.
+pub fn restricted_container_security() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn pod_template(
+    agent: &Agent,
+    spec: &ValidatedSpec,
+    plan: &MemoryPlan,
+    identity_secret: &str,
+) -> PodTemplateSpec {
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(child_labels(agent)),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            service_account_name: Some(agent.name_any()),
+            // Agents talk to Agentry with their own certificate and token, not to the apiserver.
+            automount_service_account_token: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(DEFAULT_UID),
+                run_as_group: Some(DEFAULT_UID),
+                fs_group: Some(DEFAULT_UID),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            containers: vec![agent_container(agent, spec, plan)],
+            volumes: Some(vec![
+                Volume {
+                    name: "identity".into(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(identity_secret.into()),
+                        default_mode: Some(0o440),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                Volume {
+                    name: "tmp".into(),
+                    empty_dir: Some(EmptyDirVolumeSource {
+                        size_limit: Some(Quantity("64Mi".into())),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The agent's workload: a Deployment, or a StatefulSet when it keeps persistent state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Workload {
+    Deployment(Box<Deployment>),
+    StatefulSet(Box<StatefulSet>),
+}
+
+pub fn workload(
+    agent: &Agent,
+    spec: &ValidatedSpec,
+    plan: &MemoryPlan,
+    identity_secret: &str,
+) -> Workload {
+    let template = pod_template(agent, spec, plan, identity_secret);
+    match agent.spec.state.as_ref().filter(|s| s.persistent) {
+        None => Workload::Deployment(Box::new(Deployment {
+            metadata: meta(agent, agent.name_any()),
+            spec: Some(DeploymentSpec {
+                replicas: Some(1),
+                revision_history_limit: Some(3),
+                selector: selector(agent),
+                template,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+        Some(state) => Workload::StatefulSet(Box::new(StatefulSet {
+            metadata: meta(agent, agent.name_any()),
+            spec: Some(StatefulSetSpec {
+                replicas: Some(1),
+                revision_history_limit: Some(3),
+                service_name: Some(agent.name_any()),
+                selector: selector(agent),
+                template,
+                volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                    metadata: ObjectMeta {
+                        name: Some("state".into()),
+                        ..Default::default()
+                    },
+                    spec: Some(PersistentVolumeClaimSpec {
+                        access_modes: Some(vec!["ReadWriteOnce".into()]),
+                        resources: Some(VolumeResourceRequirements {
+                            requests: Some(
+                                [("storage".to_string(), Quantity(state.size.clone()))].into(),
+                            ),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+    }
+}
+
+pub fn service(agent: &Agent) -> Service {
+    Service {
+        metadata: meta(agent, agent.name_any()),
+        spec: Some(ServiceSpec {
+            selector: Some([(AGENT_LABEL.to_string(), agent.name_any())].into()),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: agent.spec.template.port,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn service_account(agent: &Agent) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(agent, agent.name_any()),
+        automount_service_account_token: Some(false),
+        ..Default::default()
+    }
+}
+
+/// `<name>.<namespace>.svc:<port>`
+pub fn endpoint(agent: &Agent) -> String {
+    format!(
+        "{}.{}.svc:{}",
+        agent.name_any(),
+        agent.namespace().unwrap_or_default(),
+        agent.spec.template.port
+    )
+}
+
+/// Whether a Deployment has rolled out its current generation and has an available pod.
+pub fn deployment_ready(d: &Deployment) -> (bool, String) {
+    let generation = d.metadata.generation.unwrap_or(0);
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let s = d.status.clone().unwrap_or_default();
+    if s.observed_generation.unwrap_or(0) < generation {
+        return (
+            false,
+            "the Deployment's new generation is not observed yet".into(),
+        );
+    }
+    let updated = s.updated_replicas.unwrap_or(0);
+    let available = s.available_replicas.unwrap_or(0);
+    if updated < want {
+        return (false, format!("rolling out: {updated}/{want} pods updated"));
+    }
+    if available < want {
+        return (false, format!("{available}/{want} pods available"));
+    }
+    (true, format!("{available}/{want} pods available"))
+}
+
+pub fn statefulset_ready(s: &StatefulSet) -> (bool, String) {
+    let generation = s.metadata.generation.unwrap_or(0);
+    let want = s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let st = s.status.clone().unwrap_or_default();
+    if st.observed_generation.unwrap_or(0) < generation {
+        return (
+            false,
+            "the StatefulSet's new generation is not observed yet".into(),
+        );
+    }
+    let updated = st.updated_replicas.unwrap_or(0);
+    let ready = st.available_replicas.unwrap_or(0);
+    if updated < want {
+        return (false, format!("rolling out: {updated}/{want} pods updated"));
+    }
+    if ready < want {
+        return (false, format!("{ready}/{want} pods available"));
+    }
+    (true, format!("{ready}/{want} pods available"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{AgentSpec, StateSpec};
+    use k8s_openapi::api::apps::v1::DeploymentStatus;
+
+    fn agent(memory: &str) -> Agent {
+        let spec: AgentSpec = serde_json::from_value(serde_json::json!({
+            "capabilities": ["summarize", "translate"],
+            "template": {"image": "img:1", "env": [{"name": "A", "value": "b"}]},
+            "resources": {"memory": memory, "cpu": "250m"}
+        }))
+        .unwrap();
+        let mut a = Agent::new("summarizer", spec);
+        a.metadata.namespace = Some("team-a".into());
+        a.metadata.uid = Some("uid-1".into());
+        a
+    }
+
+    fn container(w: &Workload) -> Container {
+        let t = match w {
+            Workload::Deployment(d) => d.spec.as_ref().unwrap().template.clone(),
+            Workload::StatefulSet(s) => s.spec.as_ref().unwrap().template.clone(),
+        };
+        t.spec.unwrap().containers[0].clone()
+    }
+
+    #[test]
+    fn deployment_is_capped_owned_labelled_and_restricted() {
+        let a = agent("384Mi");
+        let spec = a.spec.validate().unwrap();
+        let plan = MemoryPlan::new(spec.memory_bytes, 0);
+        let w = workload(&a, &spec, &plan, "summarizer-identity");
+        let Workload::Deployment(d) = &w else {
+            panic!("expected a Deployment")
+        };
+        let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("Agent", "summarizer", Some(true))
+        );
+        let labels = d.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["agentry.dev/agent"], "summarizer");
+        assert!(labels.contains_key("capability.agentry.dev/summarize"));
+        assert!(labels.contains_key("capability.agentry.dev/translate"));
+        let c = container(&w);
+        let res = c.resources.unwrap();
+        assert_eq!(res.limits.unwrap()["memory"].0, "384Mi");
+        let req = res.requests.unwrap();
+        assert_eq!(req["memory"].0, "384Mi");
+        assert_eq!(req["cpu"].0, "250m");
+        let sc = c.security_context.unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.capabilities.unwrap().drop.unwrap(), ["ALL"]);
+        assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let identity = c
+            .volume_mounts
+            .unwrap()
+            .into_iter()
+            .find(|m| m.name == "identity")
+            .unwrap();
+        assert_eq!(
+            (identity.mount_path.as_str(), identity.read_only),
+            (IDENTITY_MOUNT, Some(true))
+        );
+        assert_eq!(endpoint(&a), "summarizer.team-a.svc:8080");
+        assert_eq!(
+            service(&a).spec.unwrap().selector.unwrap()["agentry.dev/agent"],
+            "summarizer"
+        );
+        assert_eq!(
+            service_account(&a).automount_service_account_token,
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn memory_plan_never_exceeds_the_spec_or_the_cap() {
+        let mi = 1024 * 1024;
+        assert_eq!(MemoryPlan::new(512 * mi, 0).total(), 512 * mi);
+        let p = MemoryPlan::new(512 * mi, 64 * mi);
+        assert_eq!(
+            (p.agent_bytes, p.sidecar_bytes, p.total()),
+            (448 * mi, 64 * mi, 512 * mi)
+        );
+        // The sidecar never takes more than half.
+        let p = MemoryPlan::new(64 * mi, 64 * mi);
+        assert_eq!((p.agent_bytes, p.sidecar_bytes), (32 * mi, 32 * mi));
+        // Nothing above the cap, even from a spec that slipped past validation.
+        assert_eq!(MemoryPlan::new(2048 * mi, 0).total(), 512 * mi);
+    }
+
+    #[test]
+    fn persistent_state_makes_a_statefulset_with_a_volume() {
+        let mut a = agent("256Mi");
+        a.spec.state = Some(StateSpec {
+            persistent: true,
+            size: "2Gi".into(),
+            mount_path: "/var/lib/agent".into(),
+        });
+        let spec = a.spec.validate().unwrap();
+        let w = workload(&a, &spec, &MemoryPlan::new(spec.memory_bytes, 0), "x");
+        let Workload::StatefulSet(s) = &w else {
+            panic!("expected a StatefulSet")
+        };
+        let claims = s
+            .spec
+            .as_ref()
+            .unwrap()
+            .volume_claim_templates
+            .clone()
+            .unwrap();
+        assert_eq!(
+            claims[0]
+                .spec
+                .as_ref()
+                .unwrap()
+                .resources
+                .as_ref()
+                .unwrap()
+                .requests
+                .as_ref()
+                .unwrap()["storage"]
+                .0,
+            "2Gi"
+        );
+        assert!(
+            container(&w)
+                .volume_mounts
+                .unwrap()
+                .iter()
+                .any(|m| m.name == "state" && m.mount_path == "/var/lib/agent")
+        );
+    }
+
+    #[test]
+    fn readiness_follows_the_rollout() {
+        let mut d = Deployment::default();
+        d.metadata.generation = Some(2);
+        d.spec = Some(DeploymentSpec {
+            replicas: Some(1),
+            ..Default::default()
+        });
+        d.status = Some(DeploymentStatus {
+            observed_generation: Some(1),
+            ..Default::default()
+        });
+        assert!(!deployment_ready(&d).0);
+        d.status = Some(DeploymentStatus {
+            observed_generation: Some(2),
+            updated_replicas: Some(1),
+            available_replicas: Some(0),
+            ..Default::default()
+        });
+        assert!(!deployment_ready(&d).0);
+        d.status.as_mut().unwrap().available_replicas = Some(1);
+        assert!(deployment_ready(&d).0);
+    }
+}
