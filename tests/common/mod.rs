@@ -49,15 +49,25 @@ pub async fn ensure_crds(client: &Client) {
         .unwrap_or_else(|_| panic!("CRD {name} not Established within 30s"))
         .unwrap();
     }
-    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
     let policy = agentry::workload::policy::memory_policy();
     Api::<ValidatingAdmissionPolicy>::all(client.clone())
-        .patch(&policy.name_any(), &PatchParams::apply("agentry-e2e").force(), &Patch::Apply(&policy))
+        .patch(
+            &policy.name_any(),
+            &PatchParams::apply("agentry-e2e").force(),
+            &Patch::Apply(&policy),
+        )
         .await
         .expect("applying the memory admission policy");
     let binding = agentry::workload::policy::memory_policy_binding();
     Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
-        .patch(&binding.name_any(), &PatchParams::apply("agentry-e2e").force(), &Patch::Apply(&binding))
+        .patch(
+            &binding.name_any(),
+            &PatchParams::apply("agentry-e2e").force(),
+            &Patch::Apply(&binding),
+        )
         .await
         .expect("applying the memory admission policy binding");
 }

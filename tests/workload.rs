@@ -1,0 +1,477 @@
+//! Workloads end to end: the children of an Agent, pods Running on the kwok node, memory
+//! roll-outs and reverts, garbage collection, the admission policy, and discovery by label.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServiceAccount};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use agentry::crd::{Agent, Phase};
+
+fn ready(a: &Agent) -> bool {
+    condition(a, "Ready").is_some_and(|c| c.status == "True")
+        && a.status.as_ref().and_then(|s| s.observed_generation) == a.metadata.generation
+}
+
+fn memory_limit(d: &Deployment) -> String {
+    d.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .resources
+        .as_ref()
+        .unwrap()
+        .limits
+        .as_ref()
+        .unwrap()["memory"]
+        .0
+        .clone()
+}
+
+fn owned_by(meta: &kube::api::ObjectMeta, agent: &Agent) -> bool {
+    meta.owner_references.as_ref().is_some_and(|o| {
+        o.iter().any(|r| {
+            r.uid == agent.uid().unwrap() && r.controller == Some(true) && r.kind == "Agent"
+        })
+    })
+}
+
+#[tokio::test]
+async fn an_agent_gets_capped_restricted_children_and_running_pods() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = TestNamespace::new(&client, "wl-basic").await;
+    let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
+    let m = agent_manifest(
+        "summarizer",
+        json!({"spec": {"capabilities": ["summarize", "translate"]}}),
+    );
+    create_agent(&client, &ns.name, m).await.unwrap();
+    let agent = wait_agent(
+        &client,
+        &ns.name,
+        "summarizer",
+        Duration::from_secs(60),
+        "Ready",
+        ready,
+    )
+    .await;
+
+    let status = agent.status.as_ref().unwrap();
+    assert_eq!(status.phase, Some(Phase::Ready));
+    assert!(condition(&agent, "WorkloadReady").is_some_and(|c| c.status == "True"));
+    assert_eq!(
+        status.endpoint.as_deref(),
+        Some(format!("summarizer.{}.svc:8080", ns.name).as_str())
+    );
+    let assigned = status.assigned_resources.as_ref().unwrap();
+    assert_eq!(
+        (assigned.memory.as_str(), assigned.cpu.as_deref()),
+        ("384Mi", Some("250m"))
+    );
+    assert_eq!(agent.labels()["agentry.dev/agent"], "summarizer");
+    assert!(
+        agent
+            .labels()
+            .contains_key("capability.agentry.dev/translate")
+    );
+
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns.name)
+        .get("summarizer")
+        .await
+        .unwrap();
+    assert!(owned_by(&d.metadata, &agent));
+    assert_eq!(memory_limit(&d), "384Mi");
+    let svc = Api::<Service>::namespaced(client.clone(), &ns.name)
+        .get("summarizer")
+        .await
+        .unwrap();
+    assert!(owned_by(&svc.metadata, &agent));
+    assert!(
+        svc.labels()
+            .contains_key("capability.agentry.dev/summarize")
+    );
+    let sa = Api::<ServiceAccount>::namespaced(client.clone(), &ns.name)
+        .get("summarizer")
+        .await
+        .unwrap();
+    assert!(owned_by(&sa.metadata, &agent));
+    let secret = Api::<Secret>::namespaced(client.clone(), &ns.name)
+        .get("summarizer-identity")
+        .await
+        .unwrap();
+    assert!(owned_by(&secret.metadata, &agent));
+
+    // The pod runs on the kwok node with the limits and the restricted security context.
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name)
+        .list(&ListParams::default().labels("agentry.dev/agent=summarizer"))
+        .await
+        .unwrap();
+    assert_eq!(pods.items.len(), 1);
+    let pod = &pods.items[0];
+    assert_eq!(
+        pod.status.as_ref().unwrap().phase.as_deref(),
+        Some("Running")
+    );
+    assert_eq!(
+        pod.spec.as_ref().unwrap().node_name.as_deref(),
+        Some("kwok-node-0")
+    );
+    assert!(
+        pod.labels()
+            .contains_key("capability.agentry.dev/translate")
+    );
+    let c = &pod.spec.as_ref().unwrap().containers[0];
+    assert_eq!(
+        c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0,
+        "384Mi"
+    );
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(
+        (
+            sc.run_as_non_root,
+            sc.allow_privilege_escalation,
+            sc.read_only_root_filesystem
+        ),
+        (Some(true), Some(false), Some(true))
+    );
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_string()][..])
+    );
+    let mount = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "identity")
+        .unwrap();
+    assert_eq!(
+        (mount.mount_path.as_str(), mount.read_only),
+        ("/var/run/agentry/identity", Some(true))
+    );
+}
+
+#[tokio::test]
+async fn memory_changes_roll_out_and_hand_edits_are_reverted() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = TestNamespace::new(&client, "wl-memory").await;
+    let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
+    create_agent(&client, &ns.name, agent_manifest("a", json!({})))
+        .await
+        .unwrap();
+    wait_agent(
+        &client,
+        &ns.name,
+        "a",
+        Duration::from_secs(60),
+        "Ready",
+        ready,
+    )
+    .await;
+
+    let agents: Api<Agent> = Api::namespaced(client.clone(), &ns.name);
+    agents
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"resources": {"memory": "256Mi"}}})),
+        )
+        .await
+        .unwrap();
+    wait_agent(
+        &client,
+        &ns.name,
+        "a",
+        Duration::from_secs(60),
+        "Ready at generation 2",
+        ready,
+    )
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    assert_eq!(memory_limit(&deployments.get("a").await.unwrap()), "256Mi");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    eventually(
+        Duration::from_secs(60),
+        "a running pod with the new limit",
+        || async {
+            pods.list(&ListParams::default().labels("agentry.dev/agent=a"))
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .any(|p| {
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                        && p.metadata.deletion_timestamp.is_none()
+                        && p.spec.as_ref().unwrap().containers[0]
+                            .resources
+                            .as_ref()
+                            .unwrap()
+                            .limits
+                            .as_ref()
+                            .unwrap()["memory"]
+                            .0
+                            == "256Mi"
+                })
+        },
+    )
+    .await;
+
+    // Someone raises the Deployment's memory by hand (an update, as `kubectl edit` does).
+    let mut d = deployments.get("a").await.unwrap();
+    d.spec
+        .as_mut()
+        .unwrap()
+        .template
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[0]
+        .resources
+        .as_mut()
+        .unwrap()
+        .limits
+        .as_mut()
+        .unwrap()
+        .insert(
+            "memory".into(),
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity("500Mi".into()),
+        );
+    deployments
+        .replace("a", &PostParams::default(), &d)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "memory reverted to 256Mi",
+        || async { memory_limit(&deployments.get("a").await.unwrap()) == "256Mi" },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn deleting_an_agent_garbage_collects_its_children() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = TestNamespace::new(&client, "wl-gc").await;
+    let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
+    create_agent(&client, &ns.name, agent_manifest("short-lived", json!({})))
+        .await
+        .unwrap();
+    wait_agent(
+        &client,
+        &ns.name,
+        "short-lived",
+        Duration::from_secs(60),
+        "Ready",
+        ready,
+    )
+    .await;
+    Api::<Agent>::namespaced(client.clone(), &ns.name)
+        .delete("short-lived", &DeleteParams::default())
+        .await
+        .unwrap();
+    let (d, s, sa, sec, pods) = (
+        Api::<Deployment>::namespaced(client.clone(), &ns.name),
+        Api::<Service>::namespaced(client.clone(), &ns.name),
+        Api::<ServiceAccount>::namespaced(client.clone(), &ns.name),
+        Api::<Secret>::namespaced(client.clone(), &ns.name),
+        Api::<Pod>::namespaced(client.clone(), &ns.name),
+    );
+    eventually(
+        Duration::from_secs(60),
+        "children garbage-collected",
+        || async {
+            d.get_opt("short-lived").await.unwrap().is_none()
+                && s.get_opt("short-lived").await.unwrap().is_none()
+                && sa.get_opt("short-lived").await.unwrap().is_none()
+                && sec.get_opt("short-lived-identity").await.unwrap().is_none()
+                && pods
+                    .list(&ListParams::default().labels("agentry.dev/agent=short-lived"))
+                    .await
+                    .unwrap()
+                    .items
+                    .is_empty()
+        },
+    )
+    .await;
+}
+
+fn labelled_pod(name: &str, limits: Option<&str>, second: Option<&str>) -> Pod {
+    let container = |n: &str, mem: Option<&str>| {
+        let mut c = json!({"name": n, "image": "busybox"});
+        if let Some(m) = mem {
+            c["resources"] = json!({"limits": {"memory": m}});
+        }
+        c
+    };
+    let mut containers = vec![container("main", limits)];
+    if let Some(m) = second {
+        containers.push(container("helper", Some(m)));
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"agentry.dev/agent": "hand-made"}},
+        "spec": {"containers": containers}
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_apiserver_refuses_agent_pods_above_the_cap_or_without_limits() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = TestNamespace::new(&client, "wl-policy").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    // The policy is enforced by the apiserver after it syncs; wait until a violating pod is refused.
+    let refused = |name: &'static str, pod: Pod| {
+        let pods = pods.clone();
+        async move {
+            match pods.create(&PostParams::default(), &pod).await {
+                Err(kube::Error::Api(s)) if s.code == 422 || s.code == 403 => Some(s.message),
+                Ok(_) => {
+                    let _ = pods
+                        .delete(name, &DeleteParams::default().grace_period(0))
+                        .await;
+                    None
+                }
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }
+    };
+    let mut message = None;
+    for _ in 0..50 {
+        message = refused("big", labelled_pod("big", Some("1Gi"), None)).await;
+        if message.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let message = message.expect("a labelled pod with 1Gi was admitted");
+    assert!(message.contains("512Mi"), "{message}");
+
+    let msg = refused("nolimit", labelled_pod("nolimit", None, None))
+        .await
+        .expect("a pod without a limit was admitted");
+    assert!(
+        msg.contains("main") && msg.contains("no memory limit"),
+        "{msg}"
+    );
+    let msg = refused("sum", labelled_pod("sum", Some("300Mi"), Some("300Mi")))
+        .await
+        .expect("300Mi + 300Mi was admitted");
+    assert!(msg.contains("512Mi"), "{msg}");
+
+    // Within the cap: admitted. Unlabelled pods are none of our business.
+    pods.create(
+        &PostParams::default(),
+        &labelled_pod("fits", Some("256Mi"), Some("256Mi")),
+    )
+    .await
+    .unwrap();
+    let mut plain = labelled_pod("plain", Some("2Gi"), None);
+    plain.metadata.labels = None;
+    pods.create(&PostParams::default(), &plain).await.unwrap();
+}
+
+#[tokio::test]
+async fn discovery_by_capability_returns_exactly_the_matching_agents() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = TestNamespace::new(&client, "wl-discover").await;
+    let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
+    let caps = |i: usize| {
+        let mut c = vec![];
+        if i.is_multiple_of(2) {
+            c.push("summarize");
+        }
+        if i.is_multiple_of(3) {
+            c.push("translate");
+        }
+        if i.is_multiple_of(5) {
+            c.push("search");
+        }
+        c
+    };
+    for i in 0..50 {
+        let m = agent_manifest(
+            &format!("agent-{i:02}"),
+            json!({"spec": {"capabilities": caps(i), "resources": {"memory": "32Mi"}}}),
+        );
+        create_agent(&client, &ns.name, m).await.unwrap();
+    }
+    let api: Api<Agent> = Api::namespaced(client.clone(), &ns.name);
+    let expected = |cap: &str| -> Vec<String> {
+        (0..50)
+            .filter(|i| caps(*i).contains(&cap))
+            .map(|i| format!("agent-{i:02}"))
+            .collect()
+    };
+    for cap in ["summarize", "translate", "search"] {
+        let want = expected(cap);
+        eventually(
+            Duration::from_secs(90),
+            &format!("discovery of {cap}"),
+            || async {
+                let mut got: Vec<String> = api
+                    .list(&ListParams::default().labels(&format!("capability.agentry.dev/{cap}")))
+                    .await
+                    .unwrap()
+                    .items
+                    .iter()
+                    .map(|a| a.name_any())
+                    .collect();
+                got.sort();
+                got == want
+            },
+        )
+        .await;
+    }
+    // Both at once: the intersection.
+    let both: Vec<String> = (0..50)
+        .filter(|i| i.is_multiple_of(6))
+        .map(|i| format!("agent-{i:02}"))
+        .collect();
+    let mut got: Vec<String> = api
+        .list(
+            &ListParams::default()
+                .labels("capability.agentry.dev/summarize,capability.agentry.dev/translate"),
+        )
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|a| a.name_any())
+        .collect();
+    got.sort();
+    assert_eq!(got, both);
+    // Dropping a capability drops its label.
+    api.patch(
+        "agent-00",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"capabilities": ["search"]}})),
+    )
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "label follows the capability list",
+        || async {
+            let a = api.get("agent-00").await.unwrap();
+            !a.labels().contains_key("capability.agentry.dev/summarize")
+                && a.labels().contains_key("capability.agentry.dev/search")
+        },
+    )
+    .await;
+}
