@@ -440,7 +440,7 @@ async fn discovery_by_capability_returns_exactly_the_matching_agents() {
     }
     // Both at once: the intersection.
     let both: Vec<String> = (0..50)
-        .filter(|i| i.is_multiple_of(6))
+        .filter(|i: &usize| i.is_multiple_of(6))
         .map(|i| format!("agent-{i:02}"))
         .collect();
     let mut got: Vec<String> = api
