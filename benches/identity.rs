@@ -1,0 +1,156 @@
+//! Identity benchmarks (BENCHMARKS.md): each of ours against its raw baseline in the same run.
+//! - certificate issuance incl. the SQLite ledger commit (on disk, WAL, synchronous=FULL) vs raw
+//!   P-256 keygen + rcgen sign;
+//! - JWT mint (claims, scope, jti, cnf thumbprint) vs a raw ES256 signature of the same bytes;
+//! - JWT verify (alg pin, kid, iss, aud, exp, nbf, cnf) vs a raw ES256 verification.
+
+mod report;
+
+use std::time::Duration;
+
+use agentry::identity::ca::{CertificateAuthority, LeafRequest, service_dns_names};
+use agentry::identity::jwt::{SigningKey, TokenIssuer};
+use agentry::identity::store::Ledger;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+use report::{Row, ops_per_sec};
+
+fn main() {
+    let seconds: f64 = std::env::var("AGENTRY_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4.0);
+    let total = Duration::from_secs_f64(seconds);
+    let mut rows = Vec::new();
+
+    // Certificate issuance.
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(dir.path()).unwrap();
+    let ca = CertificateAuthority::generate("bench CA", Duration::from_secs(86400)).unwrap();
+    let raw_issuer = rcgen::Issuer::from_ca_cert_pem(
+        ca.cert_pem(),
+        rcgen::KeyPair::from_pem(ca.key_pem()).unwrap(),
+    )
+    .unwrap();
+    let mut i = 0u64;
+    let (ours, baseline) = ops_per_sec(
+        total,
+        || {
+            i += 1;
+            let req = LeafRequest {
+                agent_uid: format!("uid-{i}"),
+                namespace: "bench".into(),
+                name: format!("agent-{i}"),
+                trust_domain: "cluster.local".into(),
+                dns_names: service_dns_names("bench", "agent"),
+                ttl: Duration::from_secs(86400),
+            };
+            std::hint::black_box(ca.issue(&ledger, &req).unwrap());
+        },
+        || {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut params =
+                rcgen::CertificateParams::new(vec!["agent.bench.svc".to_string()]).unwrap();
+            params.serial_number = Some(agentry::identity::ca::random_serial());
+            std::hint::black_box(params.signed_by(&key, &raw_issuer).unwrap().pem());
+        },
+    );
+    rows.push(Row {
+        name: "certificate_issue",
+        ours,
+        baseline,
+        unit: "certs/s",
+        ratio: ours / baseline,
+        baseline_is: "rcgen P-256 keygen + sign, no ledger",
+        target: ">= 0.5 and >= 1000/s",
+        extra: vec![("ledger_rows", ledger.count().unwrap() as f64)],
+    });
+
+    // JWT mint and verify.
+    let key = SigningKey::generate(0).unwrap();
+    let raw_key = EncodingKey::from_ec_pem(key.pem().as_bytes()).unwrap();
+    let issuer = TokenIssuer::new(
+        "https://agentry.bench.svc".into(),
+        "agentry".into(),
+        vec![key],
+    )
+    .unwrap();
+    let cert = ca.cert_der().to_vec();
+    let now = jsonwebtoken::get_current_timestamp();
+    let (sample, _) = issuer
+        .mint(
+            "spiffe://cluster.local/ns/bench/agent/a",
+            "backup:write memory:read",
+            Duration::from_secs(3600),
+            &cert,
+            now,
+        )
+        .unwrap();
+    let (signing_input, signature) = sample
+        .rsplit_once('.')
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .unwrap();
+    let (ours, baseline) = ops_per_sec(
+        total,
+        || {
+            std::hint::black_box(
+                issuer
+                    .mint(
+                        "spiffe://cluster.local/ns/bench/agent/a",
+                        "backup:write memory:read",
+                        Duration::from_secs(3600),
+                        &cert,
+                        now,
+                    )
+                    .unwrap(),
+            );
+        },
+        || {
+            std::hint::black_box(
+                jsonwebtoken::crypto::sign(signing_input.as_bytes(), &raw_key, Algorithm::ES256)
+                    .unwrap(),
+            );
+        },
+    );
+    rows.push(Row {
+        name: "jwt_mint",
+        ours,
+        baseline,
+        unit: "ops/s",
+        ratio: ours / baseline,
+        baseline_is: "jsonwebtoken::crypto::sign ES256 of the same signing input",
+        target: ">= 0.8",
+        extra: vec![],
+    });
+
+    let verifier = issuer.verifier();
+    let raw_decoding = DecodingKey::from_jwk(issuer.active_key().jwk()).unwrap();
+    let (ours, baseline) = ops_per_sec(
+        total,
+        || {
+            std::hint::black_box(verifier.verify(&sample, &cert).unwrap());
+        },
+        || {
+            assert!(
+                jsonwebtoken::crypto::verify(
+                    &signature,
+                    signing_input.as_bytes(),
+                    &raw_decoding,
+                    Algorithm::ES256
+                )
+                .unwrap()
+            );
+        },
+    );
+    rows.push(Row {
+        name: "jwt_verify",
+        ours,
+        baseline,
+        unit: "ops/s",
+        ratio: ours / baseline,
+        baseline_is: "jsonwebtoken::crypto::verify ES256 of the same token",
+        target: ">= 0.8",
+        extra: vec![],
+    });
+
+    report::write("identity", &rows);
+}
