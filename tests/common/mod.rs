@@ -36,7 +36,7 @@ pub async fn ensure_crds(client: &Client) {
         let name = crd.name_any();
         crds.patch(
             &name,
-            &PatchParams::apply("agentry-e2e").force(),
+            &PatchParams::apply("agentry-install").force(),
             &Patch::Apply(&crd),
         )
         .await
@@ -56,7 +56,7 @@ pub async fn ensure_crds(client: &Client) {
     Api::<ValidatingAdmissionPolicy>::all(client.clone())
         .patch(
             &policy.name_any(),
-            &PatchParams::apply("agentry-e2e").force(),
+            &PatchParams::apply("agentry-install").force(),
             &Patch::Apply(&policy),
         )
         .await
@@ -65,7 +65,7 @@ pub async fn ensure_crds(client: &Client) {
     Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
         .patch(
             &binding.name_any(),
-            &PatchParams::apply("agentry-e2e").force(),
+            &PatchParams::apply("agentry-install").force(),
             &Patch::Apply(&binding),
         )
         .await
