@@ -42,7 +42,7 @@ unit: ## Unit tests (no cluster)
 
 .PHONY: e2e
 e2e: cluster-up ## End-to-end tests against the local control plane
-	KUBECONFIG=$(KUBECONFIG_LOCAL) cargo test --tests -- --test-threads=2
+	KUBECONFIG=$(KUBECONFIG_LOCAL) cargo test --test '*' -- --test-threads=2
 
 .PHONY: test
 test: lint unit e2e ## Everything: fmt, clippy, unit and end-to-end tests

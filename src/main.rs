@@ -34,8 +34,70 @@ struct Cli {
 enum Command {
     /// Run the controller: reconcilers, CA and token issuer, with leader election.
     Controller(Box<ControllerArgs>),
-    /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
+    /// Print the CustomResourceDefinitions and the admission policy as YAML (what `crds/` holds).
     Crd,
+    /// Inspect or rotate the CA.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Start a CA rotation: prepare a new CA, activate it after the overlap, re-issue every
+    /// certificate, retire the old CA. The running leader carries out each step.
+    Rotate(CaArgs),
+    /// Show the rotation phase and the CAs in play.
+    Status(CaArgs),
+}
+
+#[derive(Args)]
+struct CaArgs {
+    /// The controller's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "agentry-system")]
+    namespace: String,
+    /// The CA Secret.
+    #[arg(long, default_value = "agentry-ca")]
+    ca_secret: String,
+}
+
+fn run_ca(command: CaCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| format!("connecting to the Kubernetes API (set KUBECONFIG): {e}"))?;
+        match command {
+            CaCommand::Rotate(a) => {
+                agentry::identity::rotation::request(&client, &a.namespace, &a.ca_secret)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "requesting the rotation on Secret {}/{}: {e}",
+                            a.namespace, a.ca_secret
+                        )
+                    })
+            }
+            CaCommand::Status(a) => {
+                agentry::identity::rotation::status(&client, &a.namespace, &a.ca_secret).await
+            }
+        }
+    });
+    match result {
+        Ok(line) => {
+            println!("{}", line.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Args)]
@@ -77,6 +139,13 @@ struct ControllerArgs {
     /// Replace the token signing key when it is older than this (the old key stays published 24h).
     #[arg(long, default_value = "720h", value_parser = parse_duration)]
     signing_key_rotation: Duration,
+    /// How long each CA rotation step (prepare -> activate -> retire) waits for consumers to
+    /// pick up the new trust bundle.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    ca_rotation_overlap: Duration,
+    /// How often the leader checks signing-key age, CA rotation steps and the CRL.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    maintenance_interval: Duration,
     /// The `iss` of agent tokens (default: https://agentry.<namespace>.svc).
     #[arg(long)]
     token_issuer: Option<String>,
@@ -98,6 +167,7 @@ fn main() -> ExitCode {
     // One TLS crypto provider for the whole process (kube, rustls, jsonwebtoken all use aws-lc-rs).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match cli.command {
+        Command::Ca(command) => run_ca(command),
         Command::Crd => match agentry::crd::render_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");
@@ -136,10 +206,12 @@ fn main() -> ExitCode {
                     token_audience: args.token_audience,
                     ca_validity: args.ca_validity,
                     signing_key_rotation: args.signing_key_rotation,
+                    ca_rotation_overlap: args.ca_rotation_overlap,
                     data_dir: args.data_dir.clone(),
                     ttl_divisor: args.ttl_divisor,
                 },
                 data_dir: args.data_dir,
+                maintenance_interval: args.maintenance_interval,
             };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

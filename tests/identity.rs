@@ -547,3 +547,141 @@ async fn killing_the_controller_during_issuance_never_orphans_a_certificate() {
     }
     assert!(ledger.count().unwrap() >= agents);
 }
+
+/// `agentry ca rotate`: prepare (both CAs trusted) -> activate (new CA signs, leaves re-issued)
+/// -> retire (old CA gone), with every agent's Secret following along.
+#[tokio::test]
+async fn ca_rotation_prepares_activates_reissues_and_retires() {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = TestNamespace::new(&client, "id-rotate").await;
+    let mut opts = ControllerOptions::new(&ns.name);
+    opts.extra_args = [
+        "--ca-rotation-overlap",
+        "3s",
+        "--maintenance-interval",
+        "1s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let _controller = ControllerProcess::start(opts);
+    for name in ["r1", "r2"] {
+        create_agent(&client, &ns.name, agent_manifest(name, json!({})))
+            .await
+            .unwrap();
+    }
+    for name in ["r1", "r2"] {
+        wait_agent(
+            &client,
+            &ns.name,
+            name,
+            Duration::from_secs(30),
+            "identity issued",
+            identity_issued,
+        )
+        .await;
+    }
+    let (crt_old, _, bundle_old, _) = secret_data(&client, &ns.name, "r1-identity").await.unwrap();
+    assert_eq!(bundle_old.matches("BEGIN CERTIFICATE").count(), 1);
+    let old_ca_der = agentry::identity::ca::pem_to_der(&bundle_old).unwrap();
+
+    let rotate = Command::new(env!("CARGO_BIN_EXE_agentry"))
+        .args(["ca", "rotate", "--namespace", &ns.name])
+        .output()
+        .unwrap();
+    assert!(
+        rotate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotate.stderr)
+    );
+    assert!(String::from_utf8_lossy(&rotate.stdout).contains("rotation requested"));
+
+    // Prepared: agents trust both CAs while the old one still signs.
+    let bundle2 = wait_secret_change(
+        &client,
+        &ns.name,
+        "r1-identity",
+        |d| d.2.clone(),
+        &bundle_old,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(
+        bundle2.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "bundle during the overlap"
+    );
+    // Activated: r1 gets a certificate from the new CA, verifiable with the bundle.
+    let crt_new = wait_secret_change(
+        &client,
+        &ns.name,
+        "r1-identity",
+        |d| d.0.clone(),
+        &crt_old,
+        Duration::from_secs(30),
+    )
+    .await;
+    let facts_old = leaf_facts(&crt_old).unwrap();
+    let facts_new = leaf_facts(&crt_new).unwrap();
+    assert_ne!(
+        facts_new.authority_key_id, facts_old.authority_key_id,
+        "re-issued by the new CA"
+    );
+    // Retired: the bundle shrinks to the new CA alone, in the agents' Secrets and the ConfigMap.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, _, b, _) = secret_data(&client, &ns.name, "r2-identity").await.unwrap();
+        if b.matches("BEGIN CERTIFICATE").count() == 1
+            && agentry::identity::ca::pem_to_der(&b).unwrap() != old_ca_der
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "old CA not retired; bundle now:\n{b}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (crt, _, bundle, token) = secret_data(&client, &ns.name, "r2-identity").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out) = run(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            &write(dir.path(), "ca.crt", &bundle),
+            &write(dir.path(), "tls.crt", &crt),
+        ],
+    );
+    assert!(ok, "r2's certificate must chain to the new CA: {out}");
+    let (ok, _) = run(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            &write(dir.path(), "old.crt", &bundle_old),
+            &write(dir.path(), "tls2.crt", &crt),
+        ],
+    );
+    assert!(!ok, "the new certificate must not chain to the retired CA");
+    assert_eq!(
+        configmap(&client, &ns.name, "agentry-ca", "ca.crt").await,
+        bundle
+    );
+    // Tokens are re-bound to the new certificate.
+    let claims = agentry::identity::jwt::peek_claims(&token).unwrap();
+    let der = agentry::identity::ca::pem_to_der(&crt).unwrap();
+    assert_eq!(
+        claims.cnf.unwrap().x5t_s256,
+        agentry::identity::jwt::thumbprint(&der)
+    );
+    let status = Command::new(env!("CARGO_BIN_EXE_agentry"))
+        .args(["ca", "status", "--namespace", &ns.name])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("phase: idle"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+}

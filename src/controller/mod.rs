@@ -45,6 +45,8 @@ pub struct Config {
     pub ops_addr: SocketAddr,
     /// Where the SQLite ledger lives.
     pub data_dir: PathBuf,
+    /// How often the leader checks signing-key age, CA rotation steps and the CRL.
+    pub maintenance_interval: Duration,
     /// The CA, ledger, token keys and what they publish.
     pub authority: AuthorityConfig,
 }
@@ -306,8 +308,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let authority = match authority {
-        Ok(a) => Arc::new(a),
+    let (authority, trust_changed) = match authority {
+        Ok((a, changed)) => (Arc::new(a), changed),
         Err(e) => {
             shutdown.cancel();
             drop(leading);
@@ -324,6 +326,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let maintenance = tokio::spawn(maintain_authority(
         client.clone(),
         authority.clone(),
+        config.maintenance_interval,
         stop.clone(),
     ));
 
@@ -333,7 +336,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.clone(),
         authority,
     ));
-    run_agent_controller(ctx, stop.clone()).await;
+    run_agent_controller(ctx, trust_changed, stop.clone()).await;
     maintenance.abort();
 
     metrics.leader.set(0);
@@ -349,16 +352,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Rotates the token signing key when due and re-signs the CRL, every ten minutes.
-async fn maintain_authority(client: Client, authority: Arc<Authority>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(600));
+/// Every `interval`: rotates the token signing key when due, takes the next CA rotation step,
+/// and re-signs the CRL.
+async fn maintain_authority(
+    client: Client,
+    authority: Arc<Authority>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
     tick.tick().await;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {
                 if let Err(e) = authority.maintain(&client).await {
-                    tracing::warn!(error = %e, "identity upkeep failed; retrying in ten minutes");
+                    tracing::warn!(error = %e, "identity upkeep failed; retrying at the next interval");
                 }
             }
         }
@@ -367,7 +376,11 @@ async fn maintain_authority(client: Client, authority: Arc<Authority>, stop: Can
 
 /// The Agent controller: watches Agents (guarded, so one undecodable object cannot stop the
 /// stream) and the children it owns, until `stop` fires.
-async fn run_agent_controller(ctx: Arc<Context>, stop: CancellationToken) {
+async fn run_agent_controller(
+    ctx: Arc<Context>,
+    trust_changed: futures::channel::mpsc::UnboundedReceiver<()>,
+    stop: CancellationToken,
+) {
     let client = ctx.client.clone();
     let agents: Api<DeserializeGuard<Agent>> = match &ctx.config.watch_namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -405,6 +418,8 @@ async fn run_agent_controller(ctx: Arc<Context>, stop: CancellationToken) {
             scoped::<k8s_openapi::api::core::v1::ServiceAccount>(&client, ns),
             managed(),
         )
+        // A new trust bundle, CA or signing key concerns every Agent.
+        .reconcile_all_on(trust_changed)
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(agent::reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {

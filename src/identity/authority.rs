@@ -12,8 +12,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 
-use super::ca::{CaError, CertificateAuthority, pem_to_ders};
+use super::ca::{CaError, CertificateAuthority};
 use super::jwt::{JwtError, SigningKey, TokenIssuer};
+use super::rotation::{CaSet, CaSetError, PHASE_ANNOTATION, Phase, ROTATE_ANNOTATION, next_step};
 use super::store::{Ledger, StoreError};
 
 /// Labels on everything Agentry creates.
@@ -40,6 +41,8 @@ pub struct AuthorityConfig {
     pub ca_validity: Duration,
     /// A signing key older than this is replaced (the old one stays published for a day).
     pub signing_key_rotation: Duration,
+    /// How long each CA rotation step waits for every consumer to pick up the new bundle.
+    pub ca_rotation_overlap: Duration,
     pub data_dir: PathBuf,
     /// Testing only: divides every certificate and token lifetime.
     pub ttl_divisor: u32,
@@ -63,29 +66,24 @@ pub enum AuthorityError {
     Jwt(#[from] JwtError),
     #[error(transparent)]
     Ledger(#[from] StoreError),
-    #[error("Secret {0} is missing key {1}")]
-    MissingKey(String, &'static str),
+    #[error(
+        "CA Secret {0}: {1}; fix or delete the Secret (a new CA is created when it is missing)"
+    )]
+    BadCaSet(String, #[source] CaSetError),
 }
 
 pub struct Authority {
     pub config: AuthorityConfig,
     pub ledger: Ledger,
-    ca: RwLock<Arc<CertificateAuthority>>,
-    /// `ca.crt` handed to agents: the active CA plus any CA in a rotation overlap.
-    bundle: RwLock<String>,
+    /// The signing CA and, during a rotation, the others trusted beside it.
+    cas: RwLock<CaSet>,
     tokens: RwLock<Arc<TokenIssuer>>,
+    /// Fires when every Agent must be reconciled (new trust bundle, CA or signing key).
+    changed: futures::channel::mpsc::UnboundedSender<()>,
 }
 
 fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
-}
-
-fn secret_str(secret: &Secret, key: &str) -> Option<String> {
-    secret
-        .data
-        .as_ref()?
-        .get(key)
-        .and_then(|b| String::from_utf8(b.0.clone()).ok())
 }
 
 fn labels() -> BTreeMap<String, String> {
@@ -95,39 +93,49 @@ fn labels() -> BTreeMap<String, String> {
 impl Authority {
     /// Loads or creates the CA and signing keys, opens the ledger and publishes the trust
     /// bundle, CRL and JWKS. Run by the leader only.
+    ///
+    /// The receiver fires whenever every Agent must be reconciled again.
     pub async fn bootstrap(
         client: &Client,
         config: AuthorityConfig,
-    ) -> Result<Self, AuthorityError> {
+    ) -> Result<(Self, futures::channel::mpsc::UnboundedReceiver<()>), AuthorityError> {
         let ledger = Ledger::open(&config.data_dir)?;
-        let (ca, bundle) = load_or_create_ca(client, &config).await?;
+        let cas = load_or_create_ca(client, &config).await?;
         let keys = load_or_rotate_signing_keys(client, &config).await?;
         let tokens = TokenIssuer::new(
             config.token_issuer.clone(),
             config.token_audience.clone(),
             keys,
         )?;
+        let (changed, receiver) = futures::channel::mpsc::unbounded();
         let authority = Self {
             config,
             ledger,
-            ca: RwLock::new(Arc::new(ca)),
-            bundle: RwLock::new(bundle),
+            cas: RwLock::new(cas),
             tokens: RwLock::new(Arc::new(tokens)),
+            changed,
         };
         authority.publish_trust(client).await?;
         authority.publish_jwks(client).await?;
-        Ok(authority)
+        Ok((authority, receiver))
     }
 
+    fn cas(&self) -> CaSet {
+        self.cas.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The CA that signs now.
     pub fn ca(&self) -> Arc<CertificateAuthority> {
-        self.ca.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.cas().active
     }
 
+    /// `ca.crt` for agents: the signing CA plus any CA in a rotation overlap.
     pub fn bundle(&self) -> String {
-        self.bundle
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.cas().bundle()
+    }
+
+    pub fn rotation_phase(&self) -> Phase {
+        self.cas().phase
     }
 
     pub fn tokens(&self) -> Arc<TokenIssuer> {
@@ -144,10 +152,13 @@ impl Authority {
 
     /// Re-signs the CRL and publishes it with the trust bundle in the `agentry-ca` ConfigMap.
     pub async fn publish_trust(&self, client: &Client) -> Result<(), AuthorityError> {
-        // The CRL is re-signed at least every day (and on every revocation).
-        let crl = self
-            .ca()
-            .crl_pem(&self.ledger, Duration::from_secs(24 * 3600))?;
+        // The CRL is re-signed at least every day (and on every revocation); during a rotation
+        // the previous CA signs a CRL for its own certificates too.
+        let cas = self.cas();
+        let mut crl = String::new();
+        for ca in std::iter::once(&cas.active).chain(cas.previous.iter()) {
+            crl.push_str(&ca.crl_pem(&self.ledger, Duration::from_secs(24 * 3600))?);
+        }
         let cm = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(self.config.ca_configmap.clone()),
@@ -208,8 +219,82 @@ impl Authority {
             *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tokens);
             self.publish_jwks(client).await?;
             tracing::info!(kid = %self.tokens().active_key().kid, "token signing key rotated");
+            let _ = self.changed.unbounded_send(());
         }
+        self.rotate_ca(client).await?;
         self.publish_trust(client).await
+    }
+
+    /// Reloads the CA Secret and takes the next rotation step when one is due.
+    async fn rotate_ca(&self, client: &Client) -> Result<(), AuthorityError> {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &self.config.namespace);
+        let Some(secret) = secrets.get_opt(&self.config.ca_secret).await? else {
+            return Ok(());
+        };
+        let bad = |e: CaSetError| {
+            AuthorityError::BadCaSet(
+                format!("{}/{}", self.config.namespace, self.config.ca_secret),
+                e,
+            )
+        };
+        let stored = CaSet::from_secret(&secret).map_err(bad)?;
+        let requested = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(ROTATE_ANNOTATION));
+        let now = now_unix();
+        let old_leaves = self
+            .ledger
+            .active_not_issued_by(stored.active.fingerprint())?;
+        let step = next_step(
+            stored.phase,
+            requested,
+            now,
+            self.config.ca_rotation_overlap,
+            old_leaves,
+        );
+        let next = match step {
+            None => stored,
+            Some(step) => {
+                let trust_domain = self.config.trust_domain.clone();
+                let validity = self.config.ca_validity;
+                let next = stored.apply(step, now, || {
+                    CertificateAuthority::generate(
+                        &format!("agentry CA ({trust_domain})"),
+                        validity,
+                    )
+                })?;
+                let mut annotations = secret.metadata.annotations.clone().unwrap_or_default();
+                annotations.remove(ROTATE_ANNOTATION);
+                match next.phase.render() {
+                    Some(p) => annotations.insert(PHASE_ANNOTATION.to_string(), p),
+                    None => annotations.remove(PHASE_ANNOTATION),
+                };
+                let mut updated = secret.clone();
+                updated.metadata.annotations = Some(annotations);
+                updated.data = Some(next.secret_data());
+                // resourceVersion is kept: a concurrent edit makes this fail, and we retry later.
+                secrets
+                    .replace(&self.config.ca_secret, &PostParams::default(), &updated)
+                    .await?;
+                tracing::info!(
+                    step = ?step,
+                    signing = %next.active.fingerprint(),
+                    "CA rotation step taken"
+                );
+                next
+            }
+        };
+        let current = self.cas();
+        let same = current.active.fingerprint() == next.active.fingerprint()
+            && current.bundle() == next.bundle()
+            && current.phase == next.phase;
+        if !same {
+            *self.cas.write().unwrap_or_else(|p| p.into_inner()) = next;
+            let _ = self.changed.unbounded_send(());
+        }
+        Ok(())
     }
 }
 
@@ -234,22 +319,15 @@ async fn apply(
 async fn load_or_create_ca(
     client: &Client,
     config: &AuthorityConfig,
-) -> Result<(CertificateAuthority, String), AuthorityError> {
+) -> Result<CaSet, AuthorityError> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
     for _ in 0..3 {
         if let Some(secret) = secrets.get_opt(&config.ca_secret).await? {
-            let bad = |source| AuthorityError::BadCa {
-                secret: format!("{}/{}", config.namespace, config.ca_secret),
-                source,
-            };
-            let cert = secret_str(&secret, "tls.crt")
-                .ok_or_else(|| AuthorityError::MissingKey(config.ca_secret.clone(), "tls.crt"))?;
-            let key = secret_str(&secret, "tls.key")
-                .ok_or_else(|| AuthorityError::MissingKey(config.ca_secret.clone(), "tls.key"))?;
-            let ca = CertificateAuthority::from_pem(&cert, &key).map_err(bad)?;
-            let bundle = trust_bundle(&ca, secret_str(&secret, "ca.crt").as_deref());
-            tracing::info!(fingerprint = %ca.fingerprint(), "loaded the CA from its Secret");
-            return Ok((ca, bundle));
+            let cas = CaSet::from_secret(&secret).map_err(|e| {
+                AuthorityError::BadCaSet(format!("{}/{}", config.namespace, config.ca_secret), e)
+            })?;
+            tracing::info!(fingerprint = %cas.active.fingerprint(), phase = ?cas.phase, "loaded the CA from its Secret");
+            return Ok(cas);
         }
         let ca = CertificateAuthority::generate(
             &format!("agentry CA ({})", config.trust_domain),
@@ -285,8 +363,12 @@ async fn load_or_create_ca(
         match secrets.create(&PostParams::default(), &secret).await {
             Ok(_) => {
                 tracing::info!(fingerprint = %ca.fingerprint(), "created a new CA");
-                let bundle = ca.cert_pem().to_string();
-                return Ok((ca, bundle));
+                return Ok(CaSet {
+                    active: Arc::new(ca),
+                    next: None,
+                    previous: None,
+                    phase: Phase::Idle,
+                });
             }
             Err(kube::Error::Api(s)) if s.code == 409 => continue,
             Err(e) => return Err(e.into()),
@@ -297,17 +379,6 @@ async fn load_or_create_ca(
             .with_code(409)
             .boxed(),
     )))
-}
-
-/// The active CA first, then every other distinct CA certificate in `extra` (rotation overlap).
-fn trust_bundle(ca: &CertificateAuthority, extra: Option<&str>) -> String {
-    let mut out = ca.cert_pem().to_string();
-    for der in extra.map(pem_to_ders).unwrap_or_default() {
-        if der != ca.cert_der() {
-            out.push_str(&super::ca::der_to_pem(&der));
-        }
-    }
-    out
 }
 
 /// Loads the signing keys; adds a new one when the newest is older than the rotation period;

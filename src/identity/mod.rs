@@ -3,4 +3,5 @@
 pub mod authority;
 pub mod ca;
 pub mod jwt;
+pub mod rotation;
 pub mod store;
