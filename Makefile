@@ -57,6 +57,7 @@ demo-down: ## Stop the demo controller and the local control plane
 	hack/local-cluster down
 
 .PHONY: bench
-bench: ## Benchmarks (ratios against a baseline in the same run) -> target/bench/*.json
+bench: cluster-up ## Benchmarks (ratios against a baseline in the same run) -> target/bench/*.json
 	mkdir -p target/bench
 	AGENTRY_BENCH_OUT=$(CURDIR)/target/bench cargo bench --bench identity
+	AGENTRY_BENCH_OUT=$(CURDIR)/target/bench KUBECONFIG=$(KUBECONFIG_LOCAL) cargo bench --bench controller

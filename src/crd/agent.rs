@@ -600,3 +600,119 @@ pub fn parse_cron(s: &str) -> Result<croner::Cron, String> {
             format!("{s:?} is not a 5-field cron expression such as '0 */6 * * *' or @daily: {e}")
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(overrides: serde_json::Value) -> AgentSpec {
+        let mut base = serde_json::json!({"template": {"image": "img:1"}});
+        if let (Some(b), Some(o)) = (base.as_object_mut(), overrides.as_object()) {
+            for (k, v) in o {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        serde_json::from_value(base).unwrap()
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let v = spec(serde_json::json!({})).validate().unwrap();
+        assert_eq!(v.memory_bytes, units::MEMORY_CAP_BYTES);
+        assert_eq!(v.certificate_ttl, std::time::Duration::from_secs(86400));
+        assert_eq!(v.token_ttl, std::time::Duration::from_secs(3600));
+        assert!(v.backup_schedule.is_none());
+    }
+
+    #[test]
+    fn the_controller_rejects_what_the_schema_rejects_naming_the_field() {
+        let cases = [
+            (
+                serde_json::json!({"resources": {"memory": "1Gi"}}),
+                "spec.resources.memory",
+            ),
+            (
+                serde_json::json!({"resources": {"memory": "8Mi"}}),
+                "spec.resources.memory",
+            ),
+            (
+                serde_json::json!({"resources": {"memory": "x"}}),
+                "spec.resources.memory",
+            ),
+            (
+                serde_json::json!({"resources": {"memory": "256Mi", "cpu": "fast"}}),
+                "spec.resources.cpu",
+            ),
+            (
+                serde_json::json!({"capabilities": ["Bad"]}),
+                "spec.capabilities",
+            ),
+            (
+                serde_json::json!({"capabilities": ["-x"]}),
+                "spec.capabilities",
+            ),
+            (
+                serde_json::json!({"identity": {"tokenTTL": "1m"}}),
+                "spec.identity.tokenTTL",
+            ),
+            (
+                serde_json::json!({"identity": {"certificateTTL": "3000h"}}),
+                "spec.identity.certificateTTL",
+            ),
+            (
+                serde_json::json!({"backup": {"schedule": "61 * * * *", "paths": ["/d"]}}),
+                "spec.backup.schedule",
+            ),
+            (
+                serde_json::json!({"backup": {"schedule": "* * * * * *", "paths": ["/d"]}}),
+                "spec.backup.schedule",
+            ),
+            (
+                serde_json::json!({"backup": {"schedule": "@daily", "paths": ["rel"]}}),
+                "spec.backup.paths",
+            ),
+            (
+                serde_json::json!({"template": {"image": " "}}),
+                "spec.template.image",
+            ),
+        ];
+        for (overrides, field) in cases {
+            let err = spec(overrides.clone()).validate().unwrap_err();
+            assert_eq!(err.field, field, "{overrides}");
+            assert!(!err.message.is_empty());
+        }
+        let caps: Vec<String> = (0..33).map(|i| format!("c{i}")).collect();
+        assert_eq!(
+            spec(serde_json::json!({"capabilities": caps}))
+                .validate()
+                .unwrap_err()
+                .field,
+            "spec.capabilities"
+        );
+    }
+
+    #[test]
+    fn cron_schedules_parse_like_the_schema_pattern_allows() {
+        let re = cron_pattern();
+        for ok in [
+            "0 */6 * * *",
+            "@daily",
+            "*/15 9-17 * * MON-FRI",
+            "5 4 1 JAN,JUL *",
+        ] {
+            assert!(parse_cron(ok).is_ok(), "{ok}");
+            assert!(re.contains("@(yearly"), "{re}");
+        }
+        for bad in ["every day", "* * * *", "61 * * * *", "0 0 * * * 2026"] {
+            assert!(parse_cron(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn scope_is_sorted_and_deduplicated() {
+        let s = spec(
+            serde_json::json!({"permissions": ["memory:read", "backup:write", "memory:read"]}),
+        );
+        assert_eq!(s.scope(), "backup:write memory:read");
+    }
+}
