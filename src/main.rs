@@ -146,6 +146,9 @@ struct ControllerArgs {
     /// How often the leader checks signing-key age, CA rotation steps and the CRL.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     maintenance_interval: Duration,
+    /// How many Agents are reconciled at once (0: no limit).
+    #[arg(long, default_value_t = 32)]
+    concurrency: u16,
     /// The `iss` of agent tokens (default: https://agentry.<namespace>.svc).
     #[arg(long)]
     token_issuer: Option<String>,
@@ -212,6 +215,7 @@ fn main() -> ExitCode {
                 },
                 data_dir: args.data_dir,
                 maintenance_interval: args.maintenance_interval,
+                concurrency: args.concurrency,
             };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

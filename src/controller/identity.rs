@@ -3,6 +3,7 @@
 //! renewing at 2/3 of the certificate's life and 80% of the token's, revoking on request.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
@@ -120,7 +121,7 @@ pub async fn reconcile(
     agent: &Agent,
     spec: &ValidatedSpec,
     ctx: &Context,
-    authority: &Authority,
+    authority: &Arc<Authority>,
 ) -> Result<IdentityOutcome, Error> {
     let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
     let name = agent.name_any();
@@ -208,7 +209,14 @@ pub async fn reconcile(
                 dns_names: dns.clone(),
                 ttl: cert_ttl,
             };
-            let leaf = ca.issue(&authority.ledger, &req).map_err(Error::identity)?;
+            // Key generation, signing and the durable ledger commit block: keep them off the
+            // async workers.
+            let issuer = authority.clone();
+            let signing_ca = ca.clone();
+            let leaf = tokio::task::spawn_blocking(move || signing_ca.issue(&issuer.ledger, &req))
+                .await
+                .map_err(Error::identity)?
+                .map_err(Error::identity)?;
             ctx.metrics.certificates_issued.inc();
             let verb = if facts.is_some() { "Renewed" } else { "Issued" };
             events.push((

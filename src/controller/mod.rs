@@ -47,6 +47,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// How often the leader checks signing-key age, CA rotation steps and the CRL.
     pub maintenance_interval: Duration,
+    /// Agents reconciled at once (0: unbounded).
+    pub concurrency: u16,
     /// The CA, ledger, token keys and what they publish.
     pub authority: AuthorityConfig,
 }
@@ -401,6 +403,9 @@ async fn run_agent_controller(
     // Only what we manage: never list every Secret (or Deployment) in the cluster.
     let managed = || watcher::Config::default().labels("app.kubernetes.io/managed-by=agentry");
     Controller::new(agents, watcher::Config::default().any_semantic())
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
+        )
         .owns(secrets, managed())
         .owns(
             scoped::<k8s_openapi::api::apps::v1::Deployment>(&client, ns),
