@@ -51,6 +51,47 @@ pub fn ops_per_sec(
     )
 }
 
+/// Like `ops_per_sec`, with `threads` workers each calling the function (both sides alike).
+pub fn parallel_ops_per_sec(
+    threads: usize,
+    total: Duration,
+    ours: impl Fn() + Sync,
+    baseline: impl Fn() + Sync,
+) -> (f64, f64) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let measure = |f: &(dyn Fn() + Sync), slice: Duration| -> (u64, Duration) {
+        let count = AtomicU64::new(0);
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    while start.elapsed() < slice {
+                        f();
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        (count.into_inner(), start.elapsed())
+    };
+    let rounds = 6;
+    let slice = total / (2 * rounds);
+    let (mut n_ours, mut t_ours, mut n_base, mut t_base) =
+        (0u64, Duration::ZERO, 0u64, Duration::ZERO);
+    for _ in 0..rounds {
+        let (n, t) = measure(&baseline, slice);
+        n_base += n;
+        t_base += t;
+        let (n, t) = measure(&ours, slice);
+        n_ours += n;
+        t_ours += t;
+    }
+    (
+        n_ours as f64 / t_ours.as_secs_f64(),
+        n_base as f64 / t_base.as_secs_f64(),
+    )
+}
+
 /// Prints the table and writes `<AGENTRY_BENCH_OUT or target/bench>/<area>.json`.
 pub fn write(area: &str, rows: &[Row]) {
     println!("\n{area}");

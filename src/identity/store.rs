@@ -97,6 +97,8 @@ pub enum StoreError {
     },
     #[error("serial {0} is already in the ledger")]
     DuplicateSerial(String),
+    #[error("{0}")]
+    Batch(String),
 }
 
 fn migrations() -> Migrations<'static> {
@@ -126,6 +128,14 @@ fn migrations() -> Migrations<'static> {
 pub struct Ledger {
     conn: Mutex<Connection>,
     path: String,
+    /// Rows waiting for the next group commit.
+    pending: Mutex<Vec<Pending>>,
+}
+
+struct Pending {
+    record: CertRecord,
+    now: i64,
+    done: std::sync::mpsc::Sender<Result<(), StoreError>>,
 }
 
 impl Ledger {
@@ -173,6 +183,7 @@ impl Ledger {
         Ok(Self {
             conn: Mutex::new(conn),
             path,
+            pending: Mutex::new(Vec::new()),
         })
     }
 
@@ -190,36 +201,95 @@ impl Ledger {
     /// Records a new active certificate and supersedes the agent's previous active one, in one
     /// transaction. Returns only once committed.
     pub fn record_issued(&self, rec: &CertRecord, now: i64) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(self.sql())?;
-        tx.execute(
-            "UPDATE certificates SET state = 'superseded' WHERE agent_uid = ?1 AND state = 'active'",
-            params![rec.agent_uid],
-        )
-        .map_err(self.sql())?;
-        let inserted = tx.execute(
-            "INSERT INTO certificates (serial, agent_uid, namespace, name, spiffe_id, fingerprint,
-                issuer_fingerprint, not_before, not_after, state, issued_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10)
-             ON CONFLICT(serial) DO NOTHING",
-            params![
-                rec.serial,
-                rec.agent_uid,
-                rec.namespace,
-                rec.name,
-                rec.spiffe_id,
-                rec.fingerprint,
-                rec.issuer_fingerprint,
-                rec.not_before,
-                rec.not_after,
-                now
-            ],
-        );
-        let inserted = inserted.map_err(self.sql())?;
-        if inserted == 0 {
-            return Err(StoreError::DuplicateSerial(rec.serial.clone()));
+        // Group commit: queue the row, then whoever holds the connection writes every queued
+        // row in one transaction (one fsync) and tells each waiter its outcome. Concurrent
+        // issuers share the durable commit instead of queueing one fsync each.
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Pending {
+                record: rec.clone(),
+                now,
+                done: tx,
+            });
+        {
+            let mut conn = self.conn();
+            if let Ok(result) = rx.try_recv() {
+                return result;
+            }
+            let batch =
+                std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+            let outcomes = self.commit_batch(&mut conn, &batch);
+            for (p, outcome) in batch.into_iter().zip(outcomes) {
+                let _ = p.done.send(outcome);
+            }
         }
-        tx.commit().map_err(self.sql())
+        rx.recv()
+            .unwrap_or_else(|_| Err(StoreError::Batch("the committing thread went away".into())))
+    }
+
+    /// Writes a batch in one transaction. Per-row outcomes: a duplicate serial fails alone; a
+    /// failed commit fails them all (and nothing of the batch is stored).
+    fn commit_batch(
+        &self,
+        conn: &mut Connection,
+        batch: &[Pending],
+    ) -> Vec<Result<(), StoreError>> {
+        let run = |conn: &mut Connection| -> Result<Vec<bool>, rusqlite::Error> {
+            let tx = conn.transaction()?;
+            let mut inserted = Vec::with_capacity(batch.len());
+            for p in batch {
+                let rec = &p.record;
+                tx.execute(
+                    "UPDATE certificates SET state = 'superseded' WHERE agent_uid = ?1 AND state = 'active'",
+                    params![rec.agent_uid],
+                )?;
+                let n = tx.execute(
+                    "INSERT INTO certificates (serial, agent_uid, namespace, name, spiffe_id, fingerprint,
+                        issuer_fingerprint, not_before, not_after, state, issued_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10)
+                     ON CONFLICT(serial) DO NOTHING",
+                    params![
+                        rec.serial,
+                        rec.agent_uid,
+                        rec.namespace,
+                        rec.name,
+                        rec.spiffe_id,
+                        rec.fingerprint,
+                        rec.issuer_fingerprint,
+                        rec.not_before,
+                        rec.not_after,
+                        p.now
+                    ],
+                )?;
+                inserted.push(n > 0);
+            }
+            tx.commit()?;
+            Ok(inserted)
+        };
+        match run(conn) {
+            Ok(inserted) => batch
+                .iter()
+                .zip(inserted)
+                .map(|(p, ok)| {
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(StoreError::DuplicateSerial(p.record.serial.clone()))
+                    }
+                })
+                .collect(),
+            Err(e) => batch
+                .iter()
+                .map(|_| {
+                    Err(StoreError::Batch(format!(
+                        "ledger database {}: {e}",
+                        self.path
+                    )))
+                })
+                .collect(),
+        }
     }
 
     pub fn get(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
@@ -441,6 +511,36 @@ mod tests {
         // Reopening migrates nothing and keeps the rows.
         let l = Ledger::open(&data).unwrap();
         assert_eq!(l.count().unwrap(), 1);
+    }
+
+    #[test]
+    fn concurrent_issuers_share_commits_and_every_row_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = std::sync::Arc::new(Ledger::open(dir.path()).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200 {
+                        l.record_issued(
+                            &rec(&format!("{t:02x}{i:04x}"), &format!("u{t}-{i}"), 1000),
+                            1,
+                        )
+                        .unwrap();
+                    }
+                    // A duplicate fails alone.
+                    assert!(matches!(
+                        l.record_issued(&rec(&format!("{t:02x}0000"), "dup", 1000), 1),
+                        Err(StoreError::DuplicateSerial(_))
+                    ));
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(l.count().unwrap(), 1600);
+        assert!(l.pending.lock().unwrap().is_empty());
     }
 
     #[test]
