@@ -106,9 +106,24 @@ impl Drop for TestNamespace {
             };
             rt.block_on(async {
                 if let Ok(client) = Client::try_default().await {
-                    let _ = Api::<Namespace>::all(client)
+                    let _ = Api::<Namespace>::all(client.clone())
                         .delete(&name, &DeleteParams::background())
                         .await;
+                    // The test's controller is gone by now: release its finalizers so the
+                    // namespace does not linger on a shared cluster.
+                    let agents: Api<Agent> = Api::namespaced(client, &name);
+                    if let Ok(list) = agents.list(&Default::default()).await {
+                        for a in list.items {
+                            let patch = json!({"metadata": {"finalizers": null}});
+                            let _ = agents
+                                .patch(
+                                    &a.name_any(),
+                                    &PatchParams::default(),
+                                    &Patch::Merge(&patch),
+                                )
+                                .await;
+                        }
+                    }
                 }
             });
         })
