@@ -20,8 +20,11 @@ build: ## Build the agentry binary (debug)
 	cargo build --bin agentry
 
 .PHONY: crds
-crds: ## Regenerate crds/ from the Rust types
-	cargo run --quiet --bin agentry -- crd > crds/agentry.dev_crds.yaml
+crds: ## Regenerate crds/ and the chart's CRDs and policy from the Rust types
+	cargo build --quiet --bin agentry
+	$(BIN) crd > crds/agentry.dev_crds.yaml
+	$(BIN) crd --only crds > charts/agentry/crds/agentry.dev_crds.yaml
+	$(BIN) crd --only chart-policy > charts/agentry/templates/admission-policy.yaml
 
 .PHONY: lint
 lint: ## cargo fmt --check and clippy with warnings as errors

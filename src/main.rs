@@ -35,10 +35,27 @@ enum Command {
     /// Run the controller: reconcilers, CA and token issuer, with leader election.
     Controller(Box<ControllerArgs>),
     /// Print the CustomResourceDefinitions and the admission policy as YAML (what `crds/` holds).
-    Crd,
+    Crd(CrdArgs),
     /// Inspect or rotate the CA.
     #[command(subcommand)]
     Ca(CaCommand),
+}
+
+#[derive(Args)]
+struct CrdArgs {
+    /// What to print: everything (for `kubectl apply`), or the Helm chart's two files.
+    #[arg(long, value_enum, default_value = "all")]
+    only: CrdPart,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CrdPart {
+    /// CRDs and the admission policy.
+    All,
+    /// The CRDs (charts/agentry/crds/).
+    Crds,
+    /// The admission policy as a chart template (charts/agentry/templates/admission-policy.yaml).
+    ChartPolicy,
 }
 
 #[derive(Subcommand)]
@@ -171,7 +188,11 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match cli.command {
         Command::Ca(command) => run_ca(command),
-        Command::Crd => match agentry::crd::render_yaml() {
+        Command::Crd(args) => match match args.only {
+            CrdPart::All => agentry::crd::render_yaml(),
+            CrdPart::Crds => agentry::crd::render_crds(),
+            CrdPart::ChartPolicy => agentry::crd::render_chart_policy(),
+        } {
             Ok(yaml) => {
                 print!("{yaml}");
                 ExitCode::SUCCESS

@@ -15,7 +15,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
+use futures::TryStreamExt;
+use futures::stream::BoxStream;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use kube::api::{ApiResource, DynamicObject, PartialObjectMeta, TypeMeta};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, controller::Action, watcher};
 use kube::{Api, Client, core::DeserializeGuard};
 use kube_lease_manager::LeaseManagerBuilder;
@@ -53,6 +60,22 @@ pub struct Config {
     pub authority: AuthorityConfig,
 }
 
+/// Watch caches of the objects the controller creates for Agents.
+pub struct ChildStores {
+    pub deployments: Store<Deployment>,
+    pub statefulsets: Store<StatefulSet>,
+    pub services: Store<Service>,
+    pub service_accounts: Store<ServiceAccount>,
+}
+
+/// What we last applied to a child: the desired content's hash and the object's version after.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    pub hash: u64,
+    pub generation: Option<i64>,
+    pub resource_version: Option<String>,
+}
+
 /// Shared state handed to every reconcile.
 pub struct Context {
     pub client: Client,
@@ -60,6 +83,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub config: Config,
     pub authority: Arc<Authority>,
+    pub stores: ChildStores,
+    applied: std::sync::Mutex<HashMap<String, Applied>>,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: std::sync::Mutex<HashMap<String, u32>>,
 }
@@ -70,6 +95,7 @@ impl Context {
         metrics: Arc<Metrics>,
         config: Config,
         authority: Arc<Authority>,
+        stores: ChildStores,
     ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
@@ -84,6 +110,8 @@ impl Context {
             metrics,
             config,
             authority,
+            stores,
+            applied: Default::default(),
             failures: Default::default(),
         }
     }
@@ -95,6 +123,21 @@ impl Context {
         let n = failures.entry(key.to_string()).or_insert(0);
         *n = n.saturating_add(1);
         backoff_delay(*n, rand::random::<f64>())
+    }
+
+    pub(crate) fn applied(&self, key: &str) -> Option<Applied> {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    pub(crate) fn record_applied(&self, key: String, applied: Applied) {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, applied);
     }
 
     fn clear_backoff(&self, key: &str) {
@@ -332,13 +375,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stop.clone(),
     ));
 
+    let ns = &config.watch_namespace;
+    let (deployments, deployment_events) = child_watch::<Deployment>(&client, ns);
+    let (statefulsets, statefulset_events) = child_watch::<StatefulSet>(&client, ns);
+    let (services, service_events) = child_watch::<Service>(&client, ns);
+    let (service_accounts, service_account_events) = child_watch::<ServiceAccount>(&client, ns);
+    let stores = ChildStores {
+        deployments,
+        statefulsets,
+        services,
+        service_accounts,
+    };
     let ctx = Arc::new(Context::new(
         client.clone(),
         metrics.clone(),
         config.clone(),
         authority,
+        stores,
     ));
-    run_agent_controller(ctx, trust_changed, stop.clone()).await;
+    let children = [
+        deployment_events,
+        statefulset_events,
+        service_events,
+        service_account_events,
+    ];
+    run_agent_controller(ctx, children, trust_changed, stop.clone()).await;
     maintenance.abort();
 
     metrics.leader.set(0);
@@ -376,53 +437,82 @@ async fn maintain_authority(
     }
 }
 
+/// Only what we manage: never list every Secret (or Deployment) in the cluster.
+fn managed() -> watcher::Config {
+    watcher::Config::default().labels("app.kubernetes.io/managed-by=agentry")
+}
+
+fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn dynamic_type<K: kube::Resource<DynamicType = ()>>() -> ApiResource {
+    ApiResource::erase::<K>(&())
+}
+
+/// A watch cache of one child kind, and its stream of changes (as metadata, for the owner
+/// lookup) that triggers reconciles of the owning Agent.
+fn child_watch<K>(
+    client: &Client,
+    ns: &Option<String>,
+) -> (
+    Store<K>,
+    BoxStream<'static, Result<PartialObjectMeta<DynamicObject>, watcher::Error>>,
+)
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher::watcher(scoped::<K>(client, ns), managed())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects()
+        .map_ok(|obj: K| PartialObjectMeta::<DynamicObject> {
+            types: Some(TypeMeta {
+                api_version: K::api_version(&()).into(),
+                kind: K::kind(&()).into(),
+            }),
+            metadata: obj.meta().clone(),
+            _phantom: Default::default(),
+        })
+        .boxed();
+    (store, stream)
+}
+
 /// The Agent controller: watches Agents (guarded, so one undecodable object cannot stop the
 /// stream) and the children it owns, until `stop` fires.
 async fn run_agent_controller(
     ctx: Arc<Context>,
+    children: [BoxStream<'static, Result<PartialObjectMeta<DynamicObject>, watcher::Error>>; 4],
     trust_changed: futures::channel::mpsc::UnboundedReceiver<()>,
     stop: CancellationToken,
 ) {
     let client = ctx.client.clone();
-    let agents: Api<DeserializeGuard<Agent>> = match &ctx.config.watch_namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
-        scoped(&client, &ctx.config.watch_namespace);
-    fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-    {
-        match ns {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
-    let ns = &ctx.config.watch_namespace;
-    // Only what we manage: never list every Secret (or Deployment) in the cluster.
-    let managed = || watcher::Config::default().labels("app.kubernetes.io/managed-by=agentry");
+    let agents: Api<DeserializeGuard<Agent>> = scoped(&client, &ctx.config.watch_namespace);
+    let secrets: Api<Secret> = scoped(&client, &ctx.config.watch_namespace);
+    let [deployments, statefulsets, services, service_accounts] = children;
     Controller::new(agents, watcher::Config::default().any_semantic())
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
         )
         .owns(secrets, managed())
-        .owns(
-            scoped::<k8s_openapi::api::apps::v1::Deployment>(&client, ns),
-            managed(),
-        )
-        .owns(
-            scoped::<k8s_openapi::api::apps::v1::StatefulSet>(&client, ns),
-            managed(),
-        )
-        .owns(
-            scoped::<k8s_openapi::api::core::v1::Service>(&client, ns),
-            managed(),
-        )
-        .owns(
-            scoped::<k8s_openapi::api::core::v1::ServiceAccount>(&client, ns),
-            managed(),
-        )
+        .owns_stream_with(deployments, dynamic_type::<Deployment>())
+        .owns_stream_with(statefulsets, dynamic_type::<StatefulSet>())
+        .owns_stream_with(services, dynamic_type::<Service>())
+        .owns_stream_with(service_accounts, dynamic_type::<ServiceAccount>())
         // A new trust bundle, CA or signing key concerns every Agent.
         .reconcile_all_on(trust_changed)
         .graceful_shutdown_on(stop.cancelled_owned())

@@ -3,6 +3,7 @@
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -16,7 +17,25 @@ pub struct WorkloadOutcome {
     pub message: String,
 }
 
-async fn apply<K>(ctx: &Context, ns: &str, obj: &K) -> Result<K, Error>
+/// How to tell that a live object changed since we applied it.
+#[derive(Clone, Copy)]
+enum Track {
+    /// Spec edits bump `metadata.generation` (apps/v1); status updates do not.
+    Generation,
+    /// Any change moves `metadata.resourceVersion` (objects without a status).
+    ResourceVersion,
+}
+
+/// Server-side applies `obj` unless the watch cache shows it exactly as we last applied it
+/// (same desired content, untouched since). A no-op apply still costs the apiserver a full
+/// managed-fields merge, and reconciles are frequent: skipping them keeps fleets cheap.
+async fn apply<K>(
+    ctx: &Context,
+    store: &Store<K>,
+    ns: &str,
+    obj: &K,
+    track: Track,
+) -> Result<K, Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -24,15 +43,51 @@ where
         + Serialize
         + std::fmt::Debug,
 {
+    let name = obj.name_any();
+    let key = format!("{}/{ns}/{name}", K::kind(&()));
+    let desired = content_hash(obj);
+    if let Some(live) = store.get(&ObjectRef::new(&name).within(ns)) {
+        let unchanged = ctx.applied(&key).is_some_and(|a| {
+            a.hash == desired
+                && match track {
+                    Track::Generation => {
+                        a.generation.is_some() && live.meta().generation == a.generation
+                    }
+                    Track::ResourceVersion => {
+                        a.resource_version.is_some()
+                            && live.meta().resource_version == a.resource_version
+                    }
+                }
+        });
+        if unchanged {
+            return Ok((*live).clone());
+        }
+    }
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     // force: these objects are ours; a hand edit of a field we set is reverted.
-    Ok(api
+    let applied = api
         .patch(
-            &obj.name_any(),
+            &name,
             &PatchParams::apply(MANAGER).force(),
             &Patch::Apply(obj),
         )
-        .await?)
+        .await?;
+    ctx.record_applied(
+        key,
+        super::Applied {
+            hash: desired,
+            generation: applied.meta().generation,
+            resource_version: applied.meta().resource_version.clone(),
+        },
+    );
+    Ok(applied)
+}
+
+fn content_hash<T: Serialize>(obj: &T) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(obj).unwrap_or_default().hash(&mut h);
+    h.finish()
 }
 
 /// Deletes `name` of kind K if it exists (a 404 is success).
@@ -60,17 +115,48 @@ pub async fn reconcile(
 ) -> Result<WorkloadOutcome, Error> {
     let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
     label_agent(agent, ctx, &ns).await?;
-    apply(ctx, &ns, &workload::service_account(agent)).await?;
-    apply(ctx, &ns, &workload::service(agent)).await?;
+    let stores = &ctx.stores;
+    let track = Track::ResourceVersion;
+    apply(
+        ctx,
+        &stores.service_accounts,
+        &ns,
+        &workload::service_account(agent),
+        track,
+    )
+    .await?;
+    apply(ctx, &stores.services, &ns, &workload::service(agent), track).await?;
+    let name = agent.name_any();
     let (ready, message) = match workload::workload(agent, spec, plan, identity_secret) {
         Workload::Deployment(d) => {
-            delete_if_present::<StatefulSet>(ctx, &ns, &agent.name_any()).await?;
-            let applied: Deployment = apply(ctx, &ns, d.as_ref()).await?;
+            // Switching from persistent state back: the StatefulSet goes.
+            if stores
+                .statefulsets
+                .get(&ObjectRef::new(&name).within(&ns))
+                .is_some()
+            {
+                delete_if_present::<StatefulSet>(ctx, &ns, &name).await?;
+            }
+            let applied: Deployment =
+                apply(ctx, &stores.deployments, &ns, d.as_ref(), Track::Generation).await?;
             workload::deployment_ready(&applied)
         }
         Workload::StatefulSet(s) => {
-            delete_if_present::<Deployment>(ctx, &ns, &agent.name_any()).await?;
-            let applied: StatefulSet = apply(ctx, &ns, s.as_ref()).await?;
+            if stores
+                .deployments
+                .get(&ObjectRef::new(&name).within(&ns))
+                .is_some()
+            {
+                delete_if_present::<Deployment>(ctx, &ns, &name).await?;
+            }
+            let applied: StatefulSet = apply(
+                ctx,
+                &stores.statefulsets,
+                &ns,
+                s.as_ref(),
+                Track::Generation,
+            )
+            .await?;
             workload::statefulset_ready(&applied)
         }
     };

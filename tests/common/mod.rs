@@ -156,6 +156,8 @@ pub struct ControllerOptions<'a> {
     pub lease_duration: &'a str,
     /// Where the ledger lives; a fresh temporary directory when None.
     pub data_dir: Option<&'a Path>,
+    /// Another kubeconfig (e.g. one that impersonates the chart's ServiceAccount).
+    pub kubeconfig: Option<&'a Path>,
     pub extra_args: Vec<String>,
 }
 
@@ -166,6 +168,7 @@ impl<'a> ControllerOptions<'a> {
             replica: "replica-a",
             lease_duration: "4s",
             data_dir: None,
+            kubeconfig: None,
             extra_args: vec![],
         }
     }
@@ -181,7 +184,11 @@ impl ControllerProcess {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| data.path().join("data"));
         let log_file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_agentry"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_agentry"));
+        if let Some(k) = opts.kubeconfig {
+            command.env("KUBECONFIG", k);
+        }
+        let child = command
             .args([
                 "controller",
                 "--watch-namespace",
@@ -390,4 +397,39 @@ pub fn has_finalizer(agent: &Agent) -> bool {
 /// The API group/version string of Agents, for raw requests.
 pub fn agent_api_version() -> String {
     Agent::api_version(&()).into_owned()
+}
+
+/// The directory of the Kubernetes binaries built by hack/ (kubectl, helm).
+pub fn tool_dir() -> PathBuf {
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/build-binaries"))
+        .arg("--print-dir")
+        .output()
+        .expect("running hack/build-binaries --print-dir");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default(),
+    )
+}
+
+/// A copy of the current kubeconfig whose user impersonates `user` (and its groups).
+pub fn impersonating_kubeconfig(dir: &Path, user: &str, groups: &[&str]) -> PathBuf {
+    let path = std::env::var("KUBECONFIG").expect("KUBECONFIG");
+    let mut config = kube::config::Kubeconfig::read_from(&path).unwrap();
+    for named in &mut config.auth_infos {
+        if let Some(a) = named.auth_info.as_mut() {
+            a.impersonate = Some(user.to_string());
+            a.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
+        }
+    }
+    let out = dir.join("impersonating.kubeconfig");
+    std::fs::write(&out, serde_json::to_string(&config).unwrap()).unwrap();
+    out
 }
