@@ -30,9 +30,7 @@ fn helm(args: &[&str]) -> String {
 
 #[tokio::test]
 async fn chart_rbac_is_sufficient_and_least_privilege() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "chart-rbac").await;
+    let (client, ns) = setup("chart-rbac").await;
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/agentry");
     helm(&["lint", chart]);
     let rendered = helm(&[

@@ -22,9 +22,7 @@ fn ready(agent: &Agent) -> bool {
 
 #[tokio::test]
 async fn reconcile_adds_finalizer_conditions_and_observed_generation() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "ctl-basic").await;
+    let (client, ns) = setup("ctl-basic").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
     create_agent(&client, &ns.name, agent_manifest("summarizer", json!({})))
         .await
@@ -74,9 +72,7 @@ async fn reconcile_adds_finalizer_conditions_and_observed_generation() {
 
 #[tokio::test]
 async fn delete_runs_cleanup_and_removes_the_finalizer() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "ctl-delete").await;
+    let (client, ns) = setup("ctl-delete").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
     create_agent(&client, &ns.name, agent_manifest("doomed", json!({})))
         .await
@@ -125,9 +121,7 @@ async fn leader_of(client: &kube::Client, ns: &str) -> Option<String> {
 
 #[tokio::test]
 async fn only_the_leader_reconciles_and_a_standby_takes_over() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "ctl-leader").await;
+    let (client, ns) = setup("ctl-leader").await;
     let lease = Duration::from_secs(4);
     let mut a = ControllerProcess::start(ControllerOptions {
         replica: "replica-a",
@@ -208,9 +202,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
 
 #[tokio::test]
 async fn sigterm_releases_the_lease_and_exits_cleanly() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "ctl-term").await;
+    let (client, ns) = setup("ctl-term").await;
     let mut a = ControllerProcess::start(ControllerOptions::new(&ns.name));
     eventually(Duration::from_secs(20), "replica-a leads", || async {
         leader_of(&client, &ns.name).await.is_some()
@@ -225,9 +217,7 @@ async fn sigterm_releases_the_lease_and_exits_cleanly() {
 /// our types. It gets a Warning event, and every other Agent is still reconciled.
 #[tokio::test]
 async fn an_undecodable_agent_does_not_stop_the_others() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "ctl-guard").await;
+    let (client, ns) = setup("ctl-guard").await;
 
     // Loosen the stored schema just long enough to store one odd object, then restore it.
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());

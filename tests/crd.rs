@@ -55,9 +55,7 @@ async fn crd_installs_and_is_established() {
 
 #[tokio::test]
 async fn valid_agent_is_accepted_with_defaults() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "crd-valid").await;
+    let (client, ns) = setup("crd-valid").await;
     // Only the required field: everything else defaults.
     let minimal = json!({
         "apiVersion": "agentry.dev/v1alpha1", "kind": "Agent",
@@ -273,9 +271,7 @@ fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
 
 #[tokio::test]
 async fn invalid_specs_are_refused_by_the_apiserver_naming_the_field() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "crd-invalid").await;
+    let (client, ns) = setup("crd-invalid").await;
     let api = kube::Api::<kube::api::DynamicObject>::namespaced_with(
         client.clone(),
         &ns.name,
@@ -318,9 +314,7 @@ async fn invalid_specs_are_refused_by_the_apiserver_naming_the_field() {
 
 #[tokio::test]
 async fn memory_cannot_be_raised_above_the_cap_by_an_update() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "crd-update").await;
+    let (client, ns) = setup("crd-update").await;
     create_agent(&client, &ns.name, agent_manifest("a", json!({})))
         .await
         .unwrap();

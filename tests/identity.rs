@@ -110,9 +110,7 @@ fn crl_serials(crl_pem: &str) -> HashSet<String> {
 
 #[tokio::test]
 async fn certificate_and_token_verify_with_openssl_and_pyjwt() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "id-verify").await;
+    let (client, ns) = setup("id-verify").await;
     let controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
     create_agent(&client, &ns.name, agent_manifest("summarizer", json!({})))
         .await
@@ -291,9 +289,7 @@ async fn certificate_and_token_verify_with_openssl_and_pyjwt() {
 
 #[tokio::test]
 async fn short_lifetimes_renew_before_expiry() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "id-renew").await;
+    let (client, ns) = setup("id-renew").await;
     // 1h/120 = 30s certificates (renewed at 20s), 5m/120 = 2.5s tokens (refreshed at 2s).
     let mut opts = ControllerOptions::new(&ns.name);
     opts.extra_args = vec!["--ttl-divisor".into(), "120".into()];
@@ -377,9 +373,7 @@ async fn short_lifetimes_renew_before_expiry() {
 
 #[tokio::test]
 async fn revocation_by_annotation_and_by_deletion_lands_on_the_crl() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "id-revoke").await;
+    let (client, ns) = setup("id-revoke").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
     create_agent(&client, &ns.name, agent_manifest("victim", json!({})))
         .await
@@ -485,9 +479,7 @@ async fn revocation_by_annotation_and_by_deletion_lands_on_the_crl() {
 /// the ledger lacks, and no serial repeats.
 #[tokio::test]
 async fn killing_the_controller_during_issuance_never_orphans_a_certificate() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "id-kill").await;
+    let (client, ns) = setup("id-kill").await;
     let data = tempfile::tempdir().unwrap();
     let agents = 30;
     for i in 0..agents {
@@ -552,9 +544,7 @@ async fn killing_the_controller_during_issuance_never_orphans_a_certificate() {
 /// -> retire (old CA gone), with every agent's Secret following along.
 #[tokio::test]
 async fn ca_rotation_prepares_activates_reissues_and_retires() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "id-rotate").await;
+    let (client, ns) = setup("id-rotate").await;
     let mut opts = ControllerOptions::new(&ns.name);
     opts.extra_args = [
         "--ca-rotation-overlap",

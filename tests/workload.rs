@@ -48,9 +48,7 @@ fn owned_by(meta: &kube::api::ObjectMeta, agent: &Agent) -> bool {
 
 #[tokio::test]
 async fn an_agent_gets_capped_restricted_children_and_running_pods() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "wl-basic").await;
+    let (client, ns) = setup("wl-basic").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
     let m = agent_manifest(
         "summarizer",
@@ -164,9 +162,7 @@ async fn an_agent_gets_capped_restricted_children_and_running_pods() {
 
 #[tokio::test]
 async fn memory_changes_roll_out_and_hand_edits_are_reverted() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "wl-memory").await;
+    let (client, ns) = setup("wl-memory").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
     create_agent(&client, &ns.name, agent_manifest("a", json!({})))
         .await
@@ -262,9 +258,7 @@ async fn memory_changes_roll_out_and_hand_edits_are_reverted() {
 
 #[tokio::test]
 async fn deleting_an_agent_garbage_collects_its_children() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "wl-gc").await;
+    let (client, ns) = setup("wl-gc").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
     create_agent(&client, &ns.name, agent_manifest("short-lived", json!({})))
         .await
@@ -330,9 +324,7 @@ fn labelled_pod(name: &str, limits: Option<&str>, second: Option<&str>) -> Pod {
 
 #[tokio::test]
 async fn the_apiserver_refuses_agent_pods_above_the_cap_or_without_limits() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "wl-policy").await;
+    let (client, ns) = setup("wl-policy").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     // The policy is enforced by the apiserver after it syncs; wait until a violating pod is refused.
     let refused = |name: &'static str, pod: Pod| {
@@ -387,9 +379,7 @@ async fn the_apiserver_refuses_agent_pods_above_the_cap_or_without_limits() {
 
 #[tokio::test]
 async fn discovery_by_capability_returns_exactly_the_matching_agents() {
-    let client = client().await;
-    ensure_crds(&client).await;
-    let ns = TestNamespace::new(&client, "wl-discover").await;
+    let (client, ns) = setup("wl-discover").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
     let caps = |i: usize| {
         let mut c = vec![];

@@ -41,6 +41,18 @@ impl Phase {
             _ => Phase::Idle,
         }
     }
+    /// The phase recorded on the CA Secret.
+    pub fn of(secret: &Secret) -> Self {
+        Self::parse(
+            secret
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(PHASE_ANNOTATION))
+                .map(String::as_str),
+        )
+    }
+
     pub fn render(self) -> Option<String> {
         match self {
             Phase::Idle => None,
@@ -114,14 +126,7 @@ impl CaSet {
             }
         };
         let active = pair("tls.crt", "tls.key")?.ok_or(CaSetError::Missing)?;
-        let phase = Phase::parse(
-            secret
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(PHASE_ANNOTATION))
-                .map(String::as_str),
-        );
+        let phase = Phase::of(secret);
         Ok(Self {
             active,
             next: pair("next.crt", "next.key")?,
@@ -189,14 +194,7 @@ pub async fn request(
     use kube::api::{Patch, PatchParams};
     let api: kube::Api<Secret> = kube::Api::namespaced(client.clone(), namespace);
     let current = api.get(secret).await?;
-    let phase = Phase::parse(
-        current
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(PHASE_ANNOTATION))
-            .map(String::as_str),
-    );
+    let phase = Phase::of(&current);
     if phase != Phase::Idle {
         return Ok(format!(
             "a rotation is already under way ({}); nothing to do",

@@ -72,6 +72,14 @@ pub async fn ensure_crds(client: &Client) {
         .expect("applying the memory admission policy binding");
 }
 
+/// The usual start of a test: a client, the CRDs installed, and a fresh namespace.
+pub async fn setup(prefix: &str) -> (Client, TestNamespace) {
+    let client = client().await;
+    ensure_crds(&client).await;
+    let ns = TestNamespace::new(&client, prefix).await;
+    (client, ns)
+}
+
 /// A namespace that exists for one test and is deleted when dropped.
 pub struct TestNamespace {
     pub name: String,
