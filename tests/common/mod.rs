@@ -120,7 +120,7 @@ impl Drop for TestNamespace {
                     // The test's controller is gone by now: release its finalizers so the
                     // namespace does not linger on a shared cluster.
                     let agents: Api<Agent> = Api::namespaced(client, &name);
-                    if let Ok(list) = agents.list(&Default::default()).await {
+                    if let Ok(list) = agents.list_metadata(&Default::default()).await {
                         for a in list.items {
                             let patch = json!({"metadata": {"finalizers": null}});
                             let _ = agents
