@@ -325,8 +325,10 @@ async fn short_lifetimes_renew_before_expiry() {
     )
     .await;
     assert_ne!(token1, token0);
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    assert!(now < token_exp0, "token refreshed only after it expired");
+    // Minted before the old one expired (judged by the new token's own iat, not by when this
+    // test happened to look).
+    let iat1 = agentry::identity::jwt::peek_claims(&token1).unwrap().iat as i64;
+    assert!(iat1 < token_exp0, "token refreshed only after it expired");
 
     // The certificate is replaced before it expires, and the old one is superseded in the ledger.
     let crt1 = wait_secret_change(
@@ -338,9 +340,9 @@ async fn short_lifetimes_renew_before_expiry() {
         Duration::from_secs(40),
     )
     .await;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let issued1 = leaf_facts(&crt1).unwrap().not_before + 300; // notBefore is backdated 5 minutes
     assert!(
-        now < facts0.not_after,
+        issued1 < facts0.not_after,
         "certificate renewed only after it expired"
     );
     let facts1 = leaf_facts(&crt1).unwrap();

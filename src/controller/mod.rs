@@ -376,10 +376,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
 
     let ns = &config.watch_namespace;
-    let (deployments, deployment_events) = child_watch::<Deployment>(&client, ns);
-    let (statefulsets, statefulset_events) = child_watch::<StatefulSet>(&client, ns);
-    let (services, service_events) = child_watch::<Service>(&client, ns);
-    let (service_accounts, service_account_events) = child_watch::<ServiceAccount>(&client, ns);
+    // The caches keep what the reconcile reads (metadata versions, rollout status), not the pod
+    // templates: a fleet's worth of full Deployments would be most of our memory.
+    let (deployments, deployment_events) = child_watch::<Deployment>(&client, ns, |d| {
+        if let Some(spec) = d.spec.as_mut() {
+            spec.template = Default::default();
+        }
+    });
+    let (statefulsets, statefulset_events) = child_watch::<StatefulSet>(&client, ns, |s| {
+        if let Some(spec) = s.spec.as_mut() {
+            spec.template = Default::default();
+            spec.volume_claim_templates = None;
+        }
+    });
+    let (services, service_events) = child_watch::<Service>(&client, ns, |_| {});
+    let (service_accounts, service_account_events) =
+        child_watch::<ServiceAccount>(&client, ns, |_| {});
     let stores = ChildStores {
         deployments,
         statefulsets,
@@ -462,6 +474,7 @@ fn dynamic_type<K: kube::Resource<DynamicType = ()>>() -> ApiResource {
 fn child_watch<K>(
     client: &Client,
     ns: &Option<String>,
+    trim: fn(&mut K),
 ) -> (
     Store<K>,
     BoxStream<'static, Result<PartialObjectMeta<DynamicObject>, watcher::Error>>,
@@ -478,6 +491,11 @@ where
     let (store, writer) = reflector::store();
     let stream = watcher::watcher(scoped::<K>(client, ns), managed())
         .default_backoff()
+        .modify(move |obj: &mut K| {
+            obj.meta_mut().managed_fields = None;
+            obj.meta_mut().annotations = None;
+            trim(obj);
+        })
         .reflect(writer)
         .touched_objects()
         .map_ok(|obj: K| PartialObjectMeta::<DynamicObject> {
@@ -504,7 +522,17 @@ async fn run_agent_controller(
     let agents: Api<DeserializeGuard<Agent>> = scoped(&client, &ctx.config.watch_namespace);
     let secrets: Api<Secret> = scoped(&client, &ctx.config.watch_namespace);
     let [deployments, statefulsets, services, service_accounts] = children;
-    Controller::new(agents, watcher::Config::default().any_semantic())
+    // Agents as the reconcile needs them: without managedFields, which nothing here reads.
+    let (reader, writer) = reflector::store();
+    let agent_events = watcher::watcher(agents, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|guard: &mut DeserializeGuard<Agent>| match &mut guard.0 {
+            Ok(agent) => agent.metadata.managed_fields = None,
+            Err(invalid) => invalid.metadata.managed_fields = None,
+        })
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(agent_events, reader)
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
         )
