@@ -136,6 +136,56 @@ async fn apply_and_wait(client: &Client, ns: &str, n: usize) -> f64 {
     secs
 }
 
+/// Creates `n` plain Deployments shaped like an agent's and waits until all are Available.
+async fn deployments_available(client: &Client, ns: &str, n: usize) -> f64 {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let mut events = watcher::watcher(api.clone(), watcher::Config::default())
+        .applied_objects()
+        .boxed();
+    let start = Instant::now();
+    let creator = tokio::spawn(async move {
+        futures::stream::iter(0..n)
+            .map(|i| {
+                let api = api.clone();
+                async move {
+                    let d: Deployment = serde_json::from_value(serde_json::json!({
+                        "metadata": {"name": format!("plain-{i:04}")},
+                        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": format!("plain-{i:04}")}},
+                            "template": {"metadata": {"labels": {"app": format!("plain-{i:04}")}},
+                                "spec": {"containers": [{"name": "agent", "image": "ghcr.io/example/bench:1",
+                                    "resources": {"limits": {"memory": "64Mi"}, "requests": {"memory": "64Mi"}}}]}}}
+                    }))
+                    .unwrap();
+                    api.create(&PostParams::default(), &d).await.map(|_| ())
+                }
+            })
+            .buffer_unordered(32)
+            .try_collect::<Vec<_>>()
+            .await
+    });
+    let mut available = std::collections::HashSet::new();
+    while available.len() < n {
+        match tokio::time::timeout(Duration::from_secs(1800), events.try_next()).await {
+            Ok(Ok(Some(d))) => {
+                if d.status
+                    .as_ref()
+                    .and_then(|s| s.available_replicas)
+                    .unwrap_or(0)
+                    >= 1
+                {
+                    available.insert(d.name_any());
+                }
+            }
+            Ok(Err(e)) => eprintln!("watch error (retrying): {e}"),
+            _ => panic!("only {}/{n} Deployments Available", available.len()),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    creator.await.unwrap().unwrap();
+    secs
+}
+
 async fn delete_namespace(client: &Client, name: &str) {
     let api: Api<Namespace> = Api::all(client.clone());
     let _ = api.delete(name, &DeleteParams::background()).await;
@@ -188,6 +238,13 @@ async fn run() {
     let _ = base.wait();
     delete_namespace(&client, &base_ns).await;
 
+    // The floor the control plane sets: the same number of plain Deployments, created directly,
+    // to Available (scheduler, controller-manager and kwok doing their part, no Agentry at all).
+    let floor_ns = format!("bench-deploy-{tag}");
+    fresh_namespace(&client, &floor_ns).await;
+    let floor_secs = deployments_available(&client, &floor_ns, n).await;
+    delete_namespace(&client, &floor_ns).await;
+
     let ours_ns = format!("bench-agentry-{tag}");
     fresh_namespace(&client, &ours_ns).await;
     let mut ours = spawn(
@@ -225,6 +282,16 @@ async fn run() {
                 ("agents", n as f64),
                 ("ours_agents_per_s", n as f64 / ours_secs),
             ],
+        },
+        Row {
+            name: "agents_ready_vs_plain_deployments",
+            ours: ours_secs,
+            baseline: floor_secs,
+            unit: "s",
+            ratio: ours_secs / floor_secs,
+            baseline_is: "the same number of plain Deployments created directly, to Available",
+            target: "(diagnostic)",
+            extra: vec![],
         },
         Row {
             name: "peak_rss",

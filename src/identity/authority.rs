@@ -80,7 +80,12 @@ pub struct Authority {
     tokens: RwLock<Arc<TokenIssuer>>,
     /// Fires when every Agent must be reconciled (new trust bundle, CA or signing key).
     changed: futures::channel::mpsc::UnboundedSender<()>,
+    /// When the trust bundle and CRL were last published.
+    trust_published: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How often the CRL is re-signed when nothing is revoked (its nextUpdate is 24h out).
+const CRL_REFRESH: Duration = Duration::from_secs(3600);
 
 fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
@@ -114,6 +119,7 @@ impl Authority {
             cas: RwLock::new(cas),
             tokens: RwLock::new(Arc::new(tokens)),
             changed,
+            trust_published: Default::default(),
         };
         authority.publish_trust(client).await?;
         authority.publish_jwks(client).await?;
@@ -181,7 +187,12 @@ impl Authority {
             &self.config.ca_configmap,
             &cm,
         )
-        .await
+        .await?;
+        *self
+            .trust_published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        Ok(())
     }
 
     pub async fn publish_jwks(&self, client: &Client) -> Result<(), AuthorityError> {
@@ -221,15 +232,25 @@ impl Authority {
             tracing::info!(kid = %self.tokens().active_key().kid, "token signing key rotated");
             let _ = self.changed.unbounded_send(());
         }
-        self.rotate_ca(client).await?;
-        self.publish_trust(client).await
+        let trust_changed = self.rotate_ca(client).await?;
+        // Re-sign the CRL well before its nextUpdate (24h), or at once when the CAs changed.
+        let stale = self
+            .trust_published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|at| at.elapsed() >= CRL_REFRESH);
+        if trust_changed || stale {
+            self.publish_trust(client).await?;
+        }
+        Ok(())
     }
 
-    /// Reloads the CA Secret and takes the next rotation step when one is due.
-    async fn rotate_ca(&self, client: &Client) -> Result<(), AuthorityError> {
+    /// Reloads the CA Secret and takes the next rotation step when one is due. Returns whether
+    /// the CAs in play changed.
+    async fn rotate_ca(&self, client: &Client) -> Result<bool, AuthorityError> {
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &self.config.namespace);
         let Some(secret) = secrets.get_opt(&self.config.ca_secret).await? else {
-            return Ok(());
+            return Ok(false);
         };
         let bad = |e: CaSetError| {
             AuthorityError::BadCaSet(
@@ -294,7 +315,7 @@ impl Authority {
             *self.cas.write().unwrap_or_else(|p| p.into_inner()) = next;
             let _ = self.changed.unbounded_send(());
         }
-        Ok(())
+        Ok(!same)
     }
 }
 
