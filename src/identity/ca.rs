@@ -242,7 +242,7 @@ pub struct IssuedLeaf {
 }
 
 /// Builds a leaf's parameters: only what we choose, never what a requester asks for.
-fn leaf_params(req: &LeafRequest, now: OffsetDateTime) -> Result<CertificateParams, CaError> {
+pub fn leaf_params(req: &LeafRequest, now: OffsetDateTime) -> Result<CertificateParams, CaError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "agentry.dev");
@@ -380,6 +380,11 @@ pub fn leaf_facts(pem: &str) -> Option<LeafFacts> {
 }
 
 impl CertificateAuthority {
+    /// An issuer for signing outside `issue` (benchmarks compare against it).
+    pub fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+
     /// The CA's subject key identifier, lowercase hex (what its leaves carry as AKI).
     pub fn subject_key_id(&self) -> Option<String> {
         use x509_parser::extensions::ParsedExtension;

@@ -213,20 +213,34 @@ impl Ledger {
                 now,
                 done: tx,
             });
-        {
-            let mut conn = self.conn();
+        loop {
             if let Ok(result) = rx.try_recv() {
                 return result;
             }
-            let batch =
-                std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-            let outcomes = self.commit_batch(&mut conn, &batch);
-            for (p, outcome) in batch.into_iter().zip(outcomes) {
-                let _ = p.done.send(outcome);
+            match self.conn.try_lock() {
+                Ok(mut conn) => {
+                    let batch = std::mem::take(
+                        &mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()),
+                    );
+                    let outcomes = self.commit_batch(&mut conn, &batch);
+                    for (p, outcome) in batch.into_iter().zip(outcomes) {
+                        let _ = p.done.send(outcome);
+                    }
+                }
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    // A panic elsewhere left the lock poisoned; the connection itself is fine.
+                    drop(p.into_inner());
+                    self.conn.clear_poison();
+                }
+                // Someone else is committing: wait on our own answer, not in a queue on the
+                // lock (a convoy of 32 waiters would serialize every wake-up).
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if let Ok(result) = rx.recv_timeout(std::time::Duration::from_micros(200)) {
+                        return result;
+                    }
+                }
             }
         }
-        rx.recv()
-            .unwrap_or_else(|_| Err(StoreError::Batch("the committing thread went away".into())))
     }
 
     /// Writes a batch in one transaction. Per-row outcomes: a duplicate serial fails alone; a
@@ -241,16 +255,18 @@ impl Ledger {
             let mut inserted = Vec::with_capacity(batch.len());
             for p in batch {
                 let rec = &p.record;
-                tx.execute(
+                tx.prepare_cached(
                     "UPDATE certificates SET state = 'superseded' WHERE agent_uid = ?1 AND state = 'active'",
-                    params![rec.agent_uid],
-                )?;
-                let n = tx.execute(
-                    "INSERT INTO certificates (serial, agent_uid, namespace, name, spiffe_id, fingerprint,
+                )?
+                .execute(params![rec.agent_uid])?;
+                let n = tx
+                    .prepare_cached(
+                        "INSERT INTO certificates (serial, agent_uid, namespace, name, spiffe_id, fingerprint,
                         issuer_fingerprint, not_before, not_after, state, issued_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10)
                      ON CONFLICT(serial) DO NOTHING",
-                    params![
+                    )?
+                    .execute(params![
                         rec.serial,
                         rec.agent_uid,
                         rec.namespace,
