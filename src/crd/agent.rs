@@ -39,7 +39,7 @@ use super::units;
     ),
     printcolumn(
         name = "Cert-Expiry",
-        type_ = "date",
+        type_ = "string",
         json_path = ".status.identity.notAfter"
     ),
     printcolumn(
