@@ -317,47 +317,67 @@ pub fn endpoint(agent: &Agent) -> String {
     )
 }
 
-/// Whether a Deployment has rolled out its current generation and has an available pod.
-pub fn deployment_ready(d: &Deployment) -> (bool, String) {
-    let generation = d.metadata.generation.unwrap_or(0);
-    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let s = d.status.clone().unwrap_or_default();
-    if s.observed_generation.unwrap_or(0) < generation {
-        return (
-            false,
-            "the Deployment's new generation is not observed yet".into(),
-        );
-    }
-    let updated = s.updated_replicas.unwrap_or(0);
-    let available = s.available_replicas.unwrap_or(0);
-    if updated < want {
-        return (false, format!("rolling out: {updated}/{want} pods updated"));
-    }
-    if available < want {
-        return (false, format!("{available}/{want} pods available"));
-    }
-    (true, format!("{available}/{want} pods available"))
+/// Where a rollout stands, read off a Deployment's or StatefulSet's metadata and status.
+struct Rollout {
+    kind: &'static str,
+    generation: i64,
+    observed_generation: i64,
+    want: i32,
+    updated: i32,
+    available: i32,
 }
 
-pub fn statefulset_ready(s: &StatefulSet) -> (bool, String) {
-    let generation = s.metadata.generation.unwrap_or(0);
-    let want = s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let st = s.status.clone().unwrap_or_default();
-    if st.observed_generation.unwrap_or(0) < generation {
-        return (
-            false,
-            "the StatefulSet's new generation is not observed yet".into(),
-        );
+impl Rollout {
+    /// Ready once the current generation is observed and every wanted pod is updated and available.
+    fn ready(&self) -> (bool, String) {
+        let Rollout {
+            kind,
+            want,
+            updated,
+            available,
+            ..
+        } = *self;
+        if self.observed_generation < self.generation {
+            (
+                false,
+                format!("the {kind}'s new generation is not observed yet"),
+            )
+        } else if updated < want {
+            (false, format!("rolling out: {updated}/{want} pods updated"))
+        } else {
+            (
+                available >= want,
+                format!("{available}/{want} pods available"),
+            )
+        }
     }
-    let updated = st.updated_replicas.unwrap_or(0);
-    let ready = st.available_replicas.unwrap_or(0);
-    if updated < want {
-        return (false, format!("rolling out: {updated}/{want} pods updated"));
+}
+
+/// Whether a Deployment has rolled out its current generation and has an available pod.
+pub fn deployment_ready(d: &Deployment) -> (bool, String) {
+    let s = d.status.clone().unwrap_or_default();
+    Rollout {
+        kind: "Deployment",
+        generation: d.metadata.generation.unwrap_or(0),
+        observed_generation: s.observed_generation.unwrap_or(0),
+        want: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+        updated: s.updated_replicas.unwrap_or(0),
+        available: s.available_replicas.unwrap_or(0),
     }
-    if ready < want {
-        return (false, format!("{ready}/{want} pods available"));
+    .ready()
+}
+
+pub fn statefulset_ready(st: &StatefulSet) -> (bool, String) {
+    let s = st.status.clone().unwrap_or_default();
+    Rollout {
+        kind: "StatefulSet",
+        generation: st.metadata.generation.unwrap_or(0),
+        observed_generation: s.observed_generation.unwrap_or(0),
+        want: st.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+        updated: s.updated_replicas.unwrap_or(0),
+        available: s.available_replicas.unwrap_or(0),
     }
-    (true, format!("{ready}/{want} pods available"))
+    .ready()
 }
 
 #[cfg(test)]
