@@ -269,6 +269,135 @@ fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
     ]
 }
 
+/// Families of bad values, to take the corpus past the 100 of RELIABILITY.md.
+fn generated_invalid_cases() -> Vec<(String, serde_json::Value, &'static str)> {
+    let mut out = Vec::new();
+    let mut family = |field: &'static str,
+                      values: Vec<serde_json::Value>,
+                      wrap: &dyn Fn(serde_json::Value) -> serde_json::Value| {
+        for v in values {
+            out.push((format!("{field} = {v}"), wrap(v), field));
+        }
+    };
+    family(
+        "spec.resources.memory",
+        [
+            "513Mi",
+            "600Mi",
+            "700Mi",
+            "4Gi",
+            "2Gi",
+            "1G",
+            "537000000",
+            "0.6Gi",
+            "100Gi",
+            "1Ti",
+            "9999Mi",
+            "12XB",
+            "-5Mi",
+            "Mi",
+            "1.2.3Mi",
+            "1 Mi",
+            "15Mi",
+            "1000",
+            "1k",
+        ]
+        .map(|v| json!(v))
+        .to_vec(),
+        &|v| json!({"resources": {"memory": v}}),
+    );
+    family(
+        "spec.capabilities",
+        [
+            "-lead",
+            "trail-",
+            "dot.ted",
+            "sp ace",
+            &"x".repeat(64),
+            "ümlaut",
+            "",
+            "a/b",
+            "CAPS",
+        ]
+        .map(|v| json!([v]))
+        .to_vec(),
+        &|v| json!({"capabilities": v}),
+    );
+    family(
+        "spec.permissions",
+        ["backup:delete", "BACKUP:WRITE", "memory", "*", ""]
+            .map(|v| json!([v]))
+            .to_vec(),
+        &|v| json!({"permissions": v}),
+    );
+    family(
+        "spec.identity.tokenTTL",
+        ["4m59s", "24h1s", "25h", "0s", "-1h", "1w", "5"]
+            .map(|v| json!(v))
+            .to_vec(),
+        &|v| json!({"identity": {"tokenTTL": v}}),
+    );
+    family(
+        "spec.identity.certificateTTL",
+        ["59m", "10000h", "1y", "abc", "0h"]
+            .map(|v| json!(v))
+            .to_vec(),
+        &|v| json!({"identity": {"certificateTTL": v}}),
+    );
+    family(
+        "spec.backup.schedule",
+        [
+            "0 0 32 * *",
+            "0 0 * 13 *",
+            "0 0 * * 8",
+            "@sometimes",
+            "* * * * * *",
+            "0 0 0 * *",
+            "*/x * * * *",
+            "",
+        ]
+        .map(|v| json!(v))
+        .to_vec(),
+        &|v| json!({"backup": {"schedule": v, "paths": ["/data"]}}),
+    );
+    family(
+        "spec.backup.paths",
+        ["./x", "../x", "/a/../b", ""].map(|v| json!([v])).to_vec(),
+        &|v| json!({"backup": {"schedule": "@daily", "paths": v}}),
+    );
+    family(
+        "spec.backup.retention.keepLast",
+        vec![json!(-1), json!(1001)],
+        &|v| json!({"backup": {"schedule": "@daily", "paths": ["/d"], "retention": {"keepLast": v}}}),
+    );
+    family(
+        "spec.backup.retention.keepDaily",
+        vec![json!(-1), json!(3651)],
+        &|v| json!({"backup": {"schedule": "@daily", "paths": ["/d"], "retention": {"keepDaily": v}}}),
+    );
+    family(
+        "spec.messaging.maxLen",
+        vec![json!(-5), json!(10_000_001)],
+        &|v| json!({"messaging": {"maxLen": v}}),
+    );
+    family(
+        "spec.template.port",
+        vec![json!(0), json!(-1), json!(65536)],
+        &|v| json!({"template": {"port": v}}),
+    );
+    family(
+        "spec.state.size",
+        vec![json!("-1Gi"), json!("0"), json!("1 Gi")],
+        &|v| json!({"state": {"persistent": true, "size": v}}),
+    );
+    family(
+        "spec.state.mountPath",
+        vec![json!("relative/path")],
+        &|v| json!({"state": {"persistent": true, "mountPath": v}}),
+    );
+    out
+}
+
 #[tokio::test]
 async fn invalid_specs_are_refused_by_the_apiserver_naming_the_field() {
     let (client, ns) = setup("crd-invalid").await;
@@ -277,8 +406,12 @@ async fn invalid_specs_are_refused_by_the_apiserver_naming_the_field() {
         &ns.name,
         &kube::api::ApiResource::erase::<Agent>(&()),
     );
-    let cases = invalid_cases();
-    assert!(cases.len() >= 15);
+    let cases: Vec<(String, serde_json::Value, &str)> = invalid_cases()
+        .into_iter()
+        .map(|(what, v, field)| (what.to_string(), v, field))
+        .chain(generated_invalid_cases())
+        .collect();
+    assert!(cases.len() >= 100, "{} cases", cases.len());
     let mut failures = Vec::new();
     for (i, (what, overrides, field)) in cases.iter().enumerate() {
         let manifest = agent_manifest(&format!("bad-{i}"), json!({ "spec": overrides }));

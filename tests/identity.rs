@@ -483,7 +483,7 @@ async fn revocation_by_annotation_and_by_deletion_lands_on_the_crl() {
 async fn killing_the_controller_during_issuance_never_orphans_a_certificate() {
     let (client, ns) = setup("id-kill").await;
     let data = tempfile::tempdir().unwrap();
-    let agents = 30;
+    let agents = 200; // RELIABILITY.md: 200 Agents
     for i in 0..agents {
         create_agent(
             &client,
@@ -515,7 +515,7 @@ async fn killing_the_controller_during_issuance_never_orphans_a_certificate() {
             &client,
             &ns.name,
             &format!("a{i}"),
-            Duration::from_secs(60),
+            Duration::from_secs(180),
             "identity issued",
             identity_issued,
         )
