@@ -24,11 +24,7 @@ fn ready(agent: &Agent) -> bool {
 async fn reconcile_adds_finalizer_conditions_and_observed_generation() {
     let (client, ns) = setup("ctl-basic").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
-    create_agent(&client, &ns.name, agent_manifest("summarizer", json!({})))
-        .await
-        .unwrap();
-
-    let agent = wait_agent(
+    let agent = create_and_wait(
         &client,
         &ns.name,
         "summarizer",
@@ -74,10 +70,7 @@ async fn reconcile_adds_finalizer_conditions_and_observed_generation() {
 async fn delete_runs_cleanup_and_removes_the_finalizer() {
     let (client, ns) = setup("ctl-delete").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
-    create_agent(&client, &ns.name, agent_manifest("doomed", json!({})))
-        .await
-        .unwrap();
-    wait_agent(
+    create_and_wait(
         &client,
         &ns.name,
         "doomed",
@@ -185,10 +178,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
         takeover <= lease * 2,
         "takeover took {takeover:?}, lease is {lease:?}"
     );
-    create_agent(&client, &ns.name, agent_manifest("second", json!({})))
-        .await
-        .unwrap();
-    wait_agent(
+    create_and_wait(
         &client,
         &ns.name,
         "second",

@@ -112,10 +112,7 @@ fn crl_serials(crl_pem: &str) -> HashSet<String> {
 async fn certificate_and_token_verify_with_openssl_and_pyjwt() {
     let (client, ns) = setup("id-verify").await;
     let controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
-    create_agent(&client, &ns.name, agent_manifest("summarizer", json!({})))
-        .await
-        .unwrap();
-    let agent = wait_agent(
+    let agent = create_and_wait(
         &client,
         &ns.name,
         "summarizer",
@@ -290,13 +287,14 @@ async fn certificate_and_token_verify_with_openssl_and_pyjwt() {
 #[tokio::test]
 async fn short_lifetimes_renew_before_expiry() {
     let (client, ns) = setup("id-renew").await;
-    // 1h/120 = 30s certificates (renewed at 20s), 5m/120 = 2.5s tokens (refreshed at 2s).
+    // 1h/120 = 30s certificates (renewed at 20s), 10m/120 = 5s tokens (refreshed at
+    // 4s; lifetimes are whole seconds, so shorter tokens leave no room to refresh in time).
     let mut opts = ControllerOptions::new(&ns.name);
     opts.extra_args = vec!["--ttl-divisor".into(), "120".into()];
     let controller = ControllerProcess::start(opts);
     let m = agent_manifest(
         "fast",
-        json!({"spec": {"identity": {"certificateTTL": "1h", "tokenTTL": "5m"}}}),
+        json!({"spec": {"identity": {"certificateTTL": "1h", "tokenTTL": "10m"}}}),
     );
     create_agent(&client, &ns.name, m).await.unwrap();
     wait_agent(
@@ -377,10 +375,7 @@ async fn short_lifetimes_renew_before_expiry() {
 async fn revocation_by_annotation_and_by_deletion_lands_on_the_crl() {
     let (client, ns) = setup("id-revoke").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
-    create_agent(&client, &ns.name, agent_manifest("victim", json!({})))
-        .await
-        .unwrap();
-    let agent = wait_agent(
+    let agent = create_and_wait(
         &client,
         &ns.name,
         "victim",

@@ -164,10 +164,7 @@ async fn an_agent_gets_capped_restricted_children_and_running_pods() {
 async fn memory_changes_roll_out_and_hand_edits_are_reverted() {
     let (client, ns) = setup("wl-memory").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
-    create_agent(&client, &ns.name, agent_manifest("a", json!({})))
-        .await
-        .unwrap();
-    wait_agent(
+    create_and_wait(
         &client,
         &ns.name,
         "a",
@@ -260,10 +257,7 @@ async fn memory_changes_roll_out_and_hand_edits_are_reverted() {
 async fn deleting_an_agent_garbage_collects_its_children() {
     let (client, ns) = setup("wl-gc").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
-    create_agent(&client, &ns.name, agent_manifest("short-lived", json!({})))
-        .await
-        .unwrap();
-    wait_agent(
+    create_and_wait(
         &client,
         &ns.name,
         "short-lived",

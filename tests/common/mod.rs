@@ -335,6 +335,21 @@ pub async fn create_agent(
         .await
 }
 
+/// Creates the Agent `name` from the default manifest and waits for `check` (see `wait_agent`).
+pub async fn create_and_wait(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&Agent) -> bool,
+) -> Agent {
+    create_agent(client, ns, agent_manifest(name, serde_json::json!({})))
+        .await
+        .unwrap_or_else(|e| panic!("creating agent {ns}/{name}: {e}"));
+    wait_agent(client, ns, name, timeout, what, check).await
+}
+
 /// Waits until `check` holds for the named Agent, or panics after `timeout` with the last state.
 pub async fn wait_agent(
     client: &Client,
