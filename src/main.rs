@@ -14,7 +14,7 @@ use agentry::telemetry::{self, LogFormat};
 #[command(
     name = "agentry",
     version,
-    about = "Identity, workloads, discovery, messaging and backups for AI agents on Kubernetes"
+    about = "Identities, right-sized workloads and discovery for AI agents on Kubernetes"
 )]
 struct Cli {
     /// Log format.

@@ -66,6 +66,34 @@ async fn reconcile_adds_finalizer_conditions_and_observed_generation() {
     assert_eq!(agent.metadata.generation, Some(2));
 }
 
+/// Parts the spec accepts but this version does not carry out are reported, not faked.
+#[tokio::test]
+async fn messaging_and_backup_are_reported_as_not_implemented() {
+    let (client, ns) = setup("ctl-notyet").await;
+    let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
+    let m = agent_manifest(
+        "later",
+        json!({"spec": {"messaging": {"enabled": true}, "backup": {"schedule": "@daily", "paths": ["/data"]}}}),
+    );
+    create_agent(&client, &ns.name, m).await.unwrap();
+    let agent = wait_agent(
+        &client,
+        &ns.name,
+        "later",
+        Duration::from_secs(60),
+        "Ready",
+        ready,
+    )
+    .await;
+    for type_ in ["MessagingReady", "BackupHealthy"] {
+        let c = condition(&agent, type_).unwrap_or_else(|| panic!("{type_} missing"));
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("Unknown", "NotImplemented")
+        );
+    }
+}
+
 #[tokio::test]
 async fn delete_runs_cleanup_and_removes_the_finalizer() {
     let (client, ns) = setup("ctl-delete").await;

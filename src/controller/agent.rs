@@ -14,7 +14,9 @@ use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::{Api, Resource, ResourceExt};
 
-use super::conditions::{self, CERTIFICATE_ISSUED, READY, TOKEN_ISSUED, WORKLOAD_READY};
+use super::conditions::{
+    self, BACKUP_HEALTHY, CERTIFICATE_ISSUED, MESSAGING_READY, READY, TOKEN_ISSUED, WORKLOAD_READY,
+};
 use super::{Context, Error, FINALIZER, MANAGER};
 use crate::crd::{Agent, AgentStatus, Phase};
 use crate::telemetry::ResultLabels;
@@ -177,6 +179,29 @@ async fn apply(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
     );
     status.assigned_resources = Some(crate::workload::assigned_resources(&spec, &plan));
     status.endpoint = Some(crate::workload::endpoint(&agent));
+    // Messaging and backups are accepted in the spec but not carried out by this version: say
+    // so on the object instead of pretending. They do not hold Ready back.
+    let not_yet = "accepted in the spec, but this version of Agentry does not provide it yet";
+    match &agent.spec.messaging {
+        Some(m) if m.enabled => conditions::unknown(
+            &mut status.conditions,
+            MESSAGING_READY,
+            "NotImplemented",
+            not_yet,
+            generation,
+        ),
+        _ => conditions::remove(&mut status.conditions, MESSAGING_READY),
+    }
+    match &agent.spec.backup {
+        Some(_) => conditions::unknown(
+            &mut status.conditions,
+            BACKUP_HEALTHY,
+            "NotImplemented",
+            not_yet,
+            generation,
+        ),
+        None => conditions::remove(&mut status.conditions, BACKUP_HEALTHY),
+    }
 
     let was_ready = conditions::is_true(&status.conditions, READY);
     if workload.ready {

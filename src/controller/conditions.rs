@@ -8,6 +8,8 @@ pub const READY: &str = "Ready";
 pub const CERTIFICATE_ISSUED: &str = "CertificateIssued";
 pub const TOKEN_ISSUED: &str = "TokenIssued";
 pub const WORKLOAD_READY: &str = "WorkloadReady";
+pub const MESSAGING_READY: &str = "MessagingReady";
+pub const BACKUP_HEALTHY: &str = "BackupHealthy";
 
 /// Sets (or adds) the condition of `type_`, keeping its transition time when the status is unchanged.
 pub fn upsert(
@@ -18,8 +20,49 @@ pub fn upsert(
     message: impl Into<String>,
     generation: Option<i64>,
 ) {
-    let status = if status { "True" } else { "False" }.to_string();
-    let message = message.into();
+    let status = if status { "True" } else { "False" };
+    set(
+        conditions,
+        type_,
+        status,
+        reason,
+        message.into(),
+        generation,
+    );
+}
+
+/// Sets the condition of `type_` to Unknown: the controller cannot tell (yet).
+pub fn unknown(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+) {
+    set(
+        conditions,
+        type_,
+        "Unknown",
+        reason,
+        message.into(),
+        generation,
+    );
+}
+
+/// Drops the condition of `type_` (the part it describes is not enabled).
+pub fn remove(conditions: &mut Vec<Condition>, type_: &str) {
+    conditions.retain(|c| c.type_ != type_);
+}
+
+fn set(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) {
+    let status = status.to_string();
     match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(c) => {
             if c.status != status {
