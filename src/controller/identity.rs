@@ -40,7 +40,8 @@ pub struct IdentityOutcome {
 /// The stored identity, as read from the Secret.
 struct Stored {
     cert_pem: String,
-    key_present: bool,
+    /// Empty when the Secret has no usable key.
+    key_pem: String,
     token: Option<String>,
 }
 
@@ -52,7 +53,7 @@ fn read_stored(secret: &Secret) -> Option<Stored> {
     };
     Some(Stored {
         cert_pem: get("tls.crt")?,
-        key_present: data.get("tls.key").is_some_and(|k| !k.0.is_empty()),
+        key_pem: get("tls.key").unwrap_or_default(),
         token: get("token"),
     })
 }
@@ -171,10 +172,10 @@ pub async fn reconcile(
     } else {
         reissue_reason(
             facts.as_ref(),
-            stored.as_ref().is_some_and(|s| s.key_present),
+            stored.as_ref().is_some_and(|s| !s.key_pem.is_empty()),
             ledger_active,
             &WantedLeaf {
-                ca_key_id: ca.subject_key_id().as_deref(),
+                ca_key_id: ca.subject_key_id(),
                 uri: &spiffe,
                 dns: &dns,
                 ttl: cert_ttl,
@@ -189,11 +190,7 @@ pub async fn reconcile(
             let s = stored
                 .as_ref()
                 .ok_or_else(|| Error::identity("kept certificate vanished"))?;
-            let key = existing
-                .as_ref()
-                .and_then(|e| e.data.as_ref()?.get("tls.key").cloned())
-                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-                .unwrap_or_default();
+            let key = s.key_pem.clone();
             let der = ca::pem_to_der(&s.cert_pem).unwrap_or_default();
             let f = facts
                 .clone()

@@ -41,6 +41,8 @@ pub struct CertificateAuthority {
     key_pem: String,
     issuer: Issuer<'static, KeyPair>,
     fingerprint: String,
+    /// Subject key identifier, lowercase hex: what its leaves carry as AKI.
+    subject_key_id: Option<String>,
     not_after: OffsetDateTime,
 }
 
@@ -95,8 +97,16 @@ impl CertificateAuthority {
         if not_after <= OffsetDateTime::now_utc() {
             return Err(CaError::Expired(not_after.to_string()));
         }
+        let subject_key_id = x509
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => Some(hex(k.0)),
+                _ => None,
+            });
         let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key)?;
         Ok(Self {
+            subject_key_id,
             cert_pem: der_to_pem(&der),
             fingerprint: sha256_hex(&der),
             cert_der: der,
@@ -385,16 +395,10 @@ impl CertificateAuthority {
         &self.issuer
     }
 
-    /// The CA's subject key identifier, lowercase hex (what its leaves carry as AKI).
-    pub fn subject_key_id(&self) -> Option<String> {
-        use x509_parser::extensions::ParsedExtension;
-        let (_, x509) = x509_parser::parse_x509_certificate(&self.cert_der).ok()?;
-        x509.extensions()
-            .iter()
-            .find_map(|e| match e.parsed_extension() {
-                ParsedExtension::SubjectKeyIdentifier(k) => Some(hex(k.0)),
-                _ => None,
-            })
+    /// The CA's subject key identifier, lowercase hex (what its leaves carry as AKI); read once
+    /// when the CA is loaded, since every reconcile compares against it.
+    pub fn subject_key_id(&self) -> Option<&str> {
+        self.subject_key_id.as_deref()
     }
 }
 
@@ -446,7 +450,7 @@ mod tests {
                 "summarizer.team-a.svc.cluster.local"
             ]
         );
-        assert_eq!(facts.authority_key_id, ca.subject_key_id());
+        assert_eq!(facts.authority_key_id.as_deref(), ca.subject_key_id());
         assert!(facts.authority_key_id.is_some());
         assert_eq!(
             facts.not_after - facts.not_before,
