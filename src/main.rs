@@ -122,6 +122,10 @@ struct ControllerArgs {
     /// Reconcile Agents in this namespace only (default: all namespaces).
     #[arg(long, env = "AGENTRY_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// Reconcile only Agents whose labels match this selector (e.g. `shard=a`), for sharding a
+    /// fleet across controllers; every Agent when unset.
+    #[arg(long, env = "AGENTRY_AGENT_SELECTOR")]
+    agent_selector: Option<String>,
     /// The controller's own namespace, holding its Lease, CA Secret and published ConfigMaps.
     #[arg(long, env = "POD_NAMESPACE", default_value = "agentry-system")]
     namespace: String,
@@ -137,7 +141,8 @@ struct ControllerArgs {
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, default_value = "127.0.0.1:9464", env = "AGENTRY_OPS_ADDR")]
     ops_addr: SocketAddr,
-    /// Directory for the SQLite ledger (created 0700; files 0600).
+    /// Data directory (e.g. a PersistentVolume's root; never chmod-ed): the SQLite ledger lives
+    /// in its `ledger/` subdirectory (created 0700; files 0600).
     #[arg(long, default_value = "/var/lib/agentry", env = "AGENTRY_DATA_DIR")]
     data_dir: PathBuf,
     /// SPIFFE trust domain of agent identities.
@@ -212,6 +217,7 @@ fn main() -> ExitCode {
             });
             let config = agentry::controller::Config {
                 watch_namespace: args.watch_namespace.filter(|n| !n.is_empty()),
+                agent_selector: args.agent_selector.filter(|s| !s.is_empty()),
                 namespace: args.namespace.clone(),
                 lease_name: args.lease_name,
                 lease_duration: args.lease_duration,

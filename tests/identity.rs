@@ -255,7 +255,8 @@ async fn certificate_and_token_verify_with_openssl_and_pyjwt() {
         configmap(&client, &ns.name, "agentry-ca", "ca.crt").await,
         ca
     );
-    let ledger_path = controller.data_dir().join("ledger.db");
+    let ledger_path =
+        agentry::identity::store::ledger_dir(&controller.data_dir()).join("ledger.db");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&ledger_path)
@@ -287,14 +288,14 @@ async fn certificate_and_token_verify_with_openssl_and_pyjwt() {
 #[tokio::test]
 async fn short_lifetimes_renew_before_expiry() {
     let (client, ns) = setup("id-renew").await;
-    // 1h/120 = 30s certificates (renewed at 20s), 10m/120 = 5s tokens (refreshed at
-    // 4s; lifetimes are whole seconds, so shorter tokens leave no room to refresh in time).
+    // 1h/120 = 30s certificates (renewed at 20s), 20m/120 = 10s tokens (refreshed at 8s: two
+    // seconds of margin, which holds on a loaded two-core machine).
     let mut opts = ControllerOptions::new(&ns.name);
     opts.extra_args = vec!["--ttl-divisor".into(), "120".into()];
     let controller = ControllerProcess::start(opts);
     let m = agent_manifest(
         "fast",
-        json!({"spec": {"identity": {"certificateTTL": "1h", "tokenTTL": "10m"}}}),
+        json!({"spec": {"identity": {"certificateTTL": "1h", "tokenTTL": "20m"}}}),
     );
     create_agent(&client, &ns.name, m).await.unwrap();
     wait_agent(
@@ -319,7 +320,7 @@ async fn short_lifetimes_renew_before_expiry() {
         "fast-identity",
         |d| d.3.clone(),
         &token0,
-        Duration::from_secs(15),
+        Duration::from_secs(25),
     )
     .await;
     assert_ne!(token1, token0);

@@ -19,6 +19,7 @@ use super::conditions::{
 };
 use super::{Context, Error, FINALIZER, MANAGER};
 use crate::crd::{Agent, AgentStatus, Phase};
+use crate::identity::scopes::{self, ALLOWED_PERMISSIONS_ANNOTATION, PolicyError};
 use crate::telemetry::ResultLabels;
 use crate::workload::MemoryPlan;
 
@@ -102,16 +103,46 @@ async fn apply(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
         }
     };
 
+    // The namespace's permission policy, before anything is issued.
+    if let Err(e) = permitted(&agent, ctx) {
+        let message = e.to_string();
+        conditions::upsert(
+            &mut status.conditions,
+            READY,
+            false,
+            "PermissionDenied",
+            &message,
+            generation,
+        );
+        status.phase = Some(Phase::Failed);
+        publish(
+            ctx,
+            &agent,
+            EventType::Warning,
+            "PermissionDenied",
+            "Validate",
+            &message,
+        )
+        .await;
+        write_status(ctx, &agent, status).await?;
+        // A change to the Agent or to its namespace's policy triggers the next pass.
+        return Ok(Action::await_change());
+    }
+
     // Identity: certificate + token in the Agent's Secret.
     let outcome = match super::identity::reconcile(&agent, &spec, ctx, &ctx.authority).await {
         Ok(o) => o,
         Err(e) => {
+            let (reason, ready_reason) = match &e {
+                Error::NameConflict { .. } => ("NameConflict", "NameConflict"),
+                _ => ("IssueFailed", "IdentityPending"),
+            };
             let message = format!("could not issue the identity: {e}");
             conditions::upsert(
                 &mut status.conditions,
                 CERTIFICATE_ISSUED,
                 false,
-                "IssueFailed",
+                reason,
                 &message,
                 generation,
             );
@@ -119,7 +150,7 @@ async fn apply(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
                 &mut status.conditions,
                 READY,
                 false,
-                "IdentityPending",
+                ready_reason,
                 &message,
                 generation,
             );
@@ -133,8 +164,8 @@ async fn apply(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
             return Err(e);
         }
     };
-    for (reason, note) in &outcome.events {
-        publish(ctx, &agent, EventType::Normal, reason, "Issue", note).await;
+    for (type_, reason, note) in &outcome.events {
+        publish(ctx, &agent, *type_, reason, "Issue", note).await;
     }
     conditions::upsert(
         &mut status.conditions,
@@ -164,7 +195,37 @@ async fn apply(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
 
     // Workload: Deployment/StatefulSet, Service, ServiceAccount, memory capped.
     let plan = MemoryPlan::new(spec.memory_bytes, 0);
-    let workload = super::workload::reconcile(&agent, &spec, &plan, &secret_name, ctx).await?;
+    let workload = match super::workload::reconcile(&agent, &spec, &plan, &secret_name, ctx).await {
+        Ok(w) => w,
+        Err(e) => {
+            // Say on the object what failed, then let the error policy retry with backoff.
+            let reason = match &e {
+                Error::NameConflict { .. } => "NameConflict",
+                _ => "ApplyFailed",
+            };
+            let message = format!("could not apply the workload: {e}");
+            conditions::upsert(
+                &mut status.conditions,
+                WORKLOAD_READY,
+                false,
+                reason,
+                &message,
+                generation,
+            );
+            conditions::upsert(
+                &mut status.conditions,
+                READY,
+                false,
+                reason,
+                &message,
+                generation,
+            );
+            status.phase = Some(Phase::Degraded);
+            publish(ctx, &agent, EventType::Warning, reason, "Apply", &message).await;
+            let _ = write_status(ctx, &agent, status).await;
+            return Err(e);
+        }
+    };
     conditions::upsert(
         &mut status.conditions,
         WORKLOAD_READY,
@@ -233,6 +294,21 @@ async fn apply(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
     }
     write_status(ctx, &agent, status).await?;
     Ok(Action::requeue(outcome.next_due.min(RESYNC)))
+}
+
+/// Checks the Agent's permissions against its namespace's policy (from the watch cache).
+fn permitted(agent: &Agent, ctx: &Context) -> Result<(), PolicyError> {
+    let ns = agent.namespace().unwrap_or_default();
+    let cached = ctx
+        .stores
+        .namespaces
+        .get(&kube::runtime::reflector::ObjectRef::new(&ns));
+    let annotation = cached
+        .as_ref()
+        .and_then(|n| n.metadata.annotations.as_ref())
+        .and_then(|a| a.get(ALLOWED_PERMISSIONS_ANNOTATION))
+        .map(String::as_str);
+    scopes::check(&ns, annotation, &agent.spec.permissions)
 }
 
 /// Releases what lives outside Kubernetes; children go with their owner references.

@@ -10,6 +10,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, Patch, PatchParams};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
 use super::{Context, Error, MANAGER};
@@ -17,7 +18,8 @@ use crate::crd::{Agent, IdentityStatus, ValidatedSpec};
 use crate::identity::authority::{Authority, MANAGED_BY};
 use crate::identity::ca::{self, BACKDATE, LeafRequest};
 use crate::identity::jwt;
-use crate::identity::store::RevocationReason;
+use crate::identity::store::{Ledger, RevocationReason, StoreError};
+use crate::identity::trust::{self, TrustedLeaf, Untrusted};
 
 /// Annotate an Agent with this (value: an RFC 5280 reason such as `keyCompromise`) to revoke its
 /// certificate; a new one is issued and the annotation removed.
@@ -32,8 +34,8 @@ pub struct IdentityOutcome {
     pub status: IdentityStatus,
     /// When the next renewal or refresh is due.
     pub next_due: Duration,
-    /// (reason, note) pairs for Events.
-    pub events: Vec<(&'static str, String)>,
+    /// (type, reason, note) for Events.
+    pub events: Vec<(EventType, &'static str, String)>,
     pub token_expires_at: i64,
 }
 
@@ -109,13 +111,65 @@ pub fn reissue_reason(
 
 /// 2/3 of the way from issuance (notBefore + backdate) to notAfter.
 pub fn renewal_time(f: &ca::LeafFacts) -> i64 {
-    let issued = f.not_before + BACKDATE.as_secs() as i64;
-    issued + (f.not_after - issued) * 2 / 3
+    let issued = f.not_before.saturating_add(BACKDATE.as_secs() as i64);
+    let life = f.not_after.saturating_sub(issued).max(0) as i128;
+    clamp_i64(issued as i128 + life * 2 / 3)
 }
 
-/// 80% of the way from iat to exp.
+/// 80% of the way from iat to exp. Total over any claims (a stored token is tenant-writable):
+/// `exp < iat` or absurd values give a time in the past, never a panic or a wrap.
 pub fn token_refresh_time(c: &jwt::Claims) -> i64 {
-    (c.iat + (c.exp.saturating_sub(c.iat)) * 4 / 5) as i64
+    let (iat, exp) = (c.iat as i128, c.exp as i128);
+    clamp_i64(iat + (exp - iat).max(0) * 4 / 5)
+}
+
+fn clamp_i64(v: i128) -> i64 {
+    v.clamp(i64::MIN as i128, i64::MAX as i128) as i64
+}
+
+/// Whether a verified token still fits the Agent: same subject and scope, the lifetime the spec
+/// asks for, and not yet due for refresh.
+pub fn token_fits(c: &jwt::Claims, sub: &str, scope: &str, ttl: Duration, now: i64) -> bool {
+    c.sub == sub
+        && c.scope == scope
+        && c.exp.checked_sub(c.iat) == Some(ttl.as_secs())
+        && now < token_refresh_time(c)
+}
+
+/// Runs a ledger call on the blocking pool: SQLite (and its fsync) never runs on the async
+/// workers, where it could starve lease renewal.
+async fn with_ledger<T: Send + 'static>(
+    authority: &Arc<Authority>,
+    f: impl FnOnce(&Ledger) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Error> {
+    let authority = authority.clone();
+    Ok(tokio::task::spawn_blocking(move || f(&authority.ledger))
+        .await
+        .map_err(Error::identity)??)
+}
+
+/// Reads the identity Secret and decides whether its certificate can be trusted.
+async fn read_trusted(
+    secret: Option<&Secret>,
+    uid: &str,
+    authority: &Arc<Authority>,
+) -> Result<(Option<Stored>, Result<TrustedLeaf, Untrusted>), Error> {
+    let stored = secret.and_then(read_stored);
+    let Some(s) = &stored else {
+        return Ok((None, Err(Untrusted::Missing)));
+    };
+    let record = match trust::claimed_serial(&s.cert_pem) {
+        Some(serial) => with_ledger(authority, move |l| l.get(&serial)).await?,
+        None => None,
+    };
+    let verdict = trust::verify_leaf(
+        &s.cert_pem,
+        &s.key_pem,
+        &authority.trusted_cas(),
+        record.as_ref(),
+        uid,
+    );
+    Ok((stored, verdict))
 }
 
 pub async fn reconcile(
@@ -132,48 +186,77 @@ pub async fn reconcile(
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let secret_name = secret_name(agent);
     let existing = secrets.get_opt(&secret_name).await?;
-    let stored = existing.as_ref().and_then(read_stored);
+    // Never take over a Secret this Agent did not create (before anything is issued).
+    if let Some(s) = &existing
+        && !super::owned_by(&s.metadata, &uid)
+    {
+        return Err(Error::NameConflict {
+            kind: "Secret".into(),
+            name: secret_name,
+        });
+    }
+    let (stored, trusted) = read_trusted(existing.as_ref(), &uid, authority).await?;
     let mut events = Vec::new();
     let now = Timestamp::now().as_second();
+    if let Err(why) = &trusted
+        && *why != Untrusted::Missing
+    {
+        tracing::warn!(agent = %format!("{ns}/{name}"), reason = %why, "identity Secret holds an untrusted certificate; replacing it");
+        events.push((
+            EventType::Warning,
+            "UntrustedIdentity",
+            format!("the identity Secret held a certificate that failed verification ({why}); it is replaced, nothing in it was reused or revoked"),
+        ));
+    }
 
     let ca = authority.ca();
     let spiffe = ca::spiffe_id(&authority.config.trust_domain, &ns, &name);
     let dns = ca::service_dns_names(&ns, &name);
     let cert_ttl = authority.scaled(spec.certificate_ttl);
-    let facts = stored.as_ref().and_then(|s| ca::leaf_facts(&s.cert_pem));
-    let ledger_active = match &facts {
-        Some(f) => authority
-            .ledger
-            .get(&f.serial)?
-            .is_some_and(|r| r.state.is_active()),
-        None => false,
-    };
 
-    // Revocation on request.
+    // Revocation on request: what is actually deployed (once verified) and the active row;
+    // keyCompromise revokes every unexpired certificate the Agent ever had.
     let revoke = agent.annotations().get(REVOKE_ANNOTATION).cloned();
-    let mut revoked = false;
-    if let (Some(reason), Some(f)) = (&revoke, &facts)
-        && ledger_active
-    {
-        authority
-            .ledger
-            .revoke(&f.serial, RevocationReason::parse(reason), now)?;
-        authority.publish_trust(&ctx.client).await?;
-        ctx.metrics.certificates_revoked.inc();
+    if let Some(reason) = &revoke {
+        let why = RevocationReason::parse(reason);
+        let deployed = trusted.as_ref().ok().map(|t| t.facts.serial.clone());
+        let revoked_uid = uid.clone();
+        let serials = with_ledger(authority, move |l| {
+            if why == RevocationReason::KeyCompromise {
+                l.revoke_agent_serials(&revoked_uid, why, now)
+            } else {
+                l.revoke_deployed(&revoked_uid, deployed.as_deref(), why, now)
+            }
+        })
+        .await?;
+        if !serials.is_empty() {
+            authority.publish_trust(&ctx.client).await?;
+            ctx.metrics
+                .certificates_revoked
+                .inc_by(serials.len() as u64);
+        }
         events.push((
+            EventType::Normal,
             "Revoked",
-            format!("certificate {} revoked ({reason}) on request", f.serial),
+            format!(
+                "revoked {} certificate(s) ({}) on request: [{}]",
+                serials.len(),
+                why.as_str(),
+                serials.join(", ")
+            ),
         ));
-        revoked = true;
     }
 
-    let reason = if revoked {
-        Some("previous certificate revoked".to_string())
-    } else {
-        reissue_reason(
-            facts.as_ref(),
-            stored.as_ref().is_some_and(|s| !s.key_pem.is_empty()),
-            ledger_active,
+    let reason = match (&revoke, &trusted) {
+        (Some(_), _) => Some("revocation requested".to_string()),
+        (None, Err(why)) => Some(match why {
+            Untrusted::Missing => "no certificate yet".to_string(),
+            other => format!("stored certificate not trusted: {other}"),
+        }),
+        (None, Ok(t)) => reissue_reason(
+            Some(&t.facts),
+            true,
+            t.record.state.is_active(),
             &WantedLeaf {
                 ca_key_id: ca.subject_key_id(),
                 uri: &spiffe,
@@ -181,23 +264,25 @@ pub async fn reconcile(
                 ttl: cert_ttl,
             },
             now,
-        )
+        ),
     };
 
     // Certificate: reuse, or issue (ledger commit happens inside `issue`, before anything else).
-    let (cert_pem, key_pem, cert_der, cert_facts, cert_changed) = match reason {
-        None => {
+    let (cert_pem, key_pem, cert_der, cert_facts, cert_changed) = match (reason, &trusted) {
+        (None, Ok(t)) => {
             let s = stored
                 .as_ref()
                 .ok_or_else(|| Error::identity("kept certificate vanished"))?;
-            let key = s.key_pem.clone();
-            let der = ca::pem_to_der(&s.cert_pem).unwrap_or_default();
-            let f = facts
-                .clone()
-                .ok_or_else(|| Error::identity("kept certificate does not parse"))?;
-            (s.cert_pem.clone(), key, der, f, false)
+            (
+                s.cert_pem.clone(),
+                s.key_pem.clone(),
+                t.der.clone(),
+                t.facts.clone(),
+                false,
+            )
         }
-        Some(why) => {
+        (why, _) => {
+            let why = why.unwrap_or_else(|| "no trusted certificate".into());
             let req = LeafRequest {
                 agent_uid: uid.clone(),
                 namespace: ns.clone(),
@@ -215,8 +300,9 @@ pub async fn reconcile(
                 .map_err(Error::identity)?
                 .map_err(Error::identity)?;
             ctx.metrics.certificates_issued.inc();
-            let verb = if facts.is_some() { "Renewed" } else { "Issued" };
+            let verb = if trusted.is_ok() { "Renewed" } else { "Issued" };
             events.push((
+                EventType::Normal,
                 verb,
                 format!(
                     "certificate {} issued for {spiffe} ({why}), valid until {}",
@@ -231,45 +317,29 @@ pub async fn reconcile(
         }
     };
 
-    // Token: refresh at 80% of its life, or when what it carries changed.
+    // Token: kept only when it verifies (our signature, a published key, bound to this
+    // certificate) and still fits; refreshed at 80% of its life. A new signing key does not
+    // re-mint every token at once: tokens move to it at their normal refresh.
     let tokens = authority.tokens();
     let token_ttl = authority.scaled(spec.token_ttl).max(Duration::from_secs(1));
     let scope = agent.spec.scope();
-    let current = stored
-        .as_ref()
-        .and_then(|s| s.token.as_deref())
-        .and_then(jwt::peek_claims);
-    let token_ok = !cert_changed
-        && current.as_ref().is_some_and(|c| {
-            c.scope == scope
-                && c.sub == spiffe
-                && c.iss == tokens.issuer
-                && c.aud == tokens.audience
-                && c.exp - c.iat == token_ttl.as_secs()
-                && c.cnf.as_ref().map(|x| x.x5t_s256.as_str())
-                    == Some(jwt::thumbprint(&cert_der).as_str())
-                && now < token_refresh_time(c)
-        })
-        && stored
-            .as_ref()
-            .and_then(|s| s.token.as_deref())
-            .and_then(|t| jsonwebtoken::decode_header(t).ok()?.kid)
-            .is_some_and(|kid| kid == tokens.active_key().kid);
-    let (token, claims) = if token_ok {
-        let token = stored
-            .as_ref()
-            .and_then(|s| s.token.clone())
-            .unwrap_or_default();
-        (
-            token,
-            current.ok_or_else(|| Error::identity("kept token does not parse"))?,
-        )
+    let kept = if cert_changed {
+        None
     } else {
-        let (token, claims) = tokens
-            .mint(&spiffe, &scope, token_ttl, &cert_der, now as u64)
-            .map_err(Error::identity)?;
-        ctx.metrics.tokens_minted.inc();
-        (token, claims)
+        stored.as_ref().and_then(|s| s.token.clone()).and_then(|t| {
+            let claims = tokens.verifier().verify(&t, &cert_der).ok()?;
+            token_fits(&claims, &spiffe, &scope, token_ttl, now).then_some((t, claims))
+        })
+    };
+    let (token, claims) = match kept {
+        Some(kept) => kept,
+        None => {
+            let minted = tokens
+                .mint(&spiffe, &scope, token_ttl, &cert_der, now.max(0) as u64)
+                .map_err(Error::identity)?;
+            ctx.metrics.tokens_minted.inc();
+            minted
+        }
     };
 
     let desired = identity_secret(
@@ -301,7 +371,7 @@ pub async fn reconcile(
             .await?;
     }
 
-    if let Ok(Some(nearest)) = authority.ledger.nearest_active_expiry() {
+    if let Some(nearest) = with_ledger(authority, |l| l.nearest_active_expiry()).await? {
         ctx.metrics
             .nearest_certificate_expiry
             .set((nearest - now) as f64);
@@ -309,6 +379,7 @@ pub async fn reconcile(
 
     let renew_at = renewal_time(&cert_facts);
     let refresh_at = token_refresh_time(&claims);
+    let token_expires_at = i64::try_from(claims.exp).unwrap_or(i64::MAX);
     let next = renew_at.min(refresh_at).saturating_sub(now).max(1);
     Ok(IdentityOutcome {
         status: IdentityStatus {
@@ -316,27 +387,30 @@ pub async fn reconcile(
             serial: cert_facts.serial.clone(),
             not_after: rfc3339(cert_facts.not_after),
             renewal_time: Some(rfc3339(renew_at)),
-            token_expires_at: Some(rfc3339(claims.exp as i64)),
+            token_expires_at: Some(rfc3339(token_expires_at)),
             secret_name,
         },
         next_due: Duration::from_secs(next as u64),
         events,
-        token_expires_at: claims.exp as i64,
+        token_expires_at,
     })
 }
 
 /// On deletion: revoke every unexpired certificate of the Agent and re-publish the CRL.
-pub async fn cleanup(agent: &Agent, ctx: &Context, authority: &Authority) -> Result<usize, Error> {
+pub async fn cleanup(
+    agent: &Agent,
+    ctx: &Context,
+    authority: &Arc<Authority>,
+) -> Result<usize, Error> {
     let Some(uid) = agent.uid() else { return Ok(0) };
     let now = Timestamp::now().as_second();
-    let n = authority
-        .ledger
-        .revoke_agent(&uid, RevocationReason::CessationOfOperation, now)?;
+    let n = with_ledger(authority, move |l| {
+        l.revoke_agent(&uid, RevocationReason::CessationOfOperation, now)
+    })
+    .await?;
     if n > 0 {
         authority.publish_trust(&ctx.client).await?;
-        for _ in 0..n {
-            ctx.metrics.certificates_revoked.inc();
-        }
+        ctx.metrics.certificates_revoked.inc_by(n as u64);
     }
     Ok(n)
 }
@@ -463,5 +537,48 @@ mod tests {
             cnf: None,
         };
         assert_eq!(token_refresh_time(&c), 1000 + 2880);
+    }
+
+    /// Claims come from a tenant-writable Secret: no value may panic or wrap (a debug build
+    /// used to die with "attempt to subtract with overflow" on `exp < iat`).
+    #[test]
+    fn hostile_claims_never_panic_and_never_fit() {
+        let base = jwt::Claims {
+            iss: "i".into(),
+            sub: "s".into(),
+            aud: "a".into(),
+            iat: 1000,
+            nbf: 1000,
+            exp: 4600,
+            jti: "j".into(),
+            scope: "x".into(),
+            cnf: None,
+        };
+        let ttl = Duration::from_secs(3600);
+        assert!(token_fits(&base, "s", "x", ttl, 1000));
+        for (iat, exp) in [
+            (1000, 900),
+            (u64::MAX, 0),
+            (0, u64::MAX),
+            (u64::MAX, u64::MAX),
+            (i64::MAX as u64 + 1, 3),
+        ] {
+            let c = jwt::Claims {
+                iat,
+                exp,
+                ..base.clone()
+            };
+            let _ = token_refresh_time(&c);
+            assert!(!token_fits(&c, "s", "x", ttl, 1000), "iat {iat} exp {exp}");
+        }
+        let f = ca::LeafFacts {
+            serial: "ab".into(),
+            not_before: i64::MAX,
+            not_after: i64::MIN,
+            uris: vec![],
+            dns_names: vec![],
+            authority_key_id: None,
+        };
+        let _ = renewal_time(&f);
     }
 }

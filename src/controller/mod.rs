@@ -18,11 +18,11 @@ use futures::StreamExt;
 use futures::TryStreamExt;
 use futures::stream::BoxStream;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
 use kube::api::{ApiResource, DynamicObject, PartialObjectMeta, TypeMeta};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, controller::Action, watcher};
 use kube::{Api, Client, core::DeserializeGuard};
 use kube_lease_manager::LeaseManagerBuilder;
@@ -43,6 +43,8 @@ pub const FINALIZER: &str = "agentry.dev/cleanup";
 pub struct Config {
     /// Reconcile Agents only in this namespace (sharding, tests); all namespaces when None.
     pub watch_namespace: Option<String>,
+    /// Reconcile only Agents matching this label selector (sharding, tests).
+    pub agent_selector: Option<String>,
     /// The controller's own namespace: its Lease, CA Secret and published ConfigMaps.
     pub namespace: String,
     pub lease_name: String,
@@ -60,8 +62,11 @@ pub struct Config {
     pub authority: AuthorityConfig,
 }
 
-/// Watch caches of the objects the controller creates for Agents.
+/// Watch caches of the objects the controller creates for Agents, and of the namespaces'
+/// permission policies.
 pub struct ChildStores {
+    /// Namespaces as metadata, trimmed to the permission-policy annotation.
+    pub namespaces: NamespaceStore,
     pub deployments: Store<Deployment>,
     pub statefulsets: Store<StatefulSet>,
     pub services: Store<Service>,
@@ -146,6 +151,15 @@ impl Context {
     }
 }
 
+/// Whether an object belongs to the Agent with `uid` (an owner reference to it). Objects that
+/// do not are never applied over, deleted or read as the Agent's.
+pub(crate) fn owned_by(meta: &kube::api::ObjectMeta, uid: &str) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == uid && o.controller == Some(true))
+}
+
 /// The delay after `attempt` consecutive failures; `jitter` in [0, 1) spreads it by ±20%.
 pub fn backoff_delay(attempt: u32, jitter: f64) -> Duration {
     let base = 1.0_f64 * 2f64.powi(attempt.saturating_sub(1).min(16) as i32);
@@ -169,6 +183,11 @@ pub enum Error {
     Ledger(#[from] crate::identity::store::StoreError),
     #[error(transparent)]
     Authority(#[from] crate::identity::authority::AuthorityError),
+    #[error(
+        "{kind} {name} already exists and was not created by this Agent; it is left untouched: \
+         rename the Agent, or delete the {kind} if it is no longer needed"
+    )]
+    NameConflict { kind: String, name: String },
 }
 
 impl Error {
@@ -189,6 +208,7 @@ impl Error {
             Error::Identity(_) => "identity",
             Error::Ledger(_) => "ledger",
             Error::Authority(_) => "authority",
+            Error::NameConflict { .. } => "name_conflict",
         }
     }
 
@@ -204,7 +224,12 @@ impl Error {
                 _ => false,
             },
             Error::MissingNamespace => true,
-            Error::Identity(_) | Error::Ledger(_) | Error::Authority(_) => false,
+            // A conflicting object may be deleted at any time, and that deletion does not
+            // trigger this Agent: retry with backoff.
+            Error::Identity(_)
+            | Error::Ledger(_)
+            | Error::Authority(_)
+            | Error::NameConflict { .. } => false,
         }
     }
 }
@@ -392,7 +417,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (services, service_events) = child_watch::<Service>(&client, ns, |_| {});
     let (service_accounts, service_account_events) =
         child_watch::<ServiceAccount>(&client, ns, |_| {});
+    let (namespaces, namespace_events) = namespace_watch(&client, ns);
     let stores = ChildStores {
+        namespaces,
         deployments,
         statefulsets,
         services,
@@ -411,7 +438,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         service_events,
         service_account_events,
     ];
-    run_agent_controller(ctx, children, trust_changed, stop.clone()).await;
+    run_agent_controller(ctx, children, namespace_events, trust_changed, stop.clone()).await;
     maintenance.abort();
 
     metrics.leader.set(0);
@@ -510,11 +537,47 @@ where
     (store, stream)
 }
 
+type NamespaceStore = Store<PartialObjectMeta<Namespace>>;
+type NamespaceEvents = BoxStream<'static, Result<PartialObjectMeta<Namespace>, watcher::Error>>;
+
+/// A watch cache of the namespaces whose Agents we reconcile, trimmed to the permission-policy
+/// annotation, and its stream of policy changes.
+fn namespace_watch(client: &Client, ns: &Option<String>) -> (NamespaceStore, NamespaceEvents) {
+    use crate::identity::scopes::ALLOWED_PERMISSIONS_ANNOTATION;
+    use kube::runtime::predicates;
+    // One namespace: a field selector, so RBAC can limit the controller to that name.
+    let config = match ns {
+        Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
+        None => watcher::Config::default(),
+    };
+    let (store, writer) = reflector::store();
+    let namespaces: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+    let stream = watcher::watcher(namespaces, config)
+        .default_backoff()
+        .modify(|m: &mut PartialObjectMeta<Namespace>| {
+            let policy = m
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ALLOWED_PERMISSIONS_ANNOTATION).cloned());
+            m.metadata.managed_fields = None;
+            m.metadata.labels = None;
+            m.metadata.annotations =
+                policy.map(|p| [(ALLOWED_PERMISSIONS_ANNOTATION.to_string(), p)].into());
+        })
+        .reflect(writer)
+        .touched_objects()
+        .predicate_filter(predicates::annotations, Default::default())
+        .boxed();
+    (store, stream)
+}
+
 /// The Agent controller: watches Agents (guarded, so one undecodable object cannot stop the
 /// stream) and the children it owns, until `stop` fires.
 async fn run_agent_controller(
     ctx: Arc<Context>,
     children: [BoxStream<'static, Result<PartialObjectMeta<DynamicObject>, watcher::Error>>; 4],
+    namespace_events: NamespaceEvents,
     trust_changed: futures::channel::mpsc::UnboundedReceiver<()>,
     stop: CancellationToken,
 ) {
@@ -524,7 +587,11 @@ async fn run_agent_controller(
     let [deployments, statefulsets, services, service_accounts] = children;
     // Agents as the reconcile needs them: without managedFields, which nothing here reads.
     let (reader, writer) = reflector::store();
-    let agent_events = watcher::watcher(agents, watcher::Config::default().any_semantic())
+    let mut agent_watch = watcher::Config::default().any_semantic();
+    if let Some(selector) = &ctx.config.agent_selector {
+        agent_watch = agent_watch.labels(selector);
+    }
+    let agent_events = watcher::watcher(agents, agent_watch)
         .default_backoff()
         .modify(|guard: &mut DeserializeGuard<Agent>| match &mut guard.0 {
             Ok(agent) => agent.metadata.managed_fields = None,
@@ -532,7 +599,27 @@ async fn run_agent_controller(
         })
         .reflect(writer)
         .applied_objects();
+    // A namespace's permission policy changed: reconcile the Agents in it. The cache must be
+    // filled before the first reconcile reads it.
+    let (policy_changed, policy_triggers) = futures::channel::mpsc::unbounded();
+    let agents_by_namespace = reader.clone();
+    let namespace_task = tokio::spawn(namespace_events.for_each(move |event| {
+        if let Ok(ns) = event {
+            let name = ns.metadata.name.unwrap_or_default();
+            for agent in agents_by_namespace.state() {
+                if guard_namespace(&agent) == Some(name.as_str()) {
+                    let _ = policy_changed.unbounded_send(ObjectRef::from_obj(agent.as_ref()));
+                }
+            }
+        }
+        futures::future::ready(())
+    }));
+    tokio::select! {
+        _ = ctx.stores.namespaces.wait_until_ready() => {},
+        _ = stop.cancelled() => { namespace_task.abort(); return; }
+    }
     Controller::for_stream(agent_events, reader)
+        .reconcile_on(policy_triggers)
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
         )
@@ -552,6 +639,14 @@ async fn run_agent_controller(
             }
         })
         .await;
+    namespace_task.abort();
+}
+
+fn guard_namespace(guard: &DeserializeGuard<Agent>) -> Option<&str> {
+    match &guard.0 {
+        Ok(a) => a.metadata.namespace.as_deref(),
+        Err(invalid) => invalid.metadata.namespace.as_deref(),
+    }
 }
 
 #[cfg(test)]

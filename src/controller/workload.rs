@@ -35,6 +35,7 @@ async fn apply<K>(
     ns: &str,
     obj: &K,
     track: Track,
+    uid: &str,
 ) -> Result<K, Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -46,7 +47,24 @@ where
     let name = obj.name_any();
     let key = format!("{}/{ns}/{name}", K::kind(&()));
     let desired = content_hash(obj);
-    if let Some(live) = store.get(&ObjectRef::new(&name).within(ns)) {
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    // Never adopt: an object of this name that the Agent did not create stays untouched. The
+    // cache holds only objects labelled as ours; anything else needs one read to be sure.
+    let cached = store.get(&ObjectRef::new(&name).within(ns));
+    let owner_ok = match &cached {
+        Some(live) => super::owned_by(live.meta(), uid),
+        None => api
+            .get_metadata_opt(&name)
+            .await?
+            .is_none_or(|m| super::owned_by(&m.metadata, uid)),
+    };
+    if !owner_ok {
+        return Err(Error::NameConflict {
+            kind: K::kind(&()).to_string(),
+            name,
+        });
+    }
+    if let Some(live) = cached {
         let unchanged = ctx.applied(&key).is_some_and(|a| {
             a.hash == desired
                 && match track {
@@ -63,7 +81,6 @@ where
             return Ok((*live).clone());
         }
     }
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     // force: these objects are ours; a hand edit of a field we set is reverted.
     let applied = api
         .patch(
@@ -90,14 +107,27 @@ fn content_hash<T: Serialize>(obj: &T) -> u64 {
     h.finish()
 }
 
-/// Deletes `name` of kind K if it exists (a 404 is success).
-async fn delete_if_present<K>(ctx: &Context, ns: &str, name: &str) -> Result<(), Error>
+/// Deletes the Agent's own `name` of kind K if the cache holds it (a 404 is success); an object
+/// of that name the Agent does not own is left alone.
+async fn delete_if_owned<K>(
+    ctx: &Context,
+    store: &Store<K>,
+    ns: &str,
+    name: &str,
+    uid: &str,
+) -> Result<(), Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
         + DeserializeOwned
         + std::fmt::Debug,
 {
+    let owned = store
+        .get(&ObjectRef::new(name).within(ns))
+        .is_some_and(|live| super::owned_by(live.meta(), uid));
+    if !owned {
+        return Ok(());
+    }
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     match api.delete(name, &DeleteParams::background()).await {
         Ok(_) => Ok(()),
@@ -114,47 +144,41 @@ pub async fn reconcile(
     ctx: &Context,
 ) -> Result<WorkloadOutcome, Error> {
     let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
+    let uid = agent
+        .uid()
+        .ok_or_else(|| Error::identity("the Agent has no uid yet"))?;
     label_agent(agent, ctx, &ns).await?;
     let stores = &ctx.stores;
     let track = Track::ResourceVersion;
-    apply(
-        ctx,
-        &stores.service_accounts,
-        &ns,
-        &workload::service_account(agent),
-        track,
-    )
-    .await?;
-    apply(ctx, &stores.services, &ns, &workload::service(agent), track).await?;
+    let sa = workload::service_account(agent);
+    apply(ctx, &stores.service_accounts, &ns, &sa, track, &uid).await?;
+    let service = workload::service(agent);
+    apply(ctx, &stores.services, &ns, &service, track, &uid).await?;
     let name = agent.name_any();
     let (ready, message) = match workload::workload(agent, spec, plan, identity_secret) {
         Workload::Deployment(d) => {
             // Switching from persistent state back: the StatefulSet goes.
-            if stores
-                .statefulsets
-                .get(&ObjectRef::new(&name).within(&ns))
-                .is_some()
-            {
-                delete_if_present::<StatefulSet>(ctx, &ns, &name).await?;
-            }
-            let applied: Deployment =
-                apply(ctx, &stores.deployments, &ns, d.as_ref(), Track::Generation).await?;
+            delete_if_owned::<StatefulSet>(ctx, &stores.statefulsets, &ns, &name, &uid).await?;
+            let applied: Deployment = apply(
+                ctx,
+                &stores.deployments,
+                &ns,
+                d.as_ref(),
+                Track::Generation,
+                &uid,
+            )
+            .await?;
             workload::deployment_ready(&applied)
         }
         Workload::StatefulSet(s) => {
-            if stores
-                .deployments
-                .get(&ObjectRef::new(&name).within(&ns))
-                .is_some()
-            {
-                delete_if_present::<Deployment>(ctx, &ns, &name).await?;
-            }
+            delete_if_owned::<Deployment>(ctx, &stores.deployments, &ns, &name, &uid).await?;
             let applied: StatefulSet = apply(
                 ctx,
                 &stores.statefulsets,
                 &ns,
                 s.as_ref(),
                 Track::Generation,
+                &uid,
             )
             .await?;
             workload::statefulset_ready(&applied)

@@ -135,6 +135,15 @@ impl Authority {
         self.cas().active
     }
 
+    /// Every CA whose leaves are trusted now: the signing CA and any CA in a rotation overlap.
+    pub fn trusted_cas(&self) -> Vec<Arc<CertificateAuthority>> {
+        let cas = self.cas();
+        std::iter::once(cas.active)
+            .chain(cas.next)
+            .chain(cas.previous)
+            .collect()
+    }
+
     /// `ca.crt` for agents: the signing CA plus any CA in a rotation overlap.
     pub fn bundle(&self) -> String {
         self.cas().bundle()

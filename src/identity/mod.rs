@@ -4,4 +4,6 @@ pub mod authority;
 pub mod ca;
 pub mod jwt;
 pub mod rotation;
+pub mod scopes;
 pub mod store;
+pub mod trust;

@@ -139,13 +139,20 @@ struct Pending {
 }
 
 impl Ledger {
-    /// Opens (creating with mode 0600 inside a 0700 directory) and migrates the ledger.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (creating with mode 0600 inside a 0700 directory) and migrates the ledger kept under
+    /// `data_dir` (see [`ledger_dir`]). `data_dir` itself is created when missing but never
+    /// chmod-ed: on a PersistentVolume its root belongs to root or to the fsGroup, and a
+    /// non-root controller may not change it. Only the `ledger/` subdirectory, which we create
+    /// and own, is tightened to 0700.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let io = |path: &Path| {
             let path = path.display().to_string();
             move |source| StoreError::Io { path, source }
         };
-        create_private_dir(dir).map_err(io(dir))?;
+        std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+        let dir = ledger_dir(data_dir);
+        create_private_dir(&dir).map_err(io(&dir))?;
+        move_legacy_ledger(data_dir, &dir).map_err(io(&dir))?;
         let path = dir.join("ledger.db");
         create_private_file(&path).map_err(io(&path))?;
         let conn = Connection::open(&path).map_err(|source| StoreError::Sqlite {
@@ -337,6 +344,36 @@ impl Ledger {
         Ok(n > 0)
     }
 
+    /// Revokes what an agent actually uses: the certificate `deployed` (a serial read from its
+    /// Secret and already verified to be this agent's) and the agent's active certificate, both
+    /// only when they belong to `agent_uid`. Returns the serials revoked now, in one transaction.
+    pub fn revoke_deployed(
+        &self,
+        agent_uid: &str,
+        deployed: Option<&str>,
+        reason: RevocationReason,
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn();
+        let run = |conn: &mut Connection| -> rusqlite::Result<Vec<String>> {
+            let tx = conn.transaction()?;
+            let serials = tx
+                .prepare(
+                    "UPDATE certificates SET state = 'revoked', revocation_reason = ?3, revoked_at = ?4
+                     WHERE agent_uid = ?1 AND state != 'revoked'
+                       AND (state = 'active' OR serial = ?2)
+                     RETURNING serial",
+                )?
+                .query_map(params![agent_uid, deployed, reason.as_str(), now], |r| {
+                    r.get::<_, String>(0)
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.commit()?;
+            Ok(serials)
+        };
+        run(&mut conn).map_err(self.sql())
+    }
+
     /// Revokes every unexpired certificate of an agent (on deletion). Returns how many.
     pub fn revoke_agent(
         &self,
@@ -344,13 +381,32 @@ impl Ledger {
         reason: RevocationReason,
         now: i64,
     ) -> Result<usize, StoreError> {
-        self.conn()
-            .execute(
+        self.revoke_agent_serials(agent_uid, reason, now)
+            .map(|s| s.len())
+    }
+
+    /// Revokes every unexpired certificate of an agent, superseded ones included (on deletion,
+    /// or `keyCompromise`). Returns the serials revoked now.
+    pub fn revoke_agent_serials(
+        &self,
+        agent_uid: &str,
+        reason: RevocationReason,
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
                 "UPDATE certificates SET state = 'revoked', revocation_reason = ?2, revoked_at = ?3
-                 WHERE agent_uid = ?1 AND state != 'revoked' AND not_after > ?3",
-                params![agent_uid, reason.as_str(), now],
+                 WHERE agent_uid = ?1 AND state != 'revoked' AND not_after > ?3
+                 RETURNING serial",
             )
-            .map_err(self.sql())
+            .map_err(self.sql())?;
+        stmt.query_map(params![agent_uid, reason.as_str(), now], |r| {
+            r.get::<_, String>(0)
+        })
+        .map_err(self.sql())?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(self.sql())
     }
 
     /// Revoked certificates that have not expired yet: what the CRL must list.
@@ -435,7 +491,28 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<CertRecord> {
     })
 }
 
-/// Creates `dir` (and parents) with mode 0700, tightening it if it already exists.
+/// Where the ledger files live inside the controller's data directory.
+pub fn ledger_dir(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("ledger")
+}
+
+/// Versions before 0.2 kept `ledger.db` (and its WAL) directly in the data directory: move them
+/// into the private subdirectory once, so an upgrade keeps every serial and revocation.
+fn move_legacy_ledger(data_dir: &Path, dir: &Path) -> std::io::Result<()> {
+    if !data_dir.join("ledger.db").exists() || dir.join("ledger.db").exists() {
+        return Ok(());
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let from = data_dir.join(format!("ledger.db{suffix}"));
+        if from.exists() {
+            std::fs::rename(&from, dir.join(format!("ledger.db{suffix}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates `dir` (and parents) with mode 0700, tightening it if it already exists. Only for
+/// directories this process owns (never a volume's root).
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
@@ -520,13 +597,70 @@ mod tests {
         let l = Ledger::open(&data).unwrap();
         l.record_issued(&rec("01", "u1", 1000), 1).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&data), 0o700);
-        assert_eq!(mode(&data.join("ledger.db")), 0o600);
-        assert_eq!(mode(&data.join("ledger.db-wal")), 0o600);
+        let private = ledger_dir(&data);
+        assert_eq!(mode(&private), 0o700);
+        assert_eq!(mode(&private.join("ledger.db")), 0o600);
+        assert_eq!(mode(&private.join("ledger.db-wal")), 0o600);
         drop(l);
         // Reopening migrates nothing and keeps the rows.
         let l = Ledger::open(&data).unwrap();
         assert_eq!(l.count().unwrap(), 1);
+    }
+
+    /// A PersistentVolume's root is not ours (root-owned, group-writable by the fsGroup): the
+    /// ledger must not chmod it, only create its own private subdirectory.
+    #[test]
+    fn the_data_directory_itself_is_never_chmodded() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let volume = dir.path().join("volume");
+        std::fs::create_dir(&volume).unwrap();
+        std::fs::set_permissions(&volume, std::fs::Permissions::from_mode(0o2775)).unwrap();
+        let l = Ledger::open(&volume).unwrap();
+        l.record_issued(&rec("01", "u1", 1000), 1).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&volume), 0o2775, "the volume root keeps its mode");
+        assert_eq!(mode(&ledger_dir(&volume)) & 0o777, 0o700);
+    }
+
+    /// A ledger written by an older version (directly in the data directory) moves into the
+    /// private subdirectory with every row.
+    #[test]
+    fn a_legacy_ledger_is_moved_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("ledger.db")).unwrap();
+            let l = Ledger::init(conn, "legacy".into()).unwrap();
+            l.record_issued(&rec("0a", "u1", 1000), 1).unwrap();
+        }
+        let l = Ledger::open(dir.path()).unwrap();
+        assert_eq!(l.count().unwrap(), 1);
+        assert!(l.get("0a").unwrap().is_some());
+        assert!(!dir.path().join("ledger.db").exists());
+    }
+
+    /// Revoking what is deployed touches only the named agent's rows: a serial of another agent
+    /// (serials are public) revokes nothing.
+    #[test]
+    fn revoking_the_deployed_certificate_is_confined_to_its_agent() {
+        let l = Ledger::in_memory().unwrap();
+        l.record_issued(&rec("01", "victim", 5000), 1).unwrap();
+        l.record_issued(&rec("02", "attacker", 5000), 1).unwrap();
+        l.record_issued(&rec("03", "attacker", 5000), 2).unwrap();
+        // The attacker names the victim's serial as "deployed": only its own active row goes.
+        let revoked = l
+            .revoke_deployed("attacker", Some("01"), RevocationReason::KeyCompromise, 10)
+            .unwrap();
+        assert_eq!(revoked, vec!["03".to_string()]);
+        assert_eq!(l.get("01").unwrap().unwrap().state, CertState::Active);
+        // A superseded certificate still deployed (crash between issue and Secret write) is
+        // revoked together with the active one.
+        l.record_issued(&rec("04", "victim", 5000), 3).unwrap();
+        let mut revoked = l
+            .revoke_deployed("victim", Some("01"), RevocationReason::Unspecified, 11)
+            .unwrap();
+        revoked.sort();
+        assert_eq!(revoked, vec!["01".to_string(), "04".to_string()]);
     }
 
     #[test]

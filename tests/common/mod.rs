@@ -167,6 +167,9 @@ pub struct ControllerOptions<'a> {
     /// Another kubeconfig (e.g. one that impersonates the chart's ServiceAccount).
     pub kubeconfig: Option<&'a Path>,
     pub extra_args: Vec<String>,
+    /// Watch every namespace (the default mode of `agentry controller`) instead of `namespace`
+    /// only; pair it with `--agent-selector` in `extra_args` so it leaves other tests alone.
+    pub cluster_wide: bool,
 }
 
 impl<'a> ControllerOptions<'a> {
@@ -178,6 +181,7 @@ impl<'a> ControllerOptions<'a> {
             data_dir: None,
             kubeconfig: None,
             extra_args: vec![],
+            cluster_wide: false,
         }
     }
 }
@@ -196,11 +200,12 @@ impl ControllerProcess {
         if let Some(k) = opts.kubeconfig {
             command.env("KUBECONFIG", k);
         }
+        command.arg("controller");
+        if !opts.cluster_wide {
+            command.args(["--watch-namespace", opts.namespace]);
+        }
         let child = command
             .args([
-                "controller",
-                "--watch-namespace",
-                opts.namespace,
                 "--namespace",
                 opts.namespace,
                 "--lease-name",
