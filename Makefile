@@ -43,8 +43,17 @@ cluster-down: ## Stop the local control plane
 unit: ## Unit tests (no cluster)
 	cargo test --lib --bins
 
+# Python for the tests' independent checks (PyJWT + cryptography), in a venv under the cache.
+PYTHON_VENV := $(AGENTRY_CACHE)/venv
+export AGENTRY_PYTHON ?= $(PYTHON_VENV)/bin/python3
+
+.PHONY: pyenv
+pyenv: ## Python venv for the independent checks in the tests (PyJWT)
+	@test -x $(PYTHON_VENV)/bin/python3 && $(PYTHON_VENV)/bin/python3 -c 'import jwt, cryptography' 2>/dev/null || \
+	  { python3 -m venv $(PYTHON_VENV) && $(PYTHON_VENV)/bin/python3 -m pip install -q 'pyjwt[crypto]==2.15.1'; }
+
 .PHONY: e2e
-e2e: cluster-up ## End-to-end tests against the local control plane
+e2e: cluster-up pyenv ## End-to-end tests against the local control plane
 	KUBECONFIG=$(KUBECONFIG_LOCAL) cargo test --test '*' -- --test-threads=2
 
 .PHONY: test

@@ -97,6 +97,11 @@ fn run(cmd: &str, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// The Python with PyJWT: `make test` sets AGENTRY_PYTHON to a venv it creates.
+fn python() -> String {
+    std::env::var("AGENTRY_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
 fn crl_serials(crl_pem: &str) -> HashSet<String> {
     let der = x509_parser::pem::parse_x509_pem(crl_pem.as_bytes())
         .unwrap()
@@ -202,7 +207,7 @@ async fn certificate_and_token_verify_with_openssl_and_pyjwt() {
     let issuer = format!("https://agentry.{}.svc", ns.name);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/verify_jwt.py");
     let (ok, out) = run(
-        "python3",
+        &python(),
         &[
             script,
             &jwks_path,
@@ -222,7 +227,7 @@ async fn certificate_and_token_verify_with_openssl_and_pyjwt() {
     );
     // ... and PyJWT refuses it for another audience, or with another certificate.
     let (ok, _) = run(
-        "python3",
+        &python(),
         &[
             script,
             &jwks_path,
@@ -235,7 +240,7 @@ async fn certificate_and_token_verify_with_openssl_and_pyjwt() {
     assert!(!ok);
     let other = write(dir.path(), "other.crt", &ca);
     let (ok, _) = run(
-        "python3",
+        &python(),
         &[script, &jwks_path, &token_path, &other, &issuer, "agentry"],
     );
     assert!(!ok);

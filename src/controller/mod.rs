@@ -604,13 +604,20 @@ async fn run_agent_controller(
     let (policy_changed, policy_triggers) = futures::channel::mpsc::unbounded();
     let agents_by_namespace = reader.clone();
     let namespace_task = tokio::spawn(namespace_events.for_each(move |event| {
-        if let Ok(ns) = event {
-            let name = ns.metadata.name.unwrap_or_default();
-            for agent in agents_by_namespace.state() {
-                if guard_namespace(&agent) == Some(name.as_str()) {
-                    let _ = policy_changed.unbounded_send(ObjectRef::from_obj(agent.as_ref()));
+        match event {
+            Ok(ns) => {
+                let name = ns.metadata.name.unwrap_or_default();
+                for agent in agents_by_namespace.state() {
+                    if guard_namespace(&agent) == Some(name.as_str()) {
+                        let _ = policy_changed.unbounded_send(ObjectRef::from_obj(agent.as_ref()));
+                    }
                 }
             }
+            // Until namespaces can be read, no Agent is reconciled: say why.
+            Err(e) => tracing::warn!(
+                error = %e,
+                "watching namespaces (for their permission policy) failed; the controller needs get, list and watch on namespaces"
+            ),
         }
         futures::future::ready(())
     }));
