@@ -63,48 +63,141 @@ fn read_stored(secret: &Secret) -> Option<Stored> {
 /// What the Agent's certificate must look like now.
 pub struct WantedLeaf<'a> {
     pub ca_key_id: Option<&'a str>,
+    /// The signing CA's notAfter: no leaf outlives it, so a leaf clamped to it is as long as
+    /// it can be.
+    pub ca_not_after: i64,
     pub uri: &'a str,
     pub dns: &'a [String],
     pub ttl: Duration,
 }
 
-/// Why an existing certificate cannot be kept, or None to keep it.
+/// Why a certificate is (re-)issued: cert-manager's trigger policies, as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReissueReason {
+    NoCertificate,
+    /// The Secret holds something we cannot trust (see [`Untrusted`]).
+    Untrusted(Untrusted),
+    /// The certificate is ours but no longer active in the ledger (revoked or superseded).
+    NotActive,
+    RevocationRequested,
+    OtherCa,
+    SansChanged,
+    TtlChanged,
+    RenewalDue,
+}
+
+impl ReissueReason {
+    /// The constant reason string for Events and conditions.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReissueReason::NoCertificate => "NoCertificate",
+            ReissueReason::Untrusted(Untrusted::KeyMismatch) => "KeyMissing",
+            ReissueReason::Untrusted(Untrusted::NotInLedger(_)) => "NotInLedger",
+            ReissueReason::Untrusted(_) => "Untrusted",
+            ReissueReason::NotActive => "Revoked",
+            ReissueReason::RevocationRequested => "RevocationRequested",
+            ReissueReason::OtherCa => "OtherCa",
+            ReissueReason::SansChanged => "SansChanged",
+            ReissueReason::TtlChanged => "TtlChanged",
+            ReissueReason::RenewalDue => "RenewalDue",
+        }
+    }
+}
+
+impl std::fmt::Display for ReissueReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReissueReason::NoCertificate => f.write_str("no certificate yet"),
+            ReissueReason::Untrusted(why) => write!(f, "stored certificate not trusted: {why}"),
+            ReissueReason::NotActive => {
+                f.write_str("certificate is no longer active in the ledger")
+            }
+            ReissueReason::RevocationRequested => f.write_str("revocation requested"),
+            ReissueReason::OtherCa => f.write_str("issued by a different CA"),
+            ReissueReason::SansChanged => f.write_str("subject alternative names changed"),
+            ReissueReason::TtlChanged => f.write_str("certificate TTL changed"),
+            ReissueReason::RenewalDue => f.write_str("renewal due (2/3 of lifetime)"),
+        }
+    }
+}
+
+/// Why a trusted, active certificate cannot be kept, or None to keep it (pure).
 pub fn reissue_reason(
-    facts: Option<&ca::LeafFacts>,
-    key_present: bool,
-    in_ledger_active: bool,
+    facts: &ca::LeafFacts,
     want: &WantedLeaf<'_>,
     now: i64,
-) -> Option<String> {
-    let WantedLeaf {
-        ca_key_id,
-        uri: want_uri,
-        dns: want_dns,
-        ttl,
-    } = *want;
-    let Some(f) = facts else {
-        return Some("no certificate yet".into());
+) -> Option<ReissueReason> {
+    if facts.authority_key_id.as_deref() != want.ca_key_id {
+        return Some(ReissueReason::OtherCa);
+    }
+    if facts.uris != [want.uri] || facts.dns_names != want.dns {
+        return Some(ReissueReason::SansChanged);
+    }
+    let life = facts.not_after.saturating_sub(facts.not_before);
+    let wanted = (want.ttl.as_secs() as i64).saturating_add(BACKDATE.as_secs() as i64);
+    // Clamped to the CA's end: as long as it can be, and renewing cannot make it longer (only
+    // a new CA can; the CA's expiry is reported on its own).
+    let clamped = facts.not_after >= want.ca_not_after && life < wanted;
+    if life != wanted && !clamped {
+        return Some(ReissueReason::TtlChanged);
+    }
+    if now >= renewal_time(facts) && !clamped {
+        return Some(ReissueReason::RenewalDue);
+    }
+    None
+}
+
+/// Why the token is re-minted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefresh {
+    NoToken,
+    /// It does not verify (not ours, tampered, unknown key, expired, bound to another cert).
+    Unverified,
+    CertificateChanged,
+    ClaimsChanged,
+    TtlChanged,
+    RefreshDue,
+}
+
+impl TokenRefresh {
+    pub fn reason(self) -> &'static str {
+        match self {
+            TokenRefresh::NoToken => "NoToken",
+            TokenRefresh::Unverified => "Unverified",
+            TokenRefresh::CertificateChanged => "CertificateChanged",
+            TokenRefresh::ClaimsChanged => "ClaimsChanged",
+            TokenRefresh::TtlChanged => "TtlChanged",
+            TokenRefresh::RefreshDue => "RefreshDue",
+        }
+    }
+}
+
+/// Whether a stored token can be kept (pure): `verified` is the outcome of the one verifier
+/// over it (None: no token stored).
+pub fn token_refresh(
+    verified: Option<Result<&jwt::Claims, ()>>,
+    cert_changed: bool,
+    sub: &str,
+    scope: &str,
+    ttl: Duration,
+    now: i64,
+) -> Option<TokenRefresh> {
+    if cert_changed {
+        return Some(TokenRefresh::CertificateChanged);
+    }
+    let c = match verified {
+        None => return Some(TokenRefresh::NoToken),
+        Some(Err(())) => return Some(TokenRefresh::Unverified),
+        Some(Ok(c)) => c,
     };
-    if !key_present {
-        return Some("private key missing".into());
+    if c.sub != sub || c.scope != scope {
+        return Some(TokenRefresh::ClaimsChanged);
     }
-    if !in_ledger_active {
-        return Some(format!(
-            "certificate {} is not active in the ledger",
-            f.serial
-        ));
+    if c.exp.checked_sub(c.iat) != Some(ttl.as_secs()) {
+        return Some(TokenRefresh::TtlChanged);
     }
-    if f.authority_key_id.as_deref() != ca_key_id {
-        return Some("issued by a different CA".into());
-    }
-    if f.uris != [want_uri] || f.dns_names != want_dns {
-        return Some("subject alternative names changed".into());
-    }
-    if f.not_after - f.not_before != ttl.as_secs() as i64 + BACKDATE.as_secs() as i64 {
-        return Some("certificate TTL changed".into());
-    }
-    if now >= renewal_time(f) {
-        return Some("renewal due (2/3 of lifetime)".into());
+    if now >= token_refresh_time(c) {
+        return Some(TokenRefresh::RefreshDue);
     }
     None
 }
@@ -125,15 +218,6 @@ pub fn token_refresh_time(c: &jwt::Claims) -> i64 {
 
 fn clamp_i64(v: i128) -> i64 {
     v.clamp(i64::MIN as i128, i64::MAX as i128) as i64
-}
-
-/// Whether a verified token still fits the Agent: same subject and scope, the lifetime the spec
-/// asks for, and not yet due for refresh.
-pub fn token_fits(c: &jwt::Claims, sub: &str, scope: &str, ttl: Duration, now: i64) -> bool {
-    c.sub == sub
-        && c.scope == scope
-        && c.exp.checked_sub(c.iat) == Some(ttl.as_secs())
-        && now < token_refresh_time(c)
 }
 
 /// Runs a ledger call on the blocking pool: SQLite (and its fsync) never runs on the async
@@ -248,17 +332,15 @@ pub async fn reconcile(
     }
 
     let reason = match (&revoke, &trusted) {
-        (Some(_), _) => Some("revocation requested".to_string()),
-        (None, Err(why)) => Some(match why {
-            Untrusted::Missing => "no certificate yet".to_string(),
-            other => format!("stored certificate not trusted: {other}"),
-        }),
+        (Some(_), _) => Some(ReissueReason::RevocationRequested),
+        (None, Err(Untrusted::Missing)) => Some(ReissueReason::NoCertificate),
+        (None, Err(why)) => Some(ReissueReason::Untrusted(why.clone())),
+        (None, Ok(t)) if !t.record.state.is_active() => Some(ReissueReason::NotActive),
         (None, Ok(t)) => reissue_reason(
-            Some(&t.facts),
-            true,
-            t.record.state.is_active(),
+            &t.facts,
             &WantedLeaf {
                 ca_key_id: ca.subject_key_id(),
+                ca_not_after: ca.not_after().unix_timestamp(),
                 uri: &spiffe,
                 dns: &dns,
                 ttl: cert_ttl,
@@ -282,7 +364,7 @@ pub async fn reconcile(
             )
         }
         (why, _) => {
-            let why = why.unwrap_or_else(|| "no trusted certificate".into());
+            let why = why.unwrap_or(ReissueReason::NoCertificate);
             let req = LeafRequest {
                 agent_uid: uid.clone(),
                 namespace: ns.clone(),
@@ -310,7 +392,7 @@ pub async fn reconcile(
                     rfc3339(leaf.record.not_after)
                 ),
             ));
-            tracing::info!(agent = %format!("{ns}/{name}"), serial = %leaf.record.serial, reason = %why, "certificate issued");
+            tracing::info!(agent = %format!("{ns}/{name}"), serial = %leaf.record.serial, reason = why.reason(), "certificate issued");
             let f = ca::leaf_facts(&leaf.cert_pem)
                 .ok_or_else(|| Error::identity("issued certificate does not parse"))?;
             (leaf.cert_pem, leaf.key_pem, leaf.cert_der, f, true)
@@ -323,20 +405,25 @@ pub async fn reconcile(
     let tokens = authority.tokens();
     let token_ttl = authority.scaled(spec.token_ttl).max(Duration::from_secs(1));
     let scope = agent.spec.scope();
-    let kept = if cert_changed {
-        None
-    } else {
-        stored.as_ref().and_then(|s| s.token.clone()).and_then(|t| {
-            let claims = tokens.verifier().verify(&t, &cert_der).ok()?;
-            token_fits(&claims, &spiffe, &scope, token_ttl, now).then_some((t, claims))
-        })
-    };
-    let (token, claims) = match kept {
-        Some(kept) => kept,
-        None => {
+    let stored_token = stored.as_ref().and_then(|s| s.token.clone());
+    let verified = stored_token
+        .as_deref()
+        .map(|t| tokens.verifier().verify(t, &cert_der).map_err(|_| ()));
+    let refresh = token_refresh(
+        verified.as_ref().map(|v| v.as_ref().map_err(|_| ())),
+        cert_changed,
+        &spiffe,
+        &scope,
+        token_ttl,
+        now,
+    );
+    let (token, claims) = match (refresh, stored_token, verified) {
+        (None, Some(token), Some(Ok(claims))) => (token, claims),
+        (why, ..) => {
             let minted = tokens
                 .mint(&spiffe, &scope, token_ttl, &cert_der, now.max(0) as u64)
                 .map_err(Error::identity)?;
+            tracing::debug!(agent = %format!("{ns}/{name}"), reason = why.map_or("NoToken", TokenRefresh::reason), "token minted");
             ctx.metrics.tokens_minted.inc();
             minted
         }
@@ -482,45 +569,130 @@ mod tests {
         let dns = vec!["b.a.svc".to_string()];
         let want = |ca: &'static str, uri: &'static str, ttl| WantedLeaf {
             ca_key_id: Some(ca),
+            ca_not_after: i64::MAX,
             uri,
             dns: &dns,
             ttl,
         };
         let good = want("k1", "spiffe://td/ns/a/agent/b", ttl);
-        let check = |now| reissue_reason(Some(&f), true, true, &good, now);
+        let check = |now| reissue_reason(&f, &good, now);
         assert_eq!(renewal_time(&f), issued + 2000);
         assert_eq!(check(issued + 1999), None);
-        assert!(check(issued + 2000).unwrap().contains("renewal"));
-        // Each change forces a new certificate.
-        assert!(reissue_reason(None, true, true, &good, issued).is_some());
-        assert!(
-            reissue_reason(Some(&f), false, true, &good, issued)
-                .unwrap()
-                .contains("key")
+        assert_eq!(check(issued + 2000), Some(ReissueReason::RenewalDue));
+        // Each change forces a new certificate, with its own constant reason.
+        let cases = [
+            (
+                want("k2", "spiffe://td/ns/a/agent/b", ttl),
+                ReissueReason::OtherCa,
+                "OtherCa",
+            ),
+            (
+                want("k1", "spiffe://td/ns/a/agent/c", ttl),
+                ReissueReason::SansChanged,
+                "SansChanged",
+            ),
+            (
+                want("k1", "spiffe://td/ns/a/agent/b", ttl * 2),
+                ReissueReason::TtlChanged,
+                "TtlChanged",
+            ),
+        ];
+        for (wanted, expected, reason) in cases {
+            let got = reissue_reason(&f, &wanted, issued).unwrap();
+            assert_eq!(got, expected);
+            assert_eq!(got.reason(), reason);
+        }
+        assert_eq!(ReissueReason::NoCertificate.reason(), "NoCertificate");
+        assert_eq!(ReissueReason::NotActive.reason(), "Revoked");
+        assert_eq!(
+            ReissueReason::Untrusted(Untrusted::KeyMismatch).reason(),
+            "KeyMissing"
         );
-        assert!(
-            reissue_reason(Some(&f), true, false, &good, issued)
-                .unwrap()
-                .contains("ledger")
+        assert_eq!(
+            ReissueReason::Untrusted(Untrusted::NotInLedger("ab".into())).reason(),
+            "NotInLedger"
         );
-        let other_ca = want("k2", "spiffe://td/ns/a/agent/b", ttl);
-        assert!(
-            reissue_reason(Some(&f), true, true, &other_ca, issued)
-                .unwrap()
-                .contains("CA")
+    }
+
+    /// A leaf clamped to its CA's end is kept, not re-issued on every pass (renewing cannot
+    /// make it longer; the CA's expiry is reported on its own).
+    #[test]
+    fn a_leaf_clamped_to_its_ca_is_not_reissued_in_a_loop() {
+        let issued = 10_000;
+        let ca_end = issued + 600;
+        let f = facts(issued - BACKDATE.as_secs() as i64, ca_end);
+        let dns = vec!["b.a.svc".to_string()];
+        let want = WantedLeaf {
+            ca_key_id: Some("k1"),
+            ca_not_after: ca_end,
+            uri: "spiffe://td/ns/a/agent/b",
+            dns: &dns,
+            ttl: Duration::from_secs(86_400),
+        };
+        assert_eq!(reissue_reason(&f, &want, issued), None);
+        assert_eq!(reissue_reason(&f, &want, issued + 590), None);
+        // A new CA (longer life) makes the same certificate worth renewing.
+        let renewed_ca = WantedLeaf {
+            ca_not_after: ca_end + 86_400 * 365,
+            ..want
+        };
+        assert_eq!(
+            reissue_reason(&f, &renewed_ca, issued),
+            Some(ReissueReason::TtlChanged)
         );
-        let other_name = want("k1", "spiffe://td/ns/a/agent/c", ttl);
-        assert!(
-            reissue_reason(Some(&f), true, true, &other_name, issued)
-                .unwrap()
-                .contains("names")
-        );
-        let other_ttl = want("k1", "spiffe://td/ns/a/agent/b", ttl * 2);
-        assert!(
-            reissue_reason(Some(&f), true, true, &other_ttl, issued)
-                .unwrap()
-                .contains("TTL")
-        );
+    }
+
+    #[test]
+    fn token_decisions_have_constant_reasons() {
+        let c = jwt::Claims {
+            iss: "i".into(),
+            sub: "s".into(),
+            aud: "a".into(),
+            iat: 1000,
+            nbf: 1000,
+            exp: 4600,
+            jti: "j".into(),
+            scope: "x".into(),
+            cnf: None,
+        };
+        let ttl = Duration::from_secs(3600);
+        let decide =
+            |v, changed, sub, scope, ttl, now| token_refresh(v, changed, sub, scope, ttl, now);
+        assert_eq!(decide(Some(Ok(&c)), false, "s", "x", ttl, 1000), None);
+        let cases = [
+            (
+                decide(None, false, "s", "x", ttl, 1000),
+                TokenRefresh::NoToken,
+            ),
+            (
+                decide(Some(Err(())), false, "s", "x", ttl, 1000),
+                TokenRefresh::Unverified,
+            ),
+            (
+                decide(Some(Ok(&c)), true, "s", "x", ttl, 1000),
+                TokenRefresh::CertificateChanged,
+            ),
+            (
+                decide(Some(Ok(&c)), false, "s", "y", ttl, 1000),
+                TokenRefresh::ClaimsChanged,
+            ),
+            (
+                decide(Some(Ok(&c)), false, "t", "x", ttl, 1000),
+                TokenRefresh::ClaimsChanged,
+            ),
+            (
+                decide(Some(Ok(&c)), false, "s", "x", ttl * 2, 1000),
+                TokenRefresh::TtlChanged,
+            ),
+            (
+                decide(Some(Ok(&c)), false, "s", "x", ttl, 1000 + 2880),
+                TokenRefresh::RefreshDue,
+            ),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got, Some(want));
+            assert!(!want.reason().is_empty());
+        }
     }
 
     #[test]
@@ -555,7 +727,9 @@ mod tests {
             cnf: None,
         };
         let ttl = Duration::from_secs(3600);
-        assert!(token_fits(&base, "s", "x", ttl, 1000));
+        let fits =
+            |c: &jwt::Claims| token_refresh(Some(Ok(c)), false, "s", "x", ttl, 1000).is_none();
+        assert!(fits(&base));
         for (iat, exp) in [
             (1000, 900),
             (u64::MAX, 0),
@@ -569,7 +743,7 @@ mod tests {
                 ..base.clone()
             };
             let _ = token_refresh_time(&c);
-            assert!(!token_fits(&c, "s", "x", ttl, 1000), "iat {iat} exp {exp}");
+            assert!(!fits(&c), "iat {iat} exp {exp}");
         }
         let f = ca::LeafFacts {
             serial: "ab".into(),
