@@ -6,5 +6,6 @@ pub mod api;
 pub mod controller;
 pub mod crd;
 pub mod identity;
+pub mod keys;
 pub mod telemetry;
 pub mod workload;

@@ -337,7 +337,7 @@ async fn apply(
     Api::<ConfigMap>::namespaced(client.clone(), namespace)
         .patch(
             name,
-            &PatchParams::apply(crate::controller::MANAGER).force(),
+            &PatchParams::apply(crate::keys::MANAGER).force(),
             &Patch::Apply(cm),
         )
         .await?;

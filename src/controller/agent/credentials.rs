@@ -1,6 +1,7 @@
-//! The identity step of the Agent reconcile: keep a valid certificate and token in the Agent's
-//! `<name>-identity` Secret (cert-manager's layout: `tls.crt`, `tls.key`, `ca.crt`, plus `token`),
-//! renewing at 2/3 of the certificate's life and 80% of the token's, revoking on request.
+//! The credentials step of the Agent pipeline: keep a valid certificate and token in the
+//! Agent's `<name>-identity` Secret (cert-manager's layout: `tls.crt`, `tls.key`, `ca.crt`, plus
+//! `token`), renewing at 2/3 of the certificate's life and 80% of the token's, revoking on
+//! request. Nothing read back from the Secret is trusted until `identity::trust` verified it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,33 +11,72 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, Patch, PatchParams};
-use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
-use super::{Context, Error, MANAGER};
+use super::report::{Note, Report};
+use crate::controller::{Context, NameConflict};
 use crate::crd::{Agent, IdentityStatus, ValidatedSpec};
-use crate::identity::authority::{Authority, MANAGED_BY};
-use crate::identity::ca::{self, BACKDATE, LeafRequest};
-use crate::identity::jwt;
+use crate::identity::authority::{Authority, AuthorityError};
+use crate::identity::ca::{self, BACKDATE, CaError, CertificateAuthority, LeafRequest};
+use crate::identity::jwt::{self, JwtError};
 use crate::identity::store::{Ledger, RevocationReason, StoreError};
 use crate::identity::trust::{self, TrustedLeaf, Untrusted};
+use crate::keys::conditions::{CERTIFICATE_ISSUED, TOKEN_ISSUED};
+use crate::keys::{AGENT_LABEL, MANAGED_BY, MANAGER, REVOKE_ANNOTATION, reasons};
 
-/// Annotate an Agent with this (value: an RFC 5280 reason such as `keyCompromise`) to revoke its
-/// certificate; a new one is issued and the annotation removed.
-pub const REVOKE_ANNOTATION: &str = "agentry.dev/revoke";
+/// What failed while keeping an Agent's credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("certificate ledger: {0}")]
+    Ledger(#[from] StoreError),
+    #[error("issuing the certificate: {0}")]
+    Issue(#[from] CaError),
+    #[error("minting the token: {0}")]
+    Mint(#[from] JwtError),
+    #[error(transparent)]
+    Authority(Box<AuthorityError>),
+    #[error(transparent)]
+    NameConflict(#[from] NameConflict),
+    #[error("a blocking ledger or signing task failed: {0}")]
+    Blocking(#[from] tokio::task::JoinError),
+    #[error("the Agent has no uid or namespace yet")]
+    NotStored,
+}
+
+impl From<AuthorityError> for IdentityError {
+    fn from(e: AuthorityError) -> Self {
+        IdentityError::Authority(Box::new(e))
+    }
+}
+
+impl IdentityError {
+    /// Retrying cannot help until something changes.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, IdentityError::Kube(kube::Error::Api(s)) if s.code == 400 || s.code == 422)
+    }
+
+    /// The condition this failure leaves on the Agent.
+    pub fn report(&self) -> Report {
+        let message = format!("could not issue the identity: {self}");
+        match self {
+            IdentityError::NameConflict(_) => {
+                Report::stalled(Some(CERTIFICATE_ISSUED), reasons::NAME_CONFLICT, message)
+            }
+            _ => Report::pending(CERTIFICATE_ISSUED, reasons::ISSUE_FAILED, message),
+        }
+    }
+}
 
 pub fn secret_name(agent: &Agent) -> String {
     format!("{}-identity", agent.name_any())
 }
 
-/// What the identity step decided and wrote.
-pub struct IdentityOutcome {
+/// What the credentials step applied.
+pub struct Credentials {
     pub status: IdentityStatus,
-    /// When the next renewal or refresh is due.
-    pub next_due: Duration,
-    /// (type, reason, note) for Events.
-    pub events: Vec<(EventType, &'static str, String)>,
-    pub token_expires_at: i64,
+    pub secret_name: String,
 }
 
 /// The stored identity, as read from the Secret.
@@ -225,11 +265,9 @@ fn clamp_i64(v: i128) -> i64 {
 async fn with_ledger<T: Send + 'static>(
     authority: &Arc<Authority>,
     f: impl FnOnce(&Ledger) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, Error> {
+) -> Result<T, IdentityError> {
     let authority = authority.clone();
-    Ok(tokio::task::spawn_blocking(move || f(&authority.ledger))
-        .await
-        .map_err(Error::identity)??)
+    Ok(tokio::task::spawn_blocking(move || f(&authority.ledger)).await??)
 }
 
 /// Reads the identity Secret and decides whether its certificate can be trusted.
@@ -237,7 +275,7 @@ async fn read_trusted(
     secret: Option<&Secret>,
     uid: &str,
     authority: &Arc<Authority>,
-) -> Result<(Option<Stored>, Result<TrustedLeaf, Untrusted>), Error> {
+) -> Result<(Option<Stored>, Result<TrustedLeaf, Untrusted>), IdentityError> {
     let stored = secret.and_then(read_stored);
     let Some(s) = &stored else {
         return Ok((None, Err(Untrusted::Missing)));
@@ -256,189 +294,102 @@ async fn read_trusted(
     Ok((stored, verdict))
 }
 
-pub async fn reconcile(
+/// Who the step works for, read once.
+struct Target<'a> {
+    agent: &'a Agent,
+    ns: String,
+    name: String,
+    uid: String,
+    spiffe: String,
+    dns: Vec<String>,
+    now: i64,
+}
+
+/// The certificate the Secret will hold.
+struct Leaf {
+    cert_pem: String,
+    key_pem: String,
+    der: Vec<u8>,
+    facts: ca::LeafFacts,
+    changed: bool,
+}
+
+pub async fn step(
     agent: &Agent,
     spec: &ValidatedSpec,
     ctx: &Context,
-    authority: &Arc<Authority>,
-) -> Result<IdentityOutcome, Error> {
-    let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
+) -> Result<(Credentials, Vec<Report>), IdentityError> {
+    let authority = &ctx.authority;
+    let (ns, uid) = agent
+        .namespace()
+        .zip(agent.uid())
+        .ok_or(IdentityError::NotStored)?;
     let name = agent.name_any();
-    let uid = agent
-        .uid()
-        .ok_or_else(|| Error::identity("the Agent has no uid yet"))?;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let t = Target {
+        agent,
+        spiffe: ca::spiffe_id(&authority.config.trust_domain, &ns, &name),
+        dns: ca::service_dns_names(&ns, &name),
+        now: Timestamp::now().as_second(),
+        ns,
+        name,
+        uid,
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &t.ns);
     let secret_name = secret_name(agent);
     let existing = secrets.get_opt(&secret_name).await?;
     // Never take over a Secret this Agent did not create (before anything is issued).
     if let Some(s) = &existing
-        && !super::owned_by(&s.metadata, &uid)
+        && !crate::controller::owned_by(&s.metadata, &t.uid)
     {
-        return Err(Error::NameConflict {
-            kind: "Secret".into(),
-            name: secret_name,
-        });
+        return Err(NameConflict::new("Secret", &secret_name).into());
     }
-    let (stored, trusted) = read_trusted(existing.as_ref(), &uid, authority).await?;
+    let (stored, trusted) = read_trusted(existing.as_ref(), &t.uid, authority).await?;
     let mut events = Vec::new();
-    let now = Timestamp::now().as_second();
     if let Err(why) = &trusted
         && *why != Untrusted::Missing
     {
-        tracing::warn!(agent = %format!("{ns}/{name}"), reason = %why, "identity Secret holds an untrusted certificate; replacing it");
-        events.push((
-            EventType::Warning,
-            "UntrustedIdentity",
+        tracing::warn!(agent = %format!("{}/{}", t.ns, t.name), reason = %why, "identity Secret holds an untrusted certificate; replacing it");
+        events.push(Note::warning(
+            reasons::UNTRUSTED_IDENTITY,
+            "Verify",
             format!("the identity Secret held a certificate that failed verification ({why}); it is replaced, nothing in it was reused or revoked"),
         ));
     }
-
-    let ca = authority.ca();
-    let spiffe = ca::spiffe_id(&authority.config.trust_domain, &ns, &name);
-    let dns = ca::service_dns_names(&ns, &name);
-    let cert_ttl = authority.scaled(spec.certificate_ttl);
-
-    // Revocation on request: what is actually deployed (once verified) and the active row;
-    // keyCompromise revokes every unexpired certificate the Agent ever had.
     let revoke = agent.annotations().get(REVOKE_ANNOTATION).cloned();
     if let Some(reason) = &revoke {
-        let why = RevocationReason::parse(reason);
-        let deployed = trusted.as_ref().ok().map(|t| t.facts.serial.clone());
-        let revoked_uid = uid.clone();
-        let serials = with_ledger(authority, move |l| {
-            if why == RevocationReason::KeyCompromise {
-                l.revoke_agent_serials(&revoked_uid, why, now)
-            } else {
-                l.revoke_deployed(&revoked_uid, deployed.as_deref(), why, now)
-            }
-        })
-        .await?;
-        if !serials.is_empty() {
-            authority.publish_trust(&ctx.client).await?;
-            ctx.metrics
-                .certificates_revoked
-                .inc_by(serials.len() as u64);
-        }
-        events.push((
-            EventType::Normal,
-            "Revoked",
-            format!(
-                "revoked {} certificate(s) ({}) on request: [{}]",
-                serials.len(),
-                why.as_str(),
-                serials.join(", ")
-            ),
-        ));
+        events.push(revoke_on_request(&t, reason, &trusted, ctx).await?);
     }
-
-    let reason = match (&revoke, &trusted) {
-        (Some(_), _) => Some(ReissueReason::RevocationRequested),
-        (None, Err(Untrusted::Missing)) => Some(ReissueReason::NoCertificate),
-        (None, Err(why)) => Some(ReissueReason::Untrusted(why.clone())),
-        (None, Ok(t)) if !t.record.state.is_active() => Some(ReissueReason::NotActive),
-        (None, Ok(t)) => reissue_reason(
-            &t.facts,
-            &WantedLeaf {
-                ca_key_id: ca.subject_key_id(),
-                ca_not_after: ca.not_after().unix_timestamp(),
-                uri: &spiffe,
-                dns: &dns,
-                ttl: cert_ttl,
-            },
-            now,
-        ),
-    };
-
-    // Certificate: reuse, or issue (ledger commit happens inside `issue`, before anything else).
-    let (cert_pem, key_pem, cert_der, cert_facts, cert_changed) = match (reason, &trusted) {
-        (None, Ok(t)) => {
-            let s = stored
-                .as_ref()
-                .ok_or_else(|| Error::identity("kept certificate vanished"))?;
-            (
-                s.cert_pem.clone(),
-                s.key_pem.clone(),
-                t.der.clone(),
-                t.facts.clone(),
-                false,
-            )
-        }
-        (why, _) => {
-            let why = why.unwrap_or(ReissueReason::NoCertificate);
-            let req = LeafRequest {
-                agent_uid: uid.clone(),
-                namespace: ns.clone(),
-                name: name.clone(),
-                trust_domain: authority.config.trust_domain.clone(),
-                dns_names: dns.clone(),
-                ttl: cert_ttl,
-            };
-            // Key generation, signing and the durable ledger commit block: keep them off the
-            // async workers.
-            let issuer = authority.clone();
-            let signing_ca = ca.clone();
-            let leaf = tokio::task::spawn_blocking(move || signing_ca.issue(&issuer.ledger, &req))
-                .await
-                .map_err(Error::identity)?
-                .map_err(Error::identity)?;
-            ctx.metrics.certificates_issued.inc();
-            let verb = if trusted.is_ok() { "Renewed" } else { "Issued" };
-            events.push((
-                EventType::Normal,
-                verb,
-                format!(
-                    "certificate {} issued for {spiffe} ({why}), valid until {}",
-                    leaf.record.serial,
-                    rfc3339(leaf.record.not_after)
-                ),
-            ));
-            tracing::info!(agent = %format!("{ns}/{name}"), serial = %leaf.record.serial, reason = why.reason(), "certificate issued");
-            let f = ca::leaf_facts(&leaf.cert_pem)
-                .ok_or_else(|| Error::identity("issued certificate does not parse"))?;
-            (leaf.cert_pem, leaf.key_pem, leaf.cert_der, f, true)
-        }
-    };
-
-    // Token: kept only when it verifies (our signature, a published key, bound to this
-    // certificate) and still fits; refreshed at 80% of its life. A new signing key does not
-    // re-mint every token at once: tokens move to it at their normal refresh.
-    let tokens = authority.tokens();
-    let token_ttl = authority.scaled(spec.token_ttl).max(Duration::from_secs(1));
-    let scope = agent.spec.scope();
-    let stored_token = stored.as_ref().and_then(|s| s.token.clone());
-    let verified = stored_token
-        .as_deref()
-        .map(|t| tokens.verifier().verify(t, &cert_der).map_err(|_| ()));
-    let refresh = token_refresh(
-        verified.as_ref().map(|v| v.as_ref().map_err(|_| ())),
-        cert_changed,
-        &spiffe,
-        &scope,
-        token_ttl,
-        now,
-    );
-    let (token, claims) = match (refresh, stored_token, verified) {
-        (None, Some(token), Some(Ok(claims))) => (token, claims),
+    let ca = authority.ca();
+    let cert_ttl = authority.scaled(spec.certificate_ttl);
+    let why = certificate_decision(&t, revoke.is_some(), &trusted, &ca, cert_ttl);
+    let leaf = match (why, stored.as_ref(), &trusted) {
+        (None, Some(s), Ok(kept)) => Leaf {
+            cert_pem: s.cert_pem.clone(),
+            key_pem: s.key_pem.clone(),
+            der: kept.der.clone(),
+            facts: kept.facts.clone(),
+            changed: false,
+        },
         (why, ..) => {
-            let minted = tokens
-                .mint(&spiffe, &scope, token_ttl, &cert_der, now.max(0) as u64)
-                .map_err(Error::identity)?;
-            tracing::debug!(agent = %format!("{ns}/{name}"), reason = why.map_or("NoToken", TokenRefresh::reason), "token minted");
-            ctx.metrics.tokens_minted.inc();
-            minted
+            let why = why.unwrap_or(ReissueReason::NoCertificate);
+            let (leaf, note) = issue(&t, &ca, cert_ttl, &why, trusted.is_ok(), ctx).await?;
+            events.push(note);
+            leaf
         }
     };
-
+    let token_ttl = authority.scaled(spec.token_ttl).max(Duration::from_secs(1));
+    let stored_token = stored.as_ref().and_then(|s| s.token.clone());
+    let (token, claims) = token(&t, &leaf, stored_token, token_ttl, ctx)?;
     let desired = identity_secret(
         agent,
         &secret_name,
-        &cert_pem,
-        &key_pem,
+        &leaf.cert_pem,
+        &leaf.key_pem,
         &authority.bundle(),
         &token,
     );
-    if existing.as_ref().map(|e| &e.data) != Some(&desired.data)
-        || existing.as_ref().map(|e| e.type_.as_deref()) != Some(Some("kubernetes.io/tls"))
+    if existing.as_ref().map(|e| (&e.data, e.type_.as_deref()))
+        != Some((&desired.data, Some("kubernetes.io/tls")))
     {
         secrets
             .patch(
@@ -448,47 +399,214 @@ pub async fn reconcile(
             )
             .await?;
     }
-
     if revoke.is_some() {
         // Done: clear the request so it is not repeated.
-        let agents: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
         let patch = serde_json::json!({"metadata": {"annotations": {REVOKE_ANNOTATION: null}}});
-        agents
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        Api::<Agent>::namespaced(ctx.client.clone(), &t.ns)
+            .patch(&t.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
     }
-
     if let Some(nearest) = with_ledger(authority, |l| l.nearest_active_expiry()).await? {
         ctx.metrics
             .nearest_certificate_expiry
-            .set((nearest - now) as f64);
+            .set((nearest - t.now) as f64);
     }
+    Ok(finish(&t, secret_name, &leaf.facts, &claims, events))
+}
 
-    let renew_at = renewal_time(&cert_facts);
-    let refresh_at = token_refresh_time(&claims);
-    let token_expires_at = i64::try_from(claims.exp).unwrap_or(i64::MAX);
-    let next = renew_at.min(refresh_at).saturating_sub(now).max(1);
-    Ok(IdentityOutcome {
-        status: IdentityStatus {
-            spiffe_id: spiffe,
-            serial: cert_facts.serial.clone(),
-            not_after: rfc3339(cert_facts.not_after),
-            renewal_time: Some(rfc3339(renew_at)),
-            token_expires_at: Some(rfc3339(token_expires_at)),
+/// Revokes on request what is actually deployed (once verified) and the active row;
+/// `keyCompromise` revokes every unexpired certificate the Agent ever had.
+async fn revoke_on_request(
+    t: &Target<'_>,
+    reason: &str,
+    trusted: &Result<TrustedLeaf, Untrusted>,
+    ctx: &Context,
+) -> Result<Note, IdentityError> {
+    let why = RevocationReason::parse(reason);
+    let deployed = trusted.as_ref().ok().map(|l| l.facts.serial.clone());
+    let (uid, now) = (t.uid.clone(), t.now);
+    let serials = with_ledger(&ctx.authority, move |l| {
+        if why == RevocationReason::KeyCompromise {
+            l.revoke_agent_serials(&uid, why, now)
+        } else {
+            l.revoke_deployed(&uid, deployed.as_deref(), why, now)
+        }
+    })
+    .await?;
+    if !serials.is_empty() {
+        ctx.authority.publish_trust(&ctx.client).await?;
+        ctx.metrics
+            .certificates_revoked
+            .inc_by(serials.len() as u64);
+    }
+    Ok(Note::normal(
+        reasons::REVOKED,
+        "Revoke",
+        format!(
+            "revoked {} certificate(s) ({}) on request: [{}]",
+            serials.len(),
+            why.as_str(),
+            serials.join(", ")
+        ),
+    ))
+}
+
+/// Why a new certificate is needed, or None to keep the stored one.
+fn certificate_decision(
+    t: &Target<'_>,
+    revocation_requested: bool,
+    trusted: &Result<TrustedLeaf, Untrusted>,
+    ca: &CertificateAuthority,
+    ttl: Duration,
+) -> Option<ReissueReason> {
+    match trusted {
+        _ if revocation_requested => Some(ReissueReason::RevocationRequested),
+        Err(Untrusted::Missing) => Some(ReissueReason::NoCertificate),
+        Err(why) => Some(ReissueReason::Untrusted(why.clone())),
+        Ok(kept) if !kept.record.state.is_active() => Some(ReissueReason::NotActive),
+        Ok(kept) => reissue_reason(
+            &kept.facts,
+            &WantedLeaf {
+                ca_key_id: ca.subject_key_id(),
+                ca_not_after: ca.not_after().unix_timestamp(),
+                uri: &t.spiffe,
+                dns: &t.dns,
+                ttl,
+            },
+            t.now,
+        ),
+    }
+}
+
+/// Issues a certificate: key generation, signing and the durable ledger commit run on the
+/// blocking pool, and the ledger row commits before the certificate leaves the CA.
+async fn issue(
+    t: &Target<'_>,
+    ca: &Arc<CertificateAuthority>,
+    ttl: Duration,
+    why: &ReissueReason,
+    renewal: bool,
+    ctx: &Context,
+) -> Result<(Leaf, Note), IdentityError> {
+    let req = LeafRequest {
+        agent_uid: t.uid.clone(),
+        namespace: t.ns.clone(),
+        name: t.name.clone(),
+        trust_domain: ctx.authority.config.trust_domain.clone(),
+        dns_names: t.dns.clone(),
+        ttl,
+    };
+    let (authority, signing_ca) = (ctx.authority.clone(), ca.clone());
+    let leaf =
+        tokio::task::spawn_blocking(move || signing_ca.issue(&authority.ledger, &req)).await??;
+    ctx.metrics.certificates_issued.inc();
+    tracing::info!(agent = %format!("{}/{}", t.ns, t.name), serial = %leaf.record.serial, reason = why.reason(), "certificate issued");
+    let note = Note::normal(
+        if renewal { "Renewed" } else { "Issued" },
+        "Issue",
+        format!(
+            "certificate {} issued for {} ({why}), valid until {}",
+            leaf.record.serial,
+            t.spiffe,
+            rfc3339(leaf.record.not_after)
+        ),
+    );
+    let facts = ca::leaf_facts(&leaf.cert_pem)
+        .ok_or_else(|| CaError::BadCaCert("the issued certificate does not parse".into()))?;
+    Ok((
+        Leaf {
+            cert_pem: leaf.cert_pem,
+            key_pem: leaf.key_pem,
+            der: leaf.cert_der,
+            facts,
+            changed: true,
+        },
+        note,
+    ))
+}
+
+/// Keeps the stored token when it verifies (our signature, a published key, bound to this
+/// certificate) and still fits; mints a new one otherwise. A new signing key does not re-mint
+/// every token at once: tokens move to it at their normal refresh.
+fn token(
+    t: &Target<'_>,
+    leaf: &Leaf,
+    stored: Option<String>,
+    ttl: Duration,
+    ctx: &Context,
+) -> Result<(String, jwt::Claims), IdentityError> {
+    let tokens = ctx.authority.tokens();
+    let scope = t.agent.spec.scope();
+    let verified = stored
+        .as_deref()
+        .map(|token| tokens.verifier().verify(token, &leaf.der).map_err(|_| ()));
+    let refresh = token_refresh(
+        verified.as_ref().map(|v| v.as_ref().map_err(|_| ())),
+        leaf.changed,
+        &t.spiffe,
+        &scope,
+        ttl,
+        t.now,
+    );
+    if let (None, Some(token), Some(Ok(claims))) = (refresh, stored, verified) {
+        return Ok((token, claims));
+    }
+    let minted = tokens.mint(&t.spiffe, &scope, ttl, &leaf.der, t.now.max(0) as u64)?;
+    tracing::debug!(agent = %format!("{}/{}", t.ns, t.name), reason = refresh.map_or("NoToken", TokenRefresh::reason), "token minted");
+    ctx.metrics.tokens_minted.inc();
+    Ok(minted)
+}
+
+/// The step's reports and the identity status.
+fn finish(
+    t: &Target<'_>,
+    secret_name: String,
+    facts: &ca::LeafFacts,
+    claims: &jwt::Claims,
+    events: Vec<Note>,
+) -> (Credentials, Vec<Report>) {
+    let renew_at = renewal_time(facts);
+    let refresh_at = token_refresh_time(claims);
+    let token_expires_at = rfc3339(i64::try_from(claims.exp).unwrap_or(i64::MAX));
+    let next = renew_at.min(refresh_at).saturating_sub(t.now).max(1);
+    let status = IdentityStatus {
+        spiffe_id: t.spiffe.clone(),
+        serial: facts.serial.clone(),
+        not_after: rfc3339(facts.not_after),
+        renewal_time: Some(rfc3339(renew_at)),
+        token_expires_at: Some(token_expires_at.clone()),
+        secret_name: secret_name.clone(),
+    };
+    let certificate = Report::ok(
+        CERTIFICATE_ISSUED,
+        reasons::ISSUED,
+        format!(
+            "certificate {} for {} valid until {}",
+            status.serial, status.spiffe_id, status.not_after
+        ),
+    )
+    .with_events(events)
+    .requeue_after(Duration::from_secs(next as u64));
+    let token = Report::ok(
+        TOKEN_ISSUED,
+        reasons::ISSUED,
+        format!(
+            "token with scope [{}] valid until {token_expires_at}",
+            claims.scope
+        ),
+    );
+    (
+        Credentials {
+            status,
             secret_name,
         },
-        next_due: Duration::from_secs(next as u64),
-        events,
-        token_expires_at,
-    })
+        vec![certificate, token],
+    )
 }
 
 /// On deletion: revoke every unexpired certificate of the Agent and re-publish the CRL.
-pub async fn cleanup(
-    agent: &Agent,
-    ctx: &Context,
-    authority: &Arc<Authority>,
-) -> Result<usize, Error> {
+pub async fn cleanup(agent: &Agent, ctx: &Context) -> Result<usize, IdentityError> {
+    let authority = &ctx.authority;
     let Some(uid) = agent.uid() else { return Ok(0) };
     let now = Timestamp::now().as_second();
     let n = with_ledger(authority, move |l| {
@@ -533,7 +651,7 @@ pub fn identity_secret(
             labels: Some(
                 [
                     (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-                    ("agentry.dev/agent".to_string(), agent.name_any()),
+                    (AGENT_LABEL.to_string(), agent.name_any()),
                 ]
                 .into(),
             ),

@@ -1,5 +1,6 @@
-//! The workload step of the Agent reconcile: server-side apply the objects `crate::workload`
-//! builds, put the discovery labels on the Agent, and report readiness from the rollout.
+//! The rollout step of the Agent pipeline: server-side apply the objects `crate::workload`
+//! builds (never over an object the Agent did not create), put the discovery labels on the
+//! Agent, and report readiness from the rollout.
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -8,13 +9,40 @@ use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Context, Error, MANAGER};
+use super::report::Report;
+use crate::controller::{Applied, Context, NameConflict, owned_by};
 use crate::crd::{Agent, ValidatedSpec};
-use crate::workload::{self, CAPABILITY_PREFIX, MemoryPlan, Workload};
+use crate::keys::conditions::WORKLOAD_READY;
+use crate::keys::{CAPABILITY_PREFIX, MANAGER, reasons};
+use crate::workload::{self, MemoryPlan, Workload};
 
-pub struct WorkloadOutcome {
-    pub ready: bool,
-    pub message: String,
+/// What failed while applying an Agent's workload.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    NameConflict(#[from] NameConflict),
+    #[error("the Agent has no uid or namespace yet")]
+    NotStored,
+}
+
+impl WorkloadError {
+    /// Retrying cannot help until something changes (the apiserver refused what we built).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, WorkloadError::Kube(kube::Error::Api(s)) if s.code == 400 || s.code == 422)
+    }
+
+    /// The condition this failure leaves on the Agent (with the apiserver's message).
+    pub fn report(&self) -> Report {
+        let message = format!("could not apply the workload: {self}");
+        match self {
+            WorkloadError::NameConflict(_) => {
+                Report::stalled(Some(WORKLOAD_READY), reasons::NAME_CONFLICT, message)
+            }
+            _ => Report::pending(WORKLOAD_READY, reasons::APPLY_FAILED, message),
+        }
+    }
 }
 
 /// How to tell that a live object changed since we applied it.
@@ -36,7 +64,7 @@ async fn apply<K>(
     obj: &K,
     track: Track,
     uid: &str,
-) -> Result<K, Error>
+) -> Result<K, WorkloadError>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -52,17 +80,14 @@ where
     // cache holds only objects labelled as ours; anything else needs one read to be sure.
     let cached = store.get(&ObjectRef::new(&name).within(ns));
     let owner_ok = match &cached {
-        Some(live) => super::owned_by(live.meta(), uid),
+        Some(live) => owned_by(live.meta(), uid),
         None => api
             .get_metadata_opt(&name)
             .await?
-            .is_none_or(|m| super::owned_by(&m.metadata, uid)),
+            .is_none_or(|m| owned_by(&m.metadata, uid)),
     };
     if !owner_ok {
-        return Err(Error::NameConflict {
-            kind: K::kind(&()).to_string(),
-            name,
-        });
+        return Err(NameConflict::new(&K::kind(&()), &name).into());
     }
     if let Some(live) = cached {
         let unchanged = ctx.applied(&key).is_some_and(|a| {
@@ -91,7 +116,7 @@ where
         .await?;
     ctx.record_applied(
         key,
-        super::Applied {
+        Applied {
             hash: desired,
             generation: applied.meta().generation,
             resource_version: applied.meta().resource_version.clone(),
@@ -115,7 +140,7 @@ async fn delete_if_owned<K>(
     ns: &str,
     name: &str,
     uid: &str,
-) -> Result<(), Error>
+) -> Result<(), WorkloadError>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -124,7 +149,7 @@ where
 {
     let owned = store
         .get(&ObjectRef::new(name).within(ns))
-        .is_some_and(|live| super::owned_by(live.meta(), uid));
+        .is_some_and(|live| owned_by(live.meta(), uid));
     if !owned {
         return Ok(());
     }
@@ -136,17 +161,17 @@ where
     }
 }
 
-pub async fn reconcile(
+pub async fn step(
     agent: &Agent,
     spec: &ValidatedSpec,
     plan: &MemoryPlan,
     identity_secret: &str,
     ctx: &Context,
-) -> Result<WorkloadOutcome, Error> {
-    let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
-    let uid = agent
-        .uid()
-        .ok_or_else(|| Error::identity("the Agent has no uid yet"))?;
+) -> Result<Report, WorkloadError> {
+    let (ns, uid) = agent
+        .namespace()
+        .zip(agent.uid())
+        .ok_or(WorkloadError::NotStored)?;
     label_agent(agent, ctx, &ns).await?;
     let stores = &ctx.stores;
     let track = Track::ResourceVersion;
@@ -184,12 +209,16 @@ pub async fn reconcile(
             workload::statefulset_ready(&applied)
         }
     };
-    Ok(WorkloadOutcome { ready, message })
+    Ok(if ready {
+        Report::ok(WORKLOAD_READY, reasons::AVAILABLE, message)
+    } else {
+        Report::pending(WORKLOAD_READY, reasons::ROLLING_OUT, message)
+    })
 }
 
 /// Puts `agentry.dev/agent` and one `capability.agentry.dev/<c>` label per capability on the
 /// Agent (server-side apply: labels for dropped capabilities disappear with our ownership).
-async fn label_agent(agent: &Agent, ctx: &Context, ns: &str) -> Result<(), Error> {
+async fn label_agent(agent: &Agent, ctx: &Context, ns: &str) -> Result<(), WorkloadError> {
     let want = workload::discovery_labels(agent);
     let have = agent.labels();
     let stale = have

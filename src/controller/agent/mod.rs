@@ -1,0 +1,172 @@
+//! The Agent reconcile as a pipeline: validate -> credentials -> rollout -> inbox -> backups ->
+//! status. Each step returns reports (its condition with a typed reason, the Events it wants,
+//! when to run again); `status::compute` derives Ready, Reconciling, Stalled and the phase, and
+//! one server-side-apply status patch (skipped when nothing changed) ends every pass.
+
+pub mod backups;
+pub mod credentials;
+pub mod events;
+pub mod inbox;
+pub mod report;
+pub mod rollout;
+pub mod status;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event, finalizer};
+use kube::{Api, ResourceExt};
+
+use self::report::Report;
+use self::status::Facts;
+use super::{Context, Error};
+use crate::crd::Agent;
+use crate::keys::{FINALIZER, reasons};
+use crate::telemetry::ResultLabels;
+use crate::workload::MemoryPlan;
+
+/// What `spec.messaging` and `spec.backup` report until this version carries them out.
+const NOT_YET: &str = "accepted in the spec, but this version of Agentry does not provide it yet";
+
+/// The longest we wait between two passes over a healthy Agent (a safety net; renewals requeue
+/// at their own exact times).
+const RESYNC: Duration = Duration::from_secs(600);
+
+pub async fn reconcile(
+    guard: Arc<DeserializeGuard<Agent>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let started = Instant::now();
+    let agent = match &guard.0 {
+        Ok(agent) => Arc::new(agent.clone()),
+        Err(invalid) => {
+            events::report_undecodable(invalid, &ctx).await;
+            return Ok(Action::await_change());
+        }
+    };
+    let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
+    let key = format!("{ns}/{}", agent.name_any());
+    let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, agent, |event| async {
+        match event {
+            Event::Apply(agent) => apply(agent, &ctx).await,
+            Event::Cleanup(agent) => cleanup(agent, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    let result_label = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ResultLabels {
+            result: result_label,
+        })
+        .inc();
+    if result.is_ok() {
+        ctx.clear_backoff(&key);
+    }
+    result
+}
+
+/// Brings the world in line with the Agent's spec, one step after the other.
+async fn apply(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
+    let mut pass = Pass::new(&agent, ctx);
+    let spec = match validate::step(&agent, ctx) {
+        Ok(spec) => spec,
+        Err(stalled) => return pass.finish(vec![stalled]).await,
+    };
+    let (credentials, reports) = pass
+        .run(credentials::step(&agent, &spec, ctx).await)
+        .await?;
+    pass.facts.identity = Some(credentials.status);
+    pass.reports.extend(reports);
+    let plan = MemoryPlan::new(spec.memory_bytes, 0);
+    let rollout = rollout::step(&agent, &spec, &plan, &credentials.secret_name, ctx).await;
+    let workload = pass.run(rollout).await?;
+    pass.facts.assigned_resources = Some(crate::workload::assigned_resources(&spec, &plan));
+    pass.facts.endpoint = Some(crate::workload::endpoint(&agent));
+    pass.finish(vec![workload, inbox::step(&agent), backups::step(&agent)])
+        .await
+}
+
+/// Releases what lives outside Kubernetes; children go with their owner references.
+async fn cleanup(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
+    let revoked = credentials::cleanup(&agent, ctx).await?;
+    ctx.forget_applied(&agent.namespace().unwrap_or_default(), &agent.name_any());
+    let note =
+        format!("revoked {revoked} certificate(s) and published the CRL; removing the finalizer");
+    events::publish(
+        ctx,
+        &agent,
+        &report::Note::normal(reasons::DELETED, "Cleanup", note),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// One pass over an Agent: the reports so far and the facts for the status.
+struct Pass<'a> {
+    agent: &'a Agent,
+    ctx: &'a Context,
+    reports: Vec<Report>,
+    facts: Facts,
+}
+
+impl<'a> Pass<'a> {
+    fn new(agent: &'a Agent, ctx: &'a Context) -> Self {
+        Self {
+            agent,
+            ctx,
+            reports: Vec::new(),
+            facts: Facts::default(),
+        }
+    }
+
+    /// A step's outcome: its output, or its failure written to its condition (then the error
+    /// policy retries with backoff).
+    async fn run<T, E: Into<Error>>(&mut self, outcome: Result<T, E>) -> Result<T, Error> {
+        let error = match outcome {
+            Ok(output) => return Ok(output),
+            Err(e) => e.into(),
+        };
+        if let Some(failed) = error.report() {
+            // Best effort: the error itself is what the error policy acts on.
+            let _ = self.write(vec![failed]).await;
+        }
+        Err(error)
+    }
+
+    /// The last step: publish the Events, write the status, and say when to come back.
+    async fn finish(mut self, last: Vec<Report>) -> Result<Action, Error> {
+        let stalled = last.iter().any(|r| r.stalled);
+        self.write(last).await?;
+        if stalled {
+            // A change to the Agent, or to its namespace's policy, triggers the next pass.
+            return Ok(Action::await_change());
+        }
+        let next = self
+            .reports
+            .iter()
+            .filter_map(|r| r.requeue_after)
+            .min()
+            .unwrap_or(RESYNC);
+        Ok(Action::requeue(next.min(RESYNC)))
+    }
+
+    async fn write(&mut self, last: Vec<Report>) -> Result<(), Error> {
+        self.reports.extend(last);
+        for note in self.reports.iter().flat_map(|r| &r.events) {
+            events::publish(self.ctx, self.agent, note).await;
+        }
+        let generation = self.agent.metadata.generation;
+        let facts = std::mem::take(&mut self.facts);
+        let status = status::compute(self.agent.status.as_ref(), generation, &self.reports, facts);
+        status::write(self.ctx, self.agent, status).await
+    }
+}

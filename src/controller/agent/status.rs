@@ -1,0 +1,351 @@
+//! The last step: derive the status from the steps' reports (a pure function, unit-tested as a
+//! table) and write it with one server-side-apply patch, only when it changed.
+//!
+//! The health rules follow kstatus (sigs.k8s.io/cli-utils), which Argo CD and Flux read:
+//! `Reconciling=True` while work is under way, `Stalled=True` when nothing will change until the
+//! Agent or what it depends on changes, and `Ready` when every required part is True. Reconciling
+//! and Stalled are removed when false, as Flux does.
+
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Resource, ResourceExt};
+
+use super::report::{Level, Report};
+use crate::controller::conditions;
+use crate::controller::{Context, Error};
+use crate::crd::{Agent, AgentStatus, AssignedResources, IdentityStatus, Phase};
+use crate::keys::conditions::{READY, RECONCILING, STALLED};
+use crate::keys::{MANAGER, reasons};
+
+/// What the steps applied, for the status (None: keep what the status says).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Facts {
+    pub identity: Option<IdentityStatus>,
+    pub assigned_resources: Option<AssignedResources>,
+    pub endpoint: Option<String>,
+}
+
+/// The status after a pass (pure): `previous` as stored, this pass's `reports` in pipeline order.
+pub fn compute(
+    previous: Option<&AgentStatus>,
+    generation: Option<i64>,
+    reports: &[Report],
+    facts: Facts,
+) -> AgentStatus {
+    let mut s = previous.cloned().unwrap_or_default();
+    s.observed_generation = generation;
+    for r in reports {
+        let Some(type_) = r.condition else { continue };
+        match r.level {
+            Level::True => conditions::upsert(
+                &mut s.conditions,
+                type_,
+                true,
+                r.reason,
+                &r.message,
+                generation,
+            ),
+            Level::False => conditions::upsert(
+                &mut s.conditions,
+                type_,
+                false,
+                r.reason,
+                &r.message,
+                generation,
+            ),
+            Level::Unknown => {
+                conditions::unknown(&mut s.conditions, type_, r.reason, &r.message, generation)
+            }
+            Level::Absent => conditions::remove(&mut s.conditions, type_),
+        }
+    }
+    if let Some(identity) = facts.identity {
+        s.identity = Some(identity);
+    }
+    if let Some(assigned) = facts.assigned_resources {
+        s.assigned_resources = Some(assigned);
+    }
+    if let Some(endpoint) = facts.endpoint {
+        s.endpoint = Some(endpoint);
+    }
+
+    let stalled = reports.iter().find(|r| r.stalled);
+    let blocking = reports
+        .iter()
+        .find(|r| r.required && r.level != Level::True);
+    let was_up = matches!(s.phase, Some(Phase::Ready | Phase::Degraded));
+    match (stalled, blocking) {
+        (Some(r), _) => {
+            conditions::upsert(
+                &mut s.conditions,
+                READY,
+                false,
+                r.reason,
+                &r.message,
+                generation,
+            );
+            conditions::upsert(
+                &mut s.conditions,
+                STALLED,
+                true,
+                r.reason,
+                &r.message,
+                generation,
+            );
+            conditions::remove(&mut s.conditions, RECONCILING);
+            s.phase = Some(Phase::Failed);
+        }
+        (None, Some(r)) => {
+            conditions::upsert(
+                &mut s.conditions,
+                READY,
+                false,
+                r.reason,
+                &r.message,
+                generation,
+            );
+            conditions::upsert(
+                &mut s.conditions,
+                RECONCILING,
+                true,
+                r.reason,
+                &r.message,
+                generation,
+            );
+            conditions::remove(&mut s.conditions, STALLED);
+            s.phase = Some(if was_up {
+                Phase::Degraded
+            } else {
+                Phase::Provisioning
+            });
+        }
+        (None, None) if reports.is_empty() => {}
+        (None, None) => {
+            let message = "identity issued and workload available";
+            conditions::upsert(
+                &mut s.conditions,
+                READY,
+                true,
+                reasons::READY,
+                message,
+                generation,
+            );
+            conditions::remove(&mut s.conditions, RECONCILING);
+            conditions::remove(&mut s.conditions, STALLED);
+            s.phase = Some(Phase::Ready);
+        }
+    }
+    s
+}
+
+/// Writes `status` with one server-side-apply patch, unless it equals what is stored.
+pub async fn write(ctx: &Context, agent: &Agent, status: AgentStatus) -> Result<(), Error> {
+    if agent.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = serde_json::json!({
+        "apiVersion": Agent::api_version(&()),
+        "kind": Agent::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &agent.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::Status)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::conditions::{
+        CERTIFICATE_ISSUED, MESSAGING_READY, TOKEN_ISSUED, WORKLOAD_READY,
+    };
+
+    fn issued() -> Vec<Report> {
+        vec![
+            Report::ok(CERTIFICATE_ISSUED, reasons::ISSUED, "certificate"),
+            Report::ok(TOKEN_ISSUED, reasons::ISSUED, "token"),
+        ]
+    }
+
+    fn get<'a>(s: &'a AgentStatus, type_: &str) -> Option<(&'a str, &'a str)> {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| (c.status.as_str(), c.reason.as_str()))
+    }
+
+    fn previous(phase: Phase) -> AgentStatus {
+        AgentStatus {
+            phase: Some(phase),
+            ..Default::default()
+        }
+    }
+
+    /// (case, previous phase, reports) -> (phase, Ready, Reconciling, Stalled)
+    #[test]
+    fn health_follows_the_reports() {
+        let available = Report::ok(WORKLOAD_READY, reasons::AVAILABLE, "1/1");
+        let rolling = Report::pending(WORKLOAD_READY, reasons::ROLLING_OUT, "0/1");
+        let conflict = Report::stalled(Some(WORKLOAD_READY), reasons::NAME_CONFLICT, "Service foo");
+        let invalid = Report::stalled(None, reasons::INVALID_SPEC, "spec.resources.memory");
+        let issue_failed = Report::pending(CERTIFICATE_ISSUED, reasons::ISSUE_FAILED, "ledger");
+        let messaging = Report::optional(
+            MESSAGING_READY,
+            Level::Unknown,
+            reasons::NOT_IMPLEMENTED,
+            "later",
+        );
+        let with = |extra: Vec<Report>| issued().into_iter().chain(extra).collect::<Vec<_>>();
+        type Row = (
+            &'static str,
+            Option<Phase>,
+            Vec<Report>,
+            Phase,
+            (&'static str, &'static str),
+            Option<&'static str>,
+            Option<&'static str>,
+        );
+        let table: Vec<Row> = vec![
+            (
+                "all good",
+                None,
+                with(vec![available.clone()]),
+                Phase::Ready,
+                ("True", "Ready"),
+                None,
+                None,
+            ),
+            (
+                "optional parts do not hold Ready back",
+                None,
+                with(vec![available.clone(), messaging]),
+                Phase::Ready,
+                ("True", "Ready"),
+                None,
+                None,
+            ),
+            (
+                "rolling out on the way up",
+                None,
+                with(vec![rolling.clone()]),
+                Phase::Provisioning,
+                ("False", "RollingOut"),
+                Some("RollingOut"),
+                None,
+            ),
+            (
+                "rolling out after Ready",
+                Some(Phase::Ready),
+                with(vec![rolling]),
+                Phase::Degraded,
+                ("False", "RollingOut"),
+                Some("RollingOut"),
+                None,
+            ),
+            (
+                "identity failing",
+                Some(Phase::Ready),
+                vec![issue_failed],
+                Phase::Degraded,
+                ("False", "IssueFailed"),
+                Some("IssueFailed"),
+                None,
+            ),
+            (
+                "name conflict",
+                None,
+                with(vec![conflict]),
+                Phase::Failed,
+                ("False", "NameConflict"),
+                None,
+                Some("NameConflict"),
+            ),
+            (
+                "invalid spec",
+                Some(Phase::Ready),
+                vec![invalid],
+                Phase::Failed,
+                ("False", "InvalidSpec"),
+                None,
+                Some("InvalidSpec"),
+            ),
+        ];
+        for (case, prev, reports, phase, ready, reconciling, stalled) in table {
+            let prev = prev.map(previous);
+            let s = compute(prev.as_ref(), Some(3), &reports, Facts::default());
+            assert_eq!(s.phase, Some(phase), "{case}");
+            assert_eq!(get(&s, READY), Some(ready), "{case}");
+            assert_eq!(get(&s, RECONCILING).map(|c| c.1), reconciling, "{case}");
+            assert_eq!(
+                get(&s, RECONCILING).map(|c| c.0),
+                reconciling.map(|_| "True"),
+                "{case}"
+            );
+            assert_eq!(get(&s, STALLED).map(|c| c.1), stalled, "{case}");
+            assert_eq!(s.observed_generation, Some(3), "{case}");
+            assert!(
+                s.conditions
+                    .iter()
+                    .all(|c| c.observed_generation == Some(3)),
+                "{case}"
+            );
+        }
+    }
+
+    #[test]
+    fn recovery_clears_stalled_and_reconciling_and_keeps_facts() {
+        let stalled = compute(
+            None,
+            Some(1),
+            &[Report::stalled(None, reasons::PERMISSION_DENIED, "x")],
+            Facts::default(),
+        );
+        assert_eq!(get(&stalled, STALLED), Some(("True", "PermissionDenied")));
+        let reports = issued()
+            .into_iter()
+            .chain([Report::ok(WORKLOAD_READY, reasons::AVAILABLE, "1/1")])
+            .collect::<Vec<_>>();
+        let facts = Facts {
+            endpoint: Some("a.b.svc:8080".into()),
+            ..Default::default()
+        };
+        let ready = compute(Some(&stalled), Some(2), &reports, facts);
+        assert_eq!(get(&ready, STALLED), None);
+        assert_eq!(get(&ready, RECONCILING), None);
+        assert_eq!(ready.endpoint.as_deref(), Some("a.b.svc:8080"));
+        // A later pass without facts keeps them.
+        let again = compute(Some(&ready), Some(2), &reports, Facts::default());
+        assert_eq!(
+            again, ready,
+            "an unchanged pass computes an unchanged status"
+        );
+        // A disabled part's condition goes away.
+        let mut with_messaging = reports.clone();
+        with_messaging.push(Report::optional(
+            MESSAGING_READY,
+            Level::Unknown,
+            reasons::NOT_IMPLEMENTED,
+            "later",
+        ));
+        let on = compute(Some(&ready), Some(3), &with_messaging, Facts::default());
+        assert_eq!(
+            get(&on, MESSAGING_READY),
+            Some(("Unknown", "NotImplemented"))
+        );
+        with_messaging.pop();
+        with_messaging.push(Report::optional(
+            MESSAGING_READY,
+            Level::Absent,
+            reasons::NOT_IMPLEMENTED,
+            "",
+        ));
+        let off = compute(Some(&on), Some(4), &with_messaging, Facts::default());
+        assert_eq!(get(&off, MESSAGING_READY), None);
+    }
+}

@@ -1,0 +1,464 @@
+//! The controller process: leader election on a Lease, the identity authority, the watches and
+//! the Agent controller, with one shutdown path (SIGTERM, or loss of the Lease).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use futures::TryStreamExt;
+use futures::stream::BoxStream;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
+use kube::api::{ApiResource, DynamicObject, PartialObjectMeta, TypeMeta};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, controller::Action, watcher};
+use kube::{Api, Client, core::DeserializeGuard};
+use kube_lease_manager::LeaseManagerBuilder;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::agent::{self, events, report::Note};
+use super::{ChildStores, Config, Context, Error};
+use crate::api::ops;
+use crate::crd::Agent;
+use crate::identity::authority::Authority;
+use crate::keys::{ALLOWED_PERMISSIONS_ANNOTATION, MANAGED_BY, MANAGER, reasons};
+use crate::telemetry::{ErrorLabels, Metrics};
+
+/// Why the controller stopped leading.
+enum Stopped {
+    Shutdown,
+    LostLease,
+}
+
+/// Runs the controller until SIGTERM (exit 0) or until leadership is lost (error: the process
+/// exits and restarts as a standby, so two replicas never write at once).
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (set KUBECONFIG or run in a pod)")?;
+    let metrics = Arc::new(Metrics::default());
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown signal received");
+            shutdown.cancel();
+        });
+    }
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = ops::OpsState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    let (ops_addr, ops_task) = ops::serve(config.ops_addr, state, shutdown.clone())
+        .await
+        .with_context(|| format!("binding the ops endpoint on {}", config.ops_addr))?;
+    tracing::info!(addr = %ops_addr, "serving /metrics, /healthz and /readyz");
+    let lease_secs = config.lease_duration.as_secs().max(2);
+    let manager = LeaseManagerBuilder::new(client.clone(), &config.lease_name)
+        .with_namespace(&config.namespace)
+        .with_identity(&config.replica)
+        .with_duration(lease_secs)
+        .with_grace((lease_secs / 3).max(1))
+        .with_field_manager(format!("{MANAGER}-lease-{}", config.replica))
+        .build()
+        .await
+        .with_context(|| {
+            format!(
+                "preparing leader election on Lease {}/{} (does namespace {} exist?)",
+                config.namespace, config.lease_name, config.namespace
+            )
+        })?;
+    let (leading, lease_task) = manager.watch().await;
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(replica = %config.replica, lease = %config.lease_name, "waiting to become leader");
+
+    let outcome = lead(client, config, metrics.clone(), leading, shutdown.clone()).await;
+
+    // The one shutdown path. `lead` dropped its receiver, so the lease task releases the Lease
+    // and a standby takes over at once.
+    metrics.leader.set(0);
+    shutdown.cancel();
+    let _ = lease_task.await;
+    let _ = ops_task.await;
+    match outcome? {
+        Stopped::Shutdown => {
+            tracing::info!("stopped cleanly");
+            Ok(())
+        }
+        Stopped::LostLease => {
+            anyhow::bail!("lost the leader lease; exiting so this replica restarts as a standby")
+        }
+    }
+}
+
+/// Waits for the Lease, then runs the authority and the reconcilers until shutdown or until the
+/// Lease is lost. Only the leader touches the CA, the ledger and the signing keys.
+async fn lead(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    mut leading: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Stopped> {
+    let became_leader = tokio::select! {
+        _ = shutdown.cancelled() => false,
+        r = leading.wait_for(|l| *l) => r.is_ok(),
+    };
+    if !became_leader {
+        return Ok(Stopped::Shutdown);
+    }
+    tracing::info!(replica = %config.replica, "became leader; starting reconcilers");
+    metrics.leader.set(1);
+    let stop = CancellationToken::new();
+    let lost = Arc::new(AtomicBool::new(false));
+    {
+        let (stop, shutdown, lost) = (stop.clone(), shutdown.clone(), lost.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {},
+                _ = leading.wait_for(|l| !*l) => {
+                    tracing::error!("lost the leader lease; stopping reconcilers");
+                    lost.store(true, Ordering::SeqCst);
+                },
+            }
+            stop.cancel();
+        });
+    }
+    let stopped = || {
+        if lost.load(Ordering::SeqCst) {
+            Stopped::LostLease
+        } else {
+            Stopped::Shutdown
+        }
+    };
+    let bootstrap = tokio::select! {
+        a = Authority::bootstrap(&client, config.authority.clone()) => a,
+        _ = stop.cancelled() => return Ok(stopped()),
+    };
+    let (authority, trust_changed) = bootstrap.context("starting the identity authority")?;
+    let authority = Arc::new(authority);
+    tracing::info!(
+        ca = %authority.ca().fingerprint(),
+        kid = %authority.tokens().active_key().kid,
+        "identity authority ready"
+    );
+    let maintenance = tokio::spawn(maintain_authority(
+        client.clone(),
+        authority.clone(),
+        config.maintenance_interval,
+        stop.clone(),
+    ));
+    reconcile_agents(client, config, metrics, authority, trust_changed, stop).await;
+    maintenance.abort();
+    Ok(stopped())
+}
+
+/// Builds the watch caches and runs the Agent controller until `stop`.
+async fn reconcile_agents(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    authority: Arc<Authority>,
+    trust_changed: futures::channel::mpsc::UnboundedReceiver<()>,
+    stop: CancellationToken,
+) {
+    let ns = &config.watch_namespace;
+    // The caches keep what the reconcile reads (metadata versions, rollout status), not the pod
+    // templates: a fleet's worth of full Deployments would be most of our memory.
+    let (deployments, deployment_events) = child_watch::<Deployment>(&client, ns, |d| {
+        if let Some(spec) = d.spec.as_mut() {
+            spec.template = Default::default();
+        }
+    });
+    let (statefulsets, statefulset_events) = child_watch::<StatefulSet>(&client, ns, |s| {
+        if let Some(spec) = s.spec.as_mut() {
+            spec.template = Default::default();
+            spec.volume_claim_templates = None;
+        }
+    });
+    let (services, service_events) = child_watch::<Service>(&client, ns, |_| {});
+    let (service_accounts, service_account_events) =
+        child_watch::<ServiceAccount>(&client, ns, |_| {});
+    let (namespaces, namespace_events) = namespace_watch(&client, ns);
+    let stores = ChildStores {
+        namespaces,
+        deployments,
+        statefulsets,
+        services,
+        service_accounts,
+    };
+    let ctx = Arc::new(Context::new(client, metrics, config, authority, stores));
+    let children = [
+        deployment_events,
+        statefulset_events,
+        service_events,
+        service_account_events,
+    ];
+    run_agent_controller(ctx, children, namespace_events, trust_changed, stop).await;
+}
+
+/// Permanent errors wait for a change to the Agent; others retry with backoff. Either way the
+/// Agent gets a Warning Event, so `kubectl describe agent` says what is wrong.
+fn error_policy(guard: Arc<DeserializeGuard<Agent>>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = guard_key(&guard);
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabels { kind: error.kind() })
+        .inc();
+    let reference = events::reference(match &guard.0 {
+        Ok(a) => &a.metadata,
+        Err(invalid) => &invalid.metadata,
+    });
+    let note = Note::warning(reasons::RECONCILE_FAILED, "Reconcile", error.to_string());
+    let publisher = ctx.clone();
+    tokio::spawn(async move { events::publish_on(&publisher, &reference, &note).await });
+    if error.is_permanent() {
+        tracing::warn!(agent = %key, error = %error, "permanent error; waiting for a change to the Agent");
+        return Action::await_change();
+    }
+    let delay = ctx.next_backoff(&key);
+    tracing::warn!(agent = %key, error = %error, retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+fn guard_key(guard: &DeserializeGuard<Agent>) -> String {
+    let meta = match &guard.0 {
+        Ok(a) => &a.metadata,
+        Err(invalid) => &invalid.metadata,
+    };
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or(""),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Every `interval`: rotates the token signing key when due, takes the next CA rotation step,
+/// and re-signs the CRL.
+async fn maintain_authority(
+    client: Client,
+    authority: Arc<Authority>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = authority.maintain(&client).await {
+                    tracing::warn!(error = %e, "identity upkeep failed; retrying at the next interval");
+                }
+            }
+        }
+    }
+}
+
+/// Only what we manage: never list every Secret (or Deployment) in the cluster.
+fn managed() -> watcher::Config {
+    watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1))
+}
+
+fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn dynamic_type<K: kube::Resource<DynamicType = ()>>() -> ApiResource {
+    ApiResource::erase::<K>(&())
+}
+
+/// A watch cache of one child kind, and its stream of changes (as metadata, for the owner
+/// lookup) that triggers reconciles of the owning Agent.
+fn child_watch<K>(
+    client: &Client,
+    ns: &Option<String>,
+    trim: fn(&mut K),
+) -> (
+    Store<K>,
+    BoxStream<'static, Result<PartialObjectMeta<DynamicObject>, watcher::Error>>,
+)
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher::watcher(scoped::<K>(client, ns), managed())
+        .default_backoff()
+        .modify(move |obj: &mut K| {
+            obj.meta_mut().managed_fields = None;
+            obj.meta_mut().annotations = None;
+            trim(obj);
+        })
+        .reflect(writer)
+        .touched_objects()
+        .map_ok(|obj: K| PartialObjectMeta::<DynamicObject> {
+            types: Some(TypeMeta {
+                api_version: K::api_version(&()).into(),
+                kind: K::kind(&()).into(),
+            }),
+            metadata: obj.meta().clone(),
+            _phantom: Default::default(),
+        })
+        .boxed();
+    (store, stream)
+}
+
+type NamespaceStore = Store<PartialObjectMeta<Namespace>>;
+type NamespaceEvents = BoxStream<'static, Result<PartialObjectMeta<Namespace>, watcher::Error>>;
+
+/// A watch cache of the namespaces whose Agents we reconcile, trimmed to the permission-policy
+/// annotation, and its stream of policy changes.
+fn namespace_watch(client: &Client, ns: &Option<String>) -> (NamespaceStore, NamespaceEvents) {
+    use kube::runtime::predicates;
+    // One namespace: a field selector, so RBAC can limit the controller to that name.
+    let config = match ns {
+        Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
+        None => watcher::Config::default(),
+    };
+    let (store, writer) = reflector::store();
+    let namespaces: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+    let stream = watcher::watcher(namespaces, config)
+        .default_backoff()
+        .modify(|m: &mut PartialObjectMeta<Namespace>| {
+            let policy = m
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ALLOWED_PERMISSIONS_ANNOTATION).cloned());
+            m.metadata.managed_fields = None;
+            m.metadata.labels = None;
+            m.metadata.annotations =
+                policy.map(|p| [(ALLOWED_PERMISSIONS_ANNOTATION.to_string(), p)].into());
+        })
+        .reflect(writer)
+        .touched_objects()
+        .predicate_filter(predicates::annotations, Default::default())
+        .boxed();
+    (store, stream)
+}
+
+/// The Agent controller: watches Agents (guarded, so one undecodable object cannot stop the
+/// stream) and the children it owns, until `stop` fires.
+async fn run_agent_controller(
+    ctx: Arc<Context>,
+    children: [BoxStream<'static, Result<PartialObjectMeta<DynamicObject>, watcher::Error>>; 4],
+    namespace_events: NamespaceEvents,
+    trust_changed: futures::channel::mpsc::UnboundedReceiver<()>,
+    stop: CancellationToken,
+) {
+    let client = ctx.client.clone();
+    let agents: Api<DeserializeGuard<Agent>> = scoped(&client, &ctx.config.watch_namespace);
+    let secrets: Api<Secret> = scoped(&client, &ctx.config.watch_namespace);
+    let [deployments, statefulsets, services, service_accounts] = children;
+    // Agents as the reconcile needs them: without managedFields, which nothing here reads.
+    let (reader, writer) = reflector::store();
+    let mut agent_watch = watcher::Config::default().any_semantic();
+    if let Some(selector) = &ctx.config.agent_selector {
+        agent_watch = agent_watch.labels(selector);
+    }
+    let agent_events = watcher::watcher(agents, agent_watch)
+        .default_backoff()
+        .modify(|guard: &mut DeserializeGuard<Agent>| match &mut guard.0 {
+            Ok(agent) => agent.metadata.managed_fields = None,
+            Err(invalid) => invalid.metadata.managed_fields = None,
+        })
+        .reflect(writer)
+        .applied_objects();
+    // A namespace's permission policy changed: reconcile the Agents in it. The cache must be
+    // filled before the first reconcile reads it.
+    let (policy_changed, policy_triggers) = futures::channel::mpsc::unbounded();
+    let agents_by_namespace = reader.clone();
+    let namespace_task = tokio::spawn(namespace_events.for_each(move |event| {
+        match event {
+            Ok(ns) => {
+                let name = ns.metadata.name.unwrap_or_default();
+                for agent in agents_by_namespace.state() {
+                    if guard_namespace(&agent) == Some(name.as_str()) {
+                        let _ = policy_changed.unbounded_send(ObjectRef::from_obj(agent.as_ref()));
+                    }
+                }
+            }
+            // Until namespaces can be read, no Agent is reconciled: say why.
+            Err(e) => tracing::warn!(
+                error = %e,
+                "watching namespaces (for their permission policy) failed; the controller needs get, list and watch on namespaces"
+            ),
+        }
+        futures::future::ready(())
+    }));
+    tokio::select! {
+        _ = ctx.stores.namespaces.wait_until_ready() => {},
+        _ = stop.cancelled() => { namespace_task.abort(); return; }
+    }
+    Controller::for_stream(agent_events, reader)
+        .reconcile_on(policy_triggers)
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
+        )
+        .owns(secrets, managed())
+        .owns_stream_with(deployments, dynamic_type::<Deployment>())
+        .owns_stream_with(statefulsets, dynamic_type::<StatefulSet>())
+        .owns_stream_with(services, dynamic_type::<Service>())
+        .owns_stream_with(service_accounts, dynamic_type::<ServiceAccount>())
+        // A new trust bundle, CA or signing key concerns every Agent.
+        .reconcile_all_on(trust_changed)
+        .graceful_shutdown_on(stop.cancelled_owned())
+        .run(agent::reconcile, error_policy, ctx.clone())
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => tracing::debug!(agent = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile loop error"),
+            }
+        })
+        .await;
+    namespace_task.abort();
+}
+
+fn guard_namespace(guard: &DeserializeGuard<Agent>) -> Option<&str> {
+    match &guard.0 {
+        Ok(a) => a.metadata.namespace.as_deref(),
+        Err(invalid) => invalid.metadata.namespace.as_deref(),
+    }
+}
