@@ -102,8 +102,9 @@ pub struct Authority {
     trust_published: std::sync::Mutex<Option<std::time::Instant>>,
     /// Serialises CRL signing and publishing (numbers never go backwards).
     crl: CrlPublisher,
-    /// CA lifecycle notes (an expired CA dropped from the set) not yet taken for Events.
-    ca_notes: std::sync::Mutex<Vec<String>>,
+    /// CA lifecycle notes (an expired CA dropped from the set) not yet taken for Events, and
+    /// every note ever made (each is made once).
+    ca_notes: std::sync::Mutex<(Vec<String>, std::collections::HashSet<String>)>,
 }
 
 /// Test hook (also for end-to-end tests): milliseconds to wait between signing a CRL and
@@ -154,8 +155,9 @@ impl Authority {
             changed,
             trust_published: Default::default(),
             crl: CrlPublisher::new().with_delay(delay),
-            ca_notes: std::sync::Mutex::new(notes),
+            ca_notes: Default::default(),
         };
+        authority.note(notes);
         authority.report_ca_health();
         authority.publish_trust(client).await?;
         authority.publish_jwks(client).await?;
@@ -196,7 +198,17 @@ impl Authority {
     /// CA lifecycle notes (e.g. an expired previous or next CA dropped from the trust bundle)
     /// since the last call, for warning Events.
     pub fn take_ca_notes(&self) -> Vec<String> {
-        std::mem::take(&mut *self.ca_notes.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut self.ca_notes.lock().unwrap_or_else(|p| p.into_inner()).0)
+    }
+
+    fn note(&self, notes: Vec<String>) {
+        let mut guard = self.ca_notes.lock().unwrap_or_else(|p| p.into_inner());
+        let (pending, seen) = &mut *guard;
+        for n in notes {
+            if seen.insert(n.clone()) {
+                pending.push(n);
+            }
+        }
     }
 
     /// Sets the CA gauges and, when the signing CA has expired, logs an error with the recovery.
@@ -327,7 +339,12 @@ impl Authority {
             )
         };
         let now = now_unix();
-        let (stored, dropped) = CaSet::from_secret(&secret, now).map_err(bad)?;
+        // Parsing and chain signature checks off the async workers.
+        let parse = secret.clone();
+        let (stored, dropped) =
+            tokio::task::spawn_blocking(move || CaSet::from_secret(&parse, now))
+                .await?
+                .map_err(bad)?;
         let requested = secret
             .metadata
             .annotations
@@ -387,12 +404,7 @@ impl Authority {
                 secrets
                     .replace(&self.config.ca_secret, &PostParams::default(), &updated)
                     .await?;
-                if !dropped.is_empty() {
-                    self.ca_notes
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .extend(dropped);
-                }
+                self.note(dropped);
                 tracing::info!(
                     step = ?step,
                     signing = %next.active.fingerprint(),
