@@ -265,7 +265,15 @@ impl Authority {
     }
 
     pub async fn publish_jwks(&self, client: &Client) -> Result<(), AuthorityError> {
-        let jwks = serde_json::to_string_pretty(&self.tokens().jwks()).unwrap_or_default();
+        self.publish_jwks_of(client, &self.tokens()).await
+    }
+
+    async fn publish_jwks_of(
+        &self,
+        client: &Client,
+        tokens: &TokenIssuer,
+    ) -> Result<(), AuthorityError> {
+        let jwks = serde_json::to_string_pretty(&tokens.jwks()).unwrap_or_default();
         let cm = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(self.config.jwks_configmap.clone()),
@@ -300,10 +308,11 @@ impl Authority {
             let newest = tokens.keys()[0].kid.clone();
             let signs_from =
                 tokens.keys()[0].created_at + self.config.jwks_propagation.as_secs() as i64;
+            // Published first (if that fails the key ring in use stays as it was, and the next
+            // upkeep tries again); it signs one propagation interval after its creation. Tokens
+            // are not re-minted for it: each moves to the new key at its normal refresh.
+            self.publish_jwks_of(client, &tokens).await?;
             *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tokens);
-            // Published now; it signs one propagation interval later. Tokens are not re-minted
-            // for it: each moves to the new key at its normal refresh (its kid stays published).
-            self.publish_jwks(client).await?;
             tracing::info!(
                 kid = %newest,
                 signing = %self.tokens().active_key().kid,
