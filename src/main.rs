@@ -61,7 +61,8 @@ enum CrdPart {
 #[derive(Subcommand)]
 enum CaCommand {
     /// Start a CA rotation: prepare a new CA, activate it after the overlap, re-issue every
-    /// certificate, retire the old CA. The running leader carries out each step.
+    /// certificate, retire the old CA. The running leader carries out each step. When the
+    /// signing CA has already expired, the leader replaces it at once (the recovery).
     Rotate(CaArgs),
     /// Show the rotation phase and the CAs in play.
     Status(CaArgs),
@@ -161,6 +162,10 @@ struct ControllerArgs {
     /// Replace the token signing key when it is older than this (the old key stays published 24h).
     #[arg(long, default_value = "720h", value_parser = parse_duration)]
     signing_key_rotation: Duration,
+    /// How long a new token signing key is published in the JWKS before it signs (verifiers
+    /// with a cached JWKS learn it first); the next key is generated this long before rotation.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    jwks_propagation: Duration,
     /// How long each CA rotation step (prepare -> activate -> retire) waits for consumers to
     /// pick up the new trust bundle.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
@@ -236,6 +241,7 @@ fn main() -> ExitCode {
                     token_audience: args.token_audience,
                     ca_validity: args.ca_validity,
                     signing_key_rotation: args.signing_key_rotation,
+                    jwks_propagation: args.jwks_propagation,
                     ca_rotation_overlap: args.ca_rotation_overlap,
                     data_dir: args.data_dir.clone(),
                     ttl_divisor: args.ttl_divisor,

@@ -64,6 +64,24 @@ pub struct Metrics {
     pub tokens_minted: Counter,
     /// Seconds until the soonest-expiring active certificate (a float gauge).
     pub nearest_certificate_expiry: Gauge<f64, AtomicU64>,
+    /// The signing CA's health (the same gauges as `ca_gauges()`).
+    pub ca: CaGauges,
+}
+
+/// The signing CA's health. Process-wide, because the identity authority that sets them is
+/// built apart from the registry; every `Metrics` exposes these same gauges.
+#[derive(Clone, Debug, Default)]
+pub struct CaGauges {
+    /// 1 while the signing CA has expired (nothing can be issued), else 0.
+    pub expired: Gauge,
+    /// Seconds until the signing CA expires (negative once it has).
+    pub expiry_seconds: Gauge<f64, AtomicU64>,
+}
+
+/// The process-wide CA gauges.
+pub fn ca_gauges() -> &'static CaGauges {
+    static GAUGES: std::sync::OnceLock<CaGauges> = std::sync::OnceLock::new();
+    GAUGES.get_or_init(CaGauges::default)
 }
 
 impl Default for Metrics {
@@ -115,7 +133,19 @@ impl Default for Metrics {
             "Seconds until the soonest-expiring active agent certificate",
             nearest_certificate_expiry.clone(),
         );
+        let ca = ca_gauges().clone();
+        registry.register(
+            "ca_expired",
+            "1 while the signing CA has expired and nothing can be issued (run `agentry ca rotate`)",
+            ca.expired.clone(),
+        );
+        registry.register(
+            "ca_expiry_seconds",
+            "Seconds until the signing CA expires (negative once it has)",
+            ca.expiry_seconds.clone(),
+        );
         Self {
+            ca,
             registry,
             reconciles,
             reconcile_errors,
@@ -160,5 +190,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("agentry_leader 0"), "{text}");
+        ca_gauges().expired.set(1);
+        let text = m.render();
+        assert!(text.contains("agentry_ca_expired 1"), "{text}");
+        assert!(text.contains("agentry_ca_expiry_seconds"), "{text}");
     }
 }

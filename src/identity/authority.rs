@@ -4,8 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -14,7 +17,9 @@ use kube::{Api, Client};
 
 use super::ca::{CaError, CertificateAuthority};
 use super::jwt::{JwtError, SigningKey, TokenIssuer};
-use super::rotation::{CaSet, CaSetError, PHASE_ANNOTATION, Phase, ROTATE_ANNOTATION, next_step};
+use super::rotation::{
+    CaSet, CaSetError, PHASE_ANNOTATION, Phase, ROTATE_ANNOTATION, next_step, recovery_step,
+};
 use super::store::{Ledger, StoreError};
 
 /// Labels on everything Agentry creates.
@@ -41,6 +46,9 @@ pub struct AuthorityConfig {
     pub ca_validity: Duration,
     /// A signing key older than this is replaced (the old one stays published for a day).
     pub signing_key_rotation: Duration,
+    /// How long a new signing key is published (JWKS) before it signs, so that verifiers with a
+    /// cached JWKS know it first. The next key is generated this long before the rotation is due.
+    pub jwks_propagation: Duration,
     /// How long each CA rotation step waits for every consumer to pick up the new bundle.
     pub ca_rotation_overlap: Duration,
     pub data_dir: PathBuf,
@@ -70,11 +78,21 @@ pub enum AuthorityError {
         "CA Secret {0}: {1}; fix or delete the Secret (a new CA is created when it is missing)"
     )]
     BadCaSet(String, #[source] CaSetError),
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+impl From<tokio::task::JoinError> for AuthorityError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        AuthorityError::Task(e.to_string())
+    }
 }
 
 pub struct Authority {
     pub config: AuthorityConfig,
-    pub ledger: Ledger,
+    /// Shared so blocking ledger work can move to `spawn_blocking`; `&authority.ledger` still
+    /// coerces to `&Ledger`.
+    pub ledger: Arc<Ledger>,
     /// The signing CA and, during a rotation, the others trusted beside it.
     cas: RwLock<CaSet>,
     tokens: RwLock<Arc<TokenIssuer>>,
@@ -82,7 +100,16 @@ pub struct Authority {
     changed: futures::channel::mpsc::UnboundedSender<()>,
     /// When the trust bundle and CRL were last published.
     trust_published: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Serialises CRL signing and publishing (numbers never go backwards).
+    crl: CrlPublisher,
+    /// CA lifecycle notes (an expired CA dropped from the set) not yet taken for Events, and
+    /// every note ever made (each is made once).
+    ca_notes: std::sync::Mutex<(Vec<String>, std::collections::HashSet<String>)>,
 }
+
+/// Test hook (also for end-to-end tests): milliseconds to wait between signing a CRL and
+/// publishing it, to widen any race between concurrent publishers. Unset in production.
+pub const CRL_PUBLISH_DELAY_ENV: &str = "AGENTRY_TEST_CRL_PUBLISH_DELAY_MS";
 
 /// How often the CRL is re-signed when nothing is revoked (its nextUpdate is 24h out).
 const CRL_REFRESH: Duration = Duration::from_secs(3600);
@@ -104,15 +131,22 @@ impl Authority {
         client: &Client,
         config: AuthorityConfig,
     ) -> Result<(Self, futures::channel::mpsc::UnboundedReceiver<()>), AuthorityError> {
-        let ledger = Ledger::open(&config.data_dir)?;
-        let cas = load_or_create_ca(client, &config).await?;
+        let dir = config.data_dir.clone();
+        let ledger = Arc::new(tokio::task::spawn_blocking(move || Ledger::open(&dir)).await??);
+        let (cas, notes) = load_or_create_ca(client, &config).await?;
         let keys = load_or_rotate_signing_keys(client, &config).await?;
         let tokens = TokenIssuer::new(
             config.token_issuer.clone(),
             config.token_audience.clone(),
             keys,
-        )?;
+        )?
+        .with_propagation(config.jwks_propagation);
         let (changed, receiver) = futures::channel::mpsc::unbounded();
+        let delay = std::env::var(CRL_PUBLISH_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or_default();
         let authority = Self {
             config,
             ledger,
@@ -120,7 +154,11 @@ impl Authority {
             tokens: RwLock::new(Arc::new(tokens)),
             changed,
             trust_published: Default::default(),
+            crl: CrlPublisher::new().with_delay(delay),
+            ca_notes: Default::default(),
         };
+        authority.note(notes);
+        authority.report_ca_health();
         authority.publish_trust(client).await?;
         authority.publish_jwks(client).await?;
         Ok((authority, receiver))
@@ -160,52 +198,91 @@ impl Authority {
             .clone()
     }
 
+    /// Whether the signing CA can issue: `Err` (with the recovery) once it has expired. The
+    /// controller starts and serves either way; `issue` refuses with `CaError::SigningCaExpired`.
+    pub fn ca_health(&self) -> Result<(), String> {
+        ca_health(&self.cas(), now_unix(), &self.config)
+    }
+
+    /// CA lifecycle notes (e.g. an expired previous or next CA dropped from the trust bundle)
+    /// since the last call, for warning Events.
+    pub fn take_ca_notes(&self) -> Vec<String> {
+        std::mem::take(&mut self.ca_notes.lock().unwrap_or_else(|p| p.into_inner()).0)
+    }
+
+    fn note(&self, notes: Vec<String>) {
+        let mut guard = self.ca_notes.lock().unwrap_or_else(|p| p.into_inner());
+        let (pending, seen) = &mut *guard;
+        for n in notes {
+            if seen.insert(n.clone()) {
+                pending.push(n);
+            }
+        }
+    }
+
+    /// Sets the CA gauges and, when the signing CA has expired, logs an error with the recovery.
+    fn report_ca_health(&self) {
+        let cas = self.cas();
+        let now = now_unix();
+        let gauges = crate::telemetry::ca_gauges();
+        let left = cas.active.not_after().unix_timestamp() - now;
+        gauges.expiry_seconds.set(left as f64);
+        gauges.expired.set(i64::from(left <= 0));
+        if let Err(message) = ca_health(&cas, now, &self.config) {
+            tracing::error!(fingerprint = %cas.active.fingerprint(), "{message}");
+        }
+    }
+
     /// A lifetime from the spec, shortened by the testing divisor.
     pub fn scaled(&self, d: Duration) -> Duration {
         d / self.config.ttl_divisor.max(1)
     }
 
     /// Re-signs the CRL and publishes it with the trust bundle in the `agentry-ca` ConfigMap.
+    ///
+    /// Serialised (see `CrlPublisher`): a call made while another publish is in flight waits
+    /// for it and then shares one more publish, which includes whatever it revoked. CRL numbers
+    /// only ever go up.
     pub async fn publish_trust(&self, client: &Client) -> Result<(), AuthorityError> {
+        let sink = ConfigMapSink {
+            client,
+            namespace: &self.config.namespace,
+            name: &self.config.ca_configmap,
+        };
+        self.publish_trust_to(&sink).await.map(|_| ())
+    }
+
+    /// `publish_trust` into any sink. Returns the CRL number published, or None when a publish
+    /// that started after this call already covered it.
+    pub async fn publish_trust_to(
+        &self,
+        sink: &dyn TrustSink,
+    ) -> Result<Option<u64>, AuthorityError> {
         // The CRL is re-signed at least every day (and on every revocation); during a rotation
         // the previous CA signs a CRL for its own certificates too.
-        let cas = self.cas();
-        let mut crl = String::new();
-        for ca in std::iter::once(&cas.active).chain(cas.previous.iter()) {
-            crl.push_str(&ca.crl_pem(&self.ledger, Duration::from_secs(24 * 3600))?);
+        let published = self
+            .crl
+            .publish(&self.ledger, || self.cas(), sink, CRL_NEXT_UPDATE)
+            .await?;
+        if published.is_some() {
+            *self
+                .trust_published
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
         }
-        let cm = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(self.config.ca_configmap.clone()),
-                namespace: Some(self.config.namespace.clone()),
-                labels: Some(labels()),
-                ..Default::default()
-            },
-            data: Some(
-                [
-                    ("ca.crt".to_string(), self.bundle()),
-                    ("crl.pem".to_string(), crl),
-                ]
-                .into(),
-            ),
-            ..Default::default()
-        };
-        apply(
-            client,
-            &self.config.namespace,
-            &self.config.ca_configmap,
-            &cm,
-        )
-        .await?;
-        *self
-            .trust_published
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
-        Ok(())
+        Ok(published)
     }
 
     pub async fn publish_jwks(&self, client: &Client) -> Result<(), AuthorityError> {
-        let jwks = serde_json::to_string_pretty(&self.tokens().jwks()).unwrap_or_default();
+        self.publish_jwks_of(client, &self.tokens()).await
+    }
+
+    async fn publish_jwks_of(
+        &self,
+        client: &Client,
+        tokens: &TokenIssuer,
+    ) -> Result<(), AuthorityError> {
+        let jwks = serde_json::to_string_pretty(&tokens.jwks()).unwrap_or_default();
         let cm = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(self.config.jwks_configmap.clone()),
@@ -225,7 +302,7 @@ impl Authority {
         .await
     }
 
-    /// Periodic upkeep: rotate the signing key when it is old, re-sign the CRL.
+    /// Periodic upkeep: publish the next signing key when one is due, re-sign the CRL.
     pub async fn maintain(&self, client: &Client) -> Result<(), AuthorityError> {
         let keys = load_or_rotate_signing_keys(client, &self.config).await?;
         let current: Vec<String> = self.tokens().keys().iter().map(|k| k.kid.clone()).collect();
@@ -235,12 +312,24 @@ impl Authority {
                 self.config.token_issuer.clone(),
                 self.config.token_audience.clone(),
                 keys,
-            )?;
+            )?
+            .with_propagation(self.config.jwks_propagation);
+            let newest = tokens.keys()[0].kid.clone();
+            let signs_from =
+                tokens.keys()[0].created_at + self.config.jwks_propagation.as_secs() as i64;
+            // Published first (if that fails the key ring in use stays as it was, and the next
+            // upkeep tries again); it signs one propagation interval after its creation. Tokens
+            // are not re-minted for it: each moves to the new key at its normal refresh.
+            self.publish_jwks_of(client, &tokens).await?;
             *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tokens);
-            self.publish_jwks(client).await?;
-            tracing::info!(kid = %self.tokens().active_key().kid, "token signing key rotated");
-            let _ = self.changed.unbounded_send(());
+            tracing::info!(
+                kid = %newest,
+                signing = %self.tokens().active_key().kid,
+                signs_from,
+                "token signing keys changed; JWKS published"
+            );
         }
+        self.report_ca_health();
         let trust_changed = self.rotate_ca(client).await?;
         // Re-sign the CRL well before its nextUpdate (24h), or at once when the CAs changed.
         let stale = self
@@ -267,36 +356,61 @@ impl Authority {
                 e,
             )
         };
-        let stored = CaSet::from_secret(&secret).map_err(bad)?;
+        let now = now_unix();
+        // Parsing and chain signature checks off the async workers.
+        let parse = secret.clone();
+        let (stored, dropped) =
+            tokio::task::spawn_blocking(move || CaSet::from_secret(&parse, now))
+                .await?
+                .map_err(bad)?;
         let requested = secret
             .metadata
             .annotations
             .as_ref()
             .is_some_and(|a| a.contains_key(ROTATE_ANNOTATION));
-        let now = now_unix();
-        let old_leaves = self
-            .ledger
-            .active_not_issued_by(stored.active.fingerprint())?;
-        let step = next_step(
-            stored.phase,
-            requested,
-            now,
-            self.config.ca_rotation_overlap,
-            old_leaves,
-        );
+        let step = if stored.active.is_expired_at(now) {
+            recovery_step(stored.phase, requested)
+        } else {
+            // SQLite off the async workers.
+            let ledger = self.ledger.clone();
+            let fingerprint = stored.active.fingerprint().to_string();
+            let old_leaves =
+                tokio::task::spawn_blocking(move || ledger.active_not_issued_by(&fingerprint, now))
+                    .await??;
+            next_step(
+                stored.phase,
+                requested,
+                now,
+                self.config.ca_rotation_overlap,
+                old_leaves,
+            )
+        };
         let next = match step {
-            None => stored,
-            Some(step) => {
-                let trust_domain = self.config.trust_domain.clone();
-                let validity = self.config.ca_validity;
-                let next = stored.apply(step, now, || {
-                    CertificateAuthority::generate(
-                        &format!("agentry CA ({trust_domain})"),
-                        validity,
-                    )
-                })?;
+            None if dropped.is_empty() => stored,
+            step => {
+                let next = match step {
+                    Some(step) => {
+                        let trust_domain = self.config.trust_domain.clone();
+                        let validity = self.config.ca_validity;
+                        let from = stored.clone();
+                        // Key generation and signing off the async workers.
+                        tokio::task::spawn_blocking(move || {
+                            from.apply(step, now, || {
+                                CertificateAuthority::generate(
+                                    &format!("agentry CA ({trust_domain})"),
+                                    validity,
+                                )
+                            })
+                        })
+                        .await??
+                    }
+                    // Only expired CAs left the set: write the set without them.
+                    None => stored,
+                };
                 let mut annotations = secret.metadata.annotations.clone().unwrap_or_default();
-                annotations.remove(ROTATE_ANNOTATION);
+                if step.is_some() {
+                    annotations.remove(ROTATE_ANNOTATION);
+                }
                 match next.phase.render() {
                     Some(p) => annotations.insert(PHASE_ANNOTATION.to_string(), p),
                     None => annotations.remove(PHASE_ANNOTATION),
@@ -308,10 +422,11 @@ impl Authority {
                 secrets
                     .replace(&self.config.ca_secret, &PostParams::default(), &updated)
                     .await?;
+                self.note(dropped);
                 tracing::info!(
                     step = ?step,
                     signing = %next.active.fingerprint(),
-                    "CA rotation step taken"
+                    "CA Secret updated"
                 );
                 next
             }
@@ -322,9 +437,184 @@ impl Authority {
             && current.phase == next.phase;
         if !same {
             *self.cas.write().unwrap_or_else(|p| p.into_inner()) = next;
+            self.report_ca_health();
             let _ = self.changed.unbounded_send(());
         }
         Ok(!same)
+    }
+}
+
+/// `Err` with the documented recovery when the signing CA has expired.
+fn ca_health(cas: &CaSet, now: i64, config: &AuthorityConfig) -> Result<(), String> {
+    if !cas.active.is_expired_at(now) {
+        return Ok(());
+    }
+    Err(format!(
+        "the signing CA (sha256:{}) expired at {}: no certificate can be issued or renewed. \
+         Recover with `agentry ca rotate --namespace {ns} --ca-secret {secret}` (with an expired \
+         signing CA the leader activates a new CA at once and every Agent is re-issued), or bring \
+         a new CA by replacing tls.crt/tls.key in Secret {ns}/{secret}",
+        cas.active.fingerprint(),
+        cas.active.not_after(),
+        ns = config.namespace,
+        secret = config.ca_secret,
+    ))
+}
+
+/// How long a published CRL is valid (it is re-signed every `CRL_REFRESH`).
+const CRL_NEXT_UPDATE: Duration = Duration::from_secs(24 * 3600);
+
+/// Where the trust bundle and CRLs go: the `agentry-ca` ConfigMap in production, a recorder in
+/// tests.
+pub trait TrustSink: Send + Sync {
+    /// The highest CRL number already published there (after a restart, or another leader).
+    fn published_crl_number(&self) -> BoxFuture<'_, Result<Option<u64>, AuthorityError>>;
+    /// Publishes `ca.crt` (the bundle) and `crl.pem` (one CRL per signing CA).
+    fn publish(&self, bundle: String, crl: String) -> BoxFuture<'_, Result<(), AuthorityError>>;
+}
+
+/// The `agentry-ca` ConfigMap.
+pub struct ConfigMapSink<'a> {
+    pub client: &'a Client,
+    pub namespace: &'a str,
+    pub name: &'a str,
+}
+
+impl TrustSink for ConfigMapSink<'_> {
+    fn published_crl_number(&self) -> BoxFuture<'_, Result<Option<u64>, AuthorityError>> {
+        Box::pin(async move {
+            let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), self.namespace);
+            let crl = cms
+                .get_opt(self.name)
+                .await?
+                .and_then(|cm| cm.data?.remove("crl.pem"))
+                .unwrap_or_default();
+            Ok(crl_numbers(&crl).into_iter().max())
+        })
+    }
+
+    fn publish(&self, bundle: String, crl: String) -> BoxFuture<'_, Result<(), AuthorityError>> {
+        Box::pin(async move {
+            let cm = ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(self.name.to_string()),
+                    namespace: Some(self.namespace.to_string()),
+                    labels: Some(labels()),
+                    ..Default::default()
+                },
+                data: Some([("ca.crt".to_string(), bundle), ("crl.pem".to_string(), crl)].into()),
+                ..Default::default()
+            };
+            apply(self.client, self.namespace, self.name, &cm).await
+        })
+    }
+}
+
+/// The CRL numbers of every CRL in a PEM bundle.
+pub fn crl_numbers(pem: &str) -> Vec<u64> {
+    x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .filter_map(Result::ok)
+        .filter(|p| p.label == "X509 CRL")
+        .filter_map(|p| {
+            let (_, crl) = x509_parser::parse_x509_crl(&p.contents).ok()?;
+            let bytes = crl.crl_number()?.to_bytes_be();
+            (bytes.len() <= 8).then(|| bytes.iter().fold(0u64, |n, b| (n << 8) | u64::from(*b)))
+        })
+        .collect()
+}
+
+/// Signs and publishes CRLs one at a time: "read the ledger, take a CRL number, sign, publish"
+/// runs under one async mutex, so a CRL never overtakes a newer one and numbers strictly
+/// increase (RFC 5280 §5.2.3) -- also across restarts, as the first publish reads the number
+/// already published. Requests coalesce: callers arriving while a publish is in flight wait,
+/// and the first of them publishes once for all (its ledger read sees all their revocations).
+pub struct CrlPublisher {
+    /// Requests so far (a ticket each).
+    requested: AtomicU64,
+    state: tokio::sync::Mutex<PublishState>,
+    delay: Duration,
+}
+
+#[derive(Default)]
+struct PublishState {
+    /// Every ticket up to this one is covered by a completed publish.
+    covered: u64,
+    last_number: Option<u64>,
+}
+
+impl Default for CrlPublisher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CrlPublisher {
+    pub fn new() -> Self {
+        Self {
+            requested: AtomicU64::new(0),
+            state: Default::default(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// Test hook: waits this long between signing and publishing (see `CRL_PUBLISH_DELAY_ENV`).
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Publishes the trust bundle and a CRL for the active (and previous) CA of `cas()`, read
+    /// under the lock. Returns the CRL number published, or None when coalesced into a publish
+    /// that started after this call.
+    pub async fn publish(
+        &self,
+        ledger: &Arc<Ledger>,
+        cas: impl FnOnce() -> CaSet,
+        sink: &dyn TrustSink,
+        next_update: Duration,
+    ) -> Result<Option<u64>, AuthorityError> {
+        // The caller's revocation is committed before this ticket is taken.
+        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut state = self.state.lock().await;
+        if state.covered >= ticket {
+            return Ok(None);
+        }
+        // Every request so far is committed to the ledger, which is read below.
+        let covers = self.requested.load(Ordering::SeqCst);
+        let floor = match state.last_number {
+            Some(n) => n,
+            None => sink.published_crl_number().await?.unwrap_or(0),
+        };
+        let cas = cas();
+        let bundle = cas.bundle();
+        let ledger = ledger.clone();
+        // SQLite and signing off the async workers.
+        let (crl, number) = tokio::task::spawn_blocking(move || {
+            let now = time::OffsetDateTime::now_utc();
+            let revoked = ledger.revoked_unexpired(now.unix_timestamp())?;
+            let counted = ledger.next_crl_number()?;
+            if counted <= floor {
+                tracing::warn!(
+                    ledger = counted,
+                    published = floor,
+                    "the ledger's CRL number is behind the published CRL; continuing above it"
+                );
+            }
+            let number = counted.max(floor + 1);
+            let mut crl = String::new();
+            for ca in std::iter::once(&cas.active).chain(cas.previous.iter()) {
+                crl.push_str(&ca.sign_crl(&revoked, number, now, next_update)?);
+            }
+            Ok::<_, CaError>((crl, number))
+        })
+        .await??;
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        sink.publish(bundle, crl).await?;
+        state.last_number = Some(number);
+        state.covered = covers;
+        Ok(Some(number))
     }
 }
 
@@ -349,20 +639,24 @@ async fn apply(
 async fn load_or_create_ca(
     client: &Client,
     config: &AuthorityConfig,
-) -> Result<CaSet, AuthorityError> {
+) -> Result<(CaSet, Vec<String>), AuthorityError> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
     for _ in 0..3 {
         if let Some(secret) = secrets.get_opt(&config.ca_secret).await? {
-            let cas = CaSet::from_secret(&secret).map_err(|e| {
+            let (cas, dropped) = CaSet::from_secret(&secret, now_unix()).map_err(|e| {
                 AuthorityError::BadCaSet(format!("{}/{}", config.namespace, config.ca_secret), e)
             })?;
             tracing::info!(fingerprint = %cas.active.fingerprint(), phase = ?cas.phase, "loaded the CA from its Secret");
-            return Ok(cas);
+            return Ok((cas, dropped));
         }
-        let ca = CertificateAuthority::generate(
-            &format!("agentry CA ({})", config.trust_domain),
+        let (common_name, validity) = (
+            format!("agentry CA ({})", config.trust_domain),
             config.ca_validity,
-        )?;
+        );
+        let ca = tokio::task::spawn_blocking(move || {
+            CertificateAuthority::generate(&common_name, validity)
+        })
+        .await??;
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(config.ca_secret.clone()),
@@ -393,12 +687,7 @@ async fn load_or_create_ca(
         match secrets.create(&PostParams::default(), &secret).await {
             Ok(_) => {
                 tracing::info!(fingerprint = %ca.fingerprint(), "created a new CA");
-                return Ok(CaSet {
-                    active: Arc::new(ca),
-                    next: None,
-                    previous: None,
-                    phase: Phase::Idle,
-                });
+                return Ok((CaSet::single(ca), Vec::new()));
             }
             Err(kube::Error::Api(s)) if s.code == 409 => continue,
             Err(e) => return Err(e.into()),
@@ -446,19 +735,20 @@ async fn load_or_rotate_signing_keys(
         })
         .unwrap_or_default();
     keys.sort_by_key(|k| std::cmp::Reverse(k.created_at));
-    let rotation = config.signing_key_rotation.as_secs() as i64;
+    let propagation = config.jwks_propagation.as_secs() as i64;
     let newest_age = keys.first().map(|k| now - k.created_at);
-    let needs_new = newest_age.is_none_or(|age| age >= rotation);
+    let needs_new = newest_age.is_none_or(|age| age >= next_key_due(config));
     if !needs_new && existing.is_some() {
         // Prune: keep the signing key and any key retired less than a token lifetime ago.
         let before = keys.len();
-        keys = prune(keys, now);
+        keys = prune(keys, now, propagation);
         if keys.len() == before {
             return Ok(keys);
         }
     } else {
+        // Published now, signing one propagation interval later (`TokenIssuer::active_key_at`).
         keys.insert(0, SigningKey::generate(now)?);
-        keys = prune(keys, now);
+        keys = prune(keys, now, propagation);
     }
     let annotations = serde_json::to_string(
         &keys
@@ -502,14 +792,25 @@ async fn load_or_rotate_signing_keys(
     Ok(keys)
 }
 
-/// Keys sorted newest first: the newest signs; an older key was retired when its successor was
-/// created, and stays published until every token it signed has expired.
-fn prune(keys: Vec<SigningKey>, now: i64) -> Vec<SigningKey> {
+/// The age of the newest signing key at which its successor is generated: one propagation
+/// interval before the rotation is due, so the successor signs on time (never more often than
+/// half the rotation period).
+fn next_key_due(config: &AuthorityConfig) -> i64 {
+    let rotation = config.signing_key_rotation.as_secs() as i64;
+    let propagation = config.jwks_propagation.as_secs() as i64;
+    (rotation - propagation).max(rotation / 2).max(1)
+}
+
+/// Keys sorted newest first: an older key was retired when its successor started signing (one
+/// propagation interval after the successor was created), and stays published until every
+/// token it signed has expired.
+fn prune(keys: Vec<SigningKey>, now: i64, propagation: i64) -> Vec<SigningKey> {
     let grace = MAX_TOKEN_TTL.as_secs() as i64 + super::jwt::LEEWAY_SECS as i64;
     let mut successor_created: Option<i64> = None;
     let mut out = Vec::new();
     for key in keys {
-        let keep = successor_created.is_none_or(|retired_at| now - retired_at <= grace);
+        let keep = successor_created
+            .is_none_or(|created| now - created.saturating_add(propagation) <= grace);
         successor_created = Some(key.created_at);
         if keep {
             out.push(key);
@@ -531,12 +832,248 @@ mod tests {
         let kept = prune(
             vec![key(now - day), key(now - 40 * day), key(now - 70 * day)],
             now,
+            0,
         );
         assert_eq!(kept.len(), 2);
         assert_eq!(kept[0].created_at, now - day);
         assert_eq!(kept[1].created_at, now - 40 * day);
         // Only the signing key when its predecessor was retired long ago.
-        let kept = prune(vec![key(now - 3 * day), key(now - 40 * day)], now);
+        let kept = prune(vec![key(now - 3 * day), key(now - 40 * day)], now, 0);
         assert_eq!(kept.len(), 1);
+    }
+
+    /// Records every publish, in the order they land, and lands lower CRL numbers more slowly:
+    /// publishers that are not serialised then overtake each other.
+    struct Recorder {
+        published: std::sync::Mutex<Vec<(u64, String)>>,
+        already: Option<u64>,
+    }
+
+    impl TrustSink for Recorder {
+        fn published_crl_number(&self) -> BoxFuture<'_, Result<Option<u64>, AuthorityError>> {
+            Box::pin(async move { Ok(self.already) })
+        }
+        fn publish(
+            &self,
+            _bundle: String,
+            crl: String,
+        ) -> BoxFuture<'_, Result<(), AuthorityError>> {
+            Box::pin(async move {
+                let numbers = crl_numbers(&crl);
+                let number = numbers[0];
+                assert!(numbers.iter().all(|n| *n == number));
+                tokio::time::sleep(Duration::from_millis(100u64.saturating_sub(number * 4))).await;
+                self.published.lock().unwrap().push((number, crl));
+                Ok(())
+            })
+        }
+    }
+
+    fn crl_serials(pem: &str) -> Vec<String> {
+        x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+            .filter_map(Result::ok)
+            .flat_map(|p| {
+                let (_, crl) = x509_parser::parse_x509_crl(&p.contents).unwrap();
+                crl.iter_revoked_certificates()
+                    .map(|r| crate::identity::ca::hex(r.raw_serial()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Item 1 of issue 8: 20 concurrent revoke-and-publish calls. Every CRL lands in number
+    /// order (strictly increasing), and the last one lists every revoked serial.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_revocations_publish_crls_in_order_and_the_last_has_them_all() {
+        use crate::identity::ca::{LeafRequest, service_dns_names};
+        use crate::identity::store::RevocationReason;
+        let ledger = Arc::new(Ledger::in_memory().unwrap());
+        let cas = CaSet::single(
+            CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(86400)).unwrap(),
+        );
+        let publisher = Arc::new(CrlPublisher::new().with_delay(Duration::from_millis(5)));
+        let sink = Arc::new(Recorder {
+            published: Default::default(),
+            already: None,
+        });
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let (ledger, cas, publisher, sink) =
+                    (ledger.clone(), cas.clone(), publisher.clone(), sink.clone());
+                tokio::spawn(async move {
+                    let req = LeafRequest {
+                        agent_uid: format!("uid-{i}"),
+                        namespace: "ns".into(),
+                        name: format!("a{i}"),
+                        trust_domain: "td".into(),
+                        dns_names: service_dns_names("ns", &format!("a{i}")),
+                        ttl: Duration::from_secs(3600),
+                    };
+                    let leaf = cas.active.issue(&ledger, &req).unwrap();
+                    ledger
+                        .revoke(
+                            &leaf.record.serial,
+                            RevocationReason::KeyCompromise,
+                            now_unix(),
+                        )
+                        .unwrap();
+                    publisher
+                        .publish(&ledger, || cas.clone(), &*sink, CRL_NEXT_UPDATE)
+                        .await
+                        .unwrap();
+                    leaf.record.serial
+                })
+            })
+            .collect();
+        let mut serials = Vec::new();
+        for t in tasks {
+            serials.push(t.await.unwrap());
+        }
+        let published = sink.published.lock().unwrap();
+        let numbers: Vec<u64> = published.iter().map(|(n, _)| *n).collect();
+        assert!(
+            numbers.windows(2).all(|w| w[0] < w[1]),
+            "CRL numbers went backwards: {numbers:?}"
+        );
+        let last = crl_serials(&published.last().unwrap().1);
+        for serial in &serials {
+            assert!(last.contains(serial), "{serial} missing from the final CRL");
+        }
+        assert!(
+            published.len() <= 20,
+            "coalesced: {} publishes",
+            published.len()
+        );
+    }
+
+    /// Item 1: the first publish continues above the number already published (a restart, or
+    /// a ledger behind the ConfigMap), never below it.
+    #[tokio::test]
+    async fn the_first_publish_continues_above_what_is_already_published() {
+        let ledger = Arc::new(Ledger::in_memory().unwrap());
+        let cas = CaSet::single(
+            CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(86400)).unwrap(),
+        );
+        let publisher = CrlPublisher::new();
+        let sink = Recorder {
+            published: Default::default(),
+            already: Some(41),
+        };
+        let first = publisher
+            .publish(&ledger, || cas.clone(), &sink, CRL_NEXT_UPDATE)
+            .await
+            .unwrap();
+        assert_eq!(first, Some(42));
+        let second = publisher
+            .publish(&ledger, || cas.clone(), &sink, CRL_NEXT_UPDATE)
+            .await
+            .unwrap();
+        assert_eq!(second, Some(43));
+    }
+
+    /// Item 5: retirement waits only for unexpired active leaves of the old CA.
+    #[test]
+    fn expired_leaves_do_not_hold_a_retirement_up() {
+        use crate::identity::store::{CertRecord, CertState};
+        let ledger = Ledger::in_memory().unwrap();
+        let rec = |serial: &str, uid: &str, not_after: i64| CertRecord {
+            serial: serial.into(),
+            agent_uid: uid.into(),
+            namespace: "ns".into(),
+            name: "a".into(),
+            spiffe_id: "spiffe://td/ns/ns/agent/a".into(),
+            fingerprint: "ff".into(),
+            issuer_fingerprint: "old".into(),
+            not_before: 0,
+            not_after,
+            state: CertState::Active,
+            revocation_reason: None,
+            revoked_at: None,
+        };
+        ledger.record_issued(&rec("01", "u1", 1000), 1).unwrap();
+        ledger.record_issued(&rec("02", "u2", 3000), 1).unwrap();
+        assert_eq!(ledger.active_not_issued_by("new", 500).unwrap(), 2);
+        assert_eq!(ledger.active_not_issued_by("new", 2000).unwrap(), 1);
+        assert_eq!(ledger.active_not_issued_by("new", 3000).unwrap(), 0);
+    }
+
+    /// Item 5: an expired signing CA is reported with its recovery.
+    #[test]
+    fn an_expired_signing_ca_is_unhealthy_with_the_recovery() {
+        let now = time::OffsetDateTime::now_utc();
+        let config = AuthorityConfig {
+            namespace: "agentry-system".into(),
+            ca_secret: "agentry-ca".into(),
+            signing_secret: "s".into(),
+            ca_configmap: "c".into(),
+            jwks_configmap: "j".into(),
+            trust_domain: "td".into(),
+            token_issuer: "i".into(),
+            token_audience: "a".into(),
+            ca_validity: Duration::from_secs(3600),
+            signing_key_rotation: Duration::from_secs(3600),
+            jwks_propagation: Duration::from_secs(600),
+            ca_rotation_overlap: Duration::from_secs(60),
+            data_dir: "/nonexistent".into(),
+            ttl_divisor: 1,
+        };
+        let good = CaSet::single(
+            CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(3600)).unwrap(),
+        );
+        assert_eq!(ca_health(&good, now.unix_timestamp(), &config), Ok(()));
+        let expired = CaSet::single(
+            CertificateAuthority::generate_valid(
+                "agentry CA (td)",
+                now - Duration::from_secs(7200),
+                now - Duration::from_secs(1),
+            )
+            .unwrap(),
+        );
+        let err = ca_health(&expired, now.unix_timestamp(), &config).unwrap_err();
+        assert!(
+            err.contains("expired") && err.contains("agentry ca rotate"),
+            "{err}"
+        );
+    }
+
+    /// Item 6: the next signing key is made one propagation interval before the rotation is
+    /// due, and its predecessor stays published a token lifetime after it stopped signing.
+    #[test]
+    fn the_next_signing_key_is_made_a_propagation_interval_early() {
+        let mut config_rotation = 30 * 86_400;
+        let due = |rotation: i64, propagation: i64| {
+            next_key_due(&AuthorityConfig {
+                namespace: String::new(),
+                ca_secret: String::new(),
+                signing_secret: String::new(),
+                ca_configmap: String::new(),
+                jwks_configmap: String::new(),
+                trust_domain: String::new(),
+                token_issuer: String::new(),
+                token_audience: String::new(),
+                ca_validity: Duration::ZERO,
+                signing_key_rotation: Duration::from_secs(rotation as u64),
+                jwks_propagation: Duration::from_secs(propagation as u64),
+                ca_rotation_overlap: Duration::ZERO,
+                data_dir: PathBuf::new(),
+                ttl_divisor: 1,
+            })
+        };
+        assert_eq!(due(config_rotation, 600), config_rotation - 600);
+        config_rotation = 600;
+        assert_eq!(
+            due(config_rotation, 3600),
+            300,
+            "never more often than half the period"
+        );
+        // The old key stopped signing when the new one started (created + propagation).
+        let day = 86_400;
+        let now = 100 * day;
+        let key = |created| SigningKey::generate(created).unwrap();
+        let grace = MAX_TOKEN_TTL.as_secs() as i64 + crate::identity::jwt::LEEWAY_SECS as i64;
+        let new_created = now - grace - 300;
+        // Without propagation it would be pruned; it signed until new_created + 600.
+        assert_eq!(prune(vec![key(new_created), key(0)], now, 0).len(), 1);
+        assert_eq!(prune(vec![key(new_created), key(0)], now, 600).len(), 2);
     }
 }

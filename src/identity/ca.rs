@@ -28,6 +28,11 @@ pub enum CaError {
     NotCa,
     #[error("the CA certificate expired at {0}")]
     Expired(String),
+    #[error(
+        "the signing CA expired at {0}; no certificate can be issued until it is replaced \
+         (`agentry ca rotate` activates a new CA at once when the signing CA has expired)"
+    )]
+    SigningCaExpired(String),
     #[error("{0}")]
     InvalidName(String),
     #[error(transparent)]
@@ -38,11 +43,17 @@ pub enum CaError {
 pub struct CertificateAuthority {
     cert_pem: String,
     cert_der: Vec<u8>,
+    /// Certificates above this CA (an intermediate's issuers, up to its root), DER, in order:
+    /// kept so the trust bundle agents get holds the whole chain of a brought CA.
+    chain: Vec<Vec<u8>>,
     key_pem: String,
     issuer: Issuer<'static, KeyPair>,
     fingerprint: String,
     /// Subject key identifier, lowercase hex: what its leaves carry as AKI.
     subject_key_id: Option<String>,
+    /// The same, raw: what its CRLs carry as AKI (never recomputed: a CA made by
+    /// `openssl req -x509` uses SHA-1 key ids).
+    subject_key_id_raw: Option<Vec<u8>>,
     not_after: OffsetDateTime,
 }
 
@@ -58,13 +69,35 @@ impl std::fmt::Debug for CertificateAuthority {
 
 impl CertificateAuthority {
     /// Generates a new self-signed P-256 CA valid for `validity`.
+    ///
+    /// Its common name is `common_name` followed by the first 8 hex digits of its key id, so
+    /// that every CA has a distinct subject: a verifier picks a CRL by issuer name, and during
+    /// a rotation two CAs are trusted at once.
     pub fn generate(common_name: &str, validity: Duration) -> Result<Self, CaError> {
+        let now = OffsetDateTime::now_utc();
+        Self::generate_valid(common_name, now - BACKDATE, now + validity)
+    }
+
+    /// Generates a new self-signed P-256 CA valid from `not_before` to `not_after` (which may
+    /// be in the past: tests craft expired CAs with it).
+    pub fn generate_valid(
+        common_name: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Self, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        // RFC 7093 method 1, as rcgen computes it by default, but fixed here so the name can
+        // carry it.
+        let key_id = Sha256::digest(key.subject_public_key_info())[..20].to_vec();
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "agentry.dev");
-        dn.push(DnType::CommonName, common_name);
+        dn.push(
+            DnType::CommonName,
+            format!("{common_name} {}", hex(&key_id[..4])),
+        );
         params.distinguished_name = dn;
+        params.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(key_id);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -72,19 +105,32 @@ impl CertificateAuthority {
             KeyUsagePurpose::DigitalSignature,
         ];
         params.serial_number = Some(random_serial());
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
-        params.not_after = now + validity;
+        params.not_before = not_before;
+        params.not_after = not_after;
         let cert = params.self_signed(&key)?;
-        Self::from_pem(&cert.pem(), &key.serialize_pem())
+        Self::load(&cert.pem(), &key.serialize_pem())
     }
 
     /// Loads a CA from PEM (as stored in a Secret's tls.crt / tls.key, cert-manager's layout).
     /// Checks that it is a CA, unexpired, and that the key matches.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let ca = Self::load(cert_pem, key_pem)?;
+        if ca.is_expired_at(OffsetDateTime::now_utc().unix_timestamp()) {
+            return Err(CaError::Expired(ca.not_after.to_string()));
+        }
+        Ok(ca)
+    }
+
+    /// Like `from_pem`, but an expired CA loads too (the controller must start, say so, and
+    /// refuse to issue, rather than fail). The first CERTIFICATE block is the CA; any further
+    /// blocks are its chain (an intermediate's issuers) and are kept for the trust bundle.
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem)?;
-        let der = pem_to_der(cert_pem)
+        let mut ders = pem_to_ders(cert_pem).into_iter();
+        let der = ders
+            .next()
             .ok_or_else(|| CaError::BadCaCert("no CERTIFICATE block".into()))?;
+        let chain: Vec<Vec<u8>> = ders.filter(|d| *d != der).collect();
         let (_, x509) = x509_parser::parse_x509_certificate(&der)
             .map_err(|e| CaError::BadCaCert(e.to_string()))?;
         if !x509.is_ca() {
@@ -94,26 +140,77 @@ impl CertificateAuthority {
             return Err(CaError::KeyMismatch);
         }
         let not_after = x509.validity().not_after.to_datetime();
-        if not_after <= OffsetDateTime::now_utc() {
-            return Err(CaError::Expired(not_after.to_string()));
-        }
-        let subject_key_id = x509
-            .extensions()
-            .iter()
-            .find_map(|e| match e.parsed_extension() {
-                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => Some(hex(k.0)),
-                _ => None,
-            });
+        let subject_key_id_raw =
+            x509.extensions()
+                .iter()
+                .find_map(|e| match e.parsed_extension() {
+                    x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => {
+                        Some(k.0.to_vec())
+                    }
+                    _ => None,
+                });
+        // Leaves' AKI: rcgen takes the CA's own SKI when it has one (`KeyIdMethod::PreSpecified`).
         let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key)?;
         Ok(Self {
-            subject_key_id,
+            subject_key_id: subject_key_id_raw.as_deref().map(hex),
+            subject_key_id_raw,
             cert_pem: der_to_pem(&der),
             fingerprint: sha256_hex(&der),
             cert_der: der,
+            chain,
             key_pem: key_pem.to_string(),
             issuer,
             not_after,
         })
+    }
+
+    /// Adds, from `pem` (a Secret's `ca.crt`), each certificate that issued the top of this
+    /// CA's chain, walking up to a self-signed root. Certificates that issued nothing here
+    /// (other CAs of a rotation, strangers) are ignored.
+    pub fn adopt_issuers(&mut self, pem: &str) {
+        let candidates = pem_to_ders(pem);
+        loop {
+            let top = self.chain.last().unwrap_or(&self.cert_der).clone();
+            let Ok((_, top_x509)) = x509_parser::parse_x509_certificate(&top) else {
+                return;
+            };
+            if top_x509.subject() == top_x509.issuer() {
+                return; // a root
+            }
+            let found = candidates.iter().find(|c| {
+                **c != self.cert_der
+                    && !self.chain.contains(c)
+                    && x509_parser::parse_x509_certificate(c).is_ok_and(|(_, x)| {
+                        x.is_ca()
+                            && x.subject() == top_x509.issuer()
+                            && top_x509.verify_signature(Some(x.public_key())).is_ok()
+                    })
+            });
+            match found {
+                Some(c) => self.chain.push(c.clone()),
+                None => return,
+            }
+        }
+    }
+
+    /// The certificates above this CA, PEM (empty for a self-signed CA).
+    pub fn chain_pem(&self) -> String {
+        self.chain.iter().map(|d| der_to_pem(d)).collect()
+    }
+
+    /// This CA's certificate followed by its chain, PEM: what its Secret's `tls.crt` holds.
+    pub fn full_pem(&self) -> String {
+        format!("{}{}", self.cert_pem, self.chain_pem())
+    }
+
+    /// The DER of this CA and of its chain, in order.
+    pub fn ders(&self) -> impl Iterator<Item = &[u8]> {
+        std::iter::once(self.cert_der.as_slice()).chain(self.chain.iter().map(Vec::as_slice))
+    }
+
+    /// Whether the CA's notAfter is at or before `now` (unix seconds).
+    pub fn is_expired_at(&self, now: i64) -> bool {
+        self.not_after.unix_timestamp() <= now
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -135,10 +232,20 @@ impl CertificateAuthority {
     }
 
     /// Issues a leaf for an agent and commits it to the ledger before returning it.
+    ///
+    /// A leaf never outlives its CA: its notAfter is clamped to the CA's, and
+    /// `IssuedLeaf::clamped_to` says so. An expired CA issues nothing.
     pub fn issue(&self, ledger: &Ledger, req: &LeafRequest) -> Result<IssuedLeaf, CaError> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let now = OffsetDateTime::now_utc();
-        let params = leaf_params(req, now)?;
+        if self.is_expired_at(now.unix_timestamp()) {
+            return Err(CaError::SigningCaExpired(self.not_after.to_string()));
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = leaf_params(req, now)?;
+        let clamped_to = (params.not_after > self.not_after).then(|| {
+            params.not_after = self.not_after;
+            self.not_after.unix_timestamp()
+        });
         let cert = params.signed_by(&key, &self.issuer)?;
         let der = cert.der().to_vec();
         let serial = hex(params
@@ -167,14 +274,29 @@ impl CertificateAuthority {
             key_pem: key.serialize_pem(),
             cert_der: der,
             record,
+            clamped_to,
         })
     }
 
-    /// Signs a CRL listing every revoked, unexpired certificate in the ledger.
+    /// Signs a CRL listing every revoked, unexpired certificate in the ledger, with the
+    /// ledger's next CRL number. (The controller publishes through `CrlPublisher`, which
+    /// orders numbers; this is for one-off use.)
     pub fn crl_pem(&self, ledger: &Ledger, next_update: Duration) -> Result<String, CaError> {
         let now = OffsetDateTime::now_utc();
         let revoked = ledger.revoked_unexpired(now.unix_timestamp())?;
         let number = ledger.next_crl_number()?;
+        self.sign_crl(&revoked, number, now, next_update)
+    }
+
+    /// Signs a CRL numbered `number` listing those of `revoked` that this CA issued. Its AKI is
+    /// this CA's own subject key identifier (as read from its certificate, never recomputed).
+    pub fn sign_crl(
+        &self,
+        revoked: &[CertRecord],
+        number: u64,
+        now: OffsetDateTime,
+        next_update: Duration,
+    ) -> Result<String, CaError> {
         let params = CertificateRevocationListParams {
             this_update: now,
             next_update: now + next_update,
@@ -198,7 +320,10 @@ impl CertificateAuthority {
                     })
                 })
                 .collect(),
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+            key_identifier_method: match &self.subject_key_id_raw {
+                Some(ski) => rcgen::KeyIdMethod::PreSpecified(ski.clone()),
+                None => rcgen::KeyIdMethod::Sha256,
+            },
         };
         Ok(params.signed_by(&self.issuer)?.pem()?)
     }
@@ -249,6 +374,9 @@ pub struct IssuedLeaf {
     pub key_pem: String,
     pub cert_der: Vec<u8>,
     pub record: CertRecord,
+    /// Set (to the CA's notAfter, unix seconds) when the requested lifetime would have
+    /// outlived the CA and notAfter was cut to the CA's: worth an Event.
+    pub clamped_to: Option<i64>,
 }
 
 /// Builds a leaf's parameters: only what we choose, never what a requester asks for.
@@ -535,6 +663,127 @@ mod tests {
         assert_eq!(ledger.count().unwrap(), 100_000);
     }
 
+    fn common_name(der: &[u8]) -> String {
+        let (_, x) = x509_parser::parse_x509_certificate(der).unwrap();
+        x.subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn crl_aki(crl_pem: &str) -> Option<String> {
+        let der = x509_parser::pem::parse_x509_pem(crl_pem.as_bytes())
+            .unwrap()
+            .1
+            .contents;
+        let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+        crl.extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => {
+                    a.key_identifier.as_ref().map(|k| hex(k.0))
+                }
+                _ => None,
+            })
+    }
+
+    /// Item 2 of issue 8: two CAs of one trust domain never share a subject.
+    #[test]
+    fn every_generated_ca_has_a_distinct_subject() {
+        let a =
+            CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(3600)).unwrap();
+        let b =
+            CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(3600)).unwrap();
+        let (cn_a, cn_b) = (common_name(a.cert_der()), common_name(b.cert_der()));
+        assert_ne!(cn_a, cn_b);
+        // The suffix is the start of the CA's own key id.
+        let ski = a.subject_key_id().unwrap();
+        assert_eq!(cn_a, format!("agentry CA (td) {}", &ski[..8]));
+    }
+
+    /// Item 4: a leaf never outlives its CA, and says when it was cut short.
+    #[test]
+    fn a_leaf_never_outlives_its_ca() {
+        let ca = CertificateAuthority::generate("a", Duration::from_secs(3600)).unwrap();
+        let ledger = Ledger::in_memory().unwrap();
+        let leaf = ca.issue(&ledger, &request()).unwrap(); // asks for 24h
+        let facts = leaf_facts(&leaf.cert_pem).unwrap();
+        assert_eq!(facts.not_after, ca.not_after().unix_timestamp());
+        assert_eq!(leaf.clamped_to, Some(ca.not_after().unix_timestamp()));
+        assert_eq!(leaf.record.not_after, ca.not_after().unix_timestamp());
+        let mut short = request();
+        short.ttl = Duration::from_secs(600);
+        let leaf = ca.issue(&ledger, &short).unwrap();
+        assert_eq!(leaf.clamped_to, None);
+        assert!(leaf_facts(&leaf.cert_pem).unwrap().not_after < ca.not_after().unix_timestamp());
+    }
+
+    /// Item 5: an expired CA loads (so the controller can start and say so) but issues nothing.
+    #[test]
+    fn an_expired_ca_loads_but_issues_nothing() {
+        let now = OffsetDateTime::now_utc();
+        let ca = CertificateAuthority::generate_valid(
+            "old",
+            now - Duration::from_secs(7200),
+            now - Duration::from_secs(60),
+        )
+        .unwrap();
+        assert!(matches!(
+            CertificateAuthority::from_pem(ca.cert_pem(), ca.key_pem()),
+            Err(CaError::Expired(_))
+        ));
+        let loaded = CertificateAuthority::load(ca.cert_pem(), ca.key_pem()).unwrap();
+        assert!(loaded.is_expired_at(now.unix_timestamp()));
+        let ledger = Ledger::in_memory().unwrap();
+        let err = loaded.issue(&ledger, &request()).err().unwrap();
+        assert!(matches!(err, CaError::SigningCaExpired(_)), "{err}");
+        assert!(err.to_string().contains("agentry ca rotate"), "{err}");
+        assert_eq!(ledger.count().unwrap(), 0);
+    }
+
+    /// Item 3: a CA brought from `openssl req -x509` has a SHA-1 key id; its leaves' AKI and its
+    /// CRL's AKI must be that key id, not one recomputed with SHA-256.
+    #[test]
+    fn a_brought_openssl_ca_keeps_its_own_key_id_in_leaves_and_crls() {
+        let dir = tempfile::tempdir().unwrap();
+        let (crt, key) = test_support::openssl_root(dir.path(), "Brought Root");
+        let ca = CertificateAuthority::from_pem(&crt, &key).unwrap();
+        let ski = ca.subject_key_id().unwrap().to_string();
+        let spki_sha256 = {
+            let (_, x) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+            hex(&Sha256::digest(x.public_key().raw)[..20])
+        };
+        assert_ne!(ski, spki_sha256, "openssl uses SHA-1 key ids");
+        let ledger = Ledger::in_memory().unwrap();
+        let leaf = ca.issue(&ledger, &request()).unwrap();
+        assert_eq!(
+            leaf_facts(&leaf.cert_pem).unwrap().authority_key_id,
+            Some(ski.clone())
+        );
+        let crl = ca.crl_pem(&ledger, Duration::from_secs(3600)).unwrap();
+        assert_eq!(crl_aki(&crl), Some(ski));
+        // And openssl itself accepts the leaf with the CRL.
+        std::fs::write(dir.path().join("leaf.pem"), &leaf.cert_pem).unwrap();
+        std::fs::write(dir.path().join("crl.pem"), &crl).unwrap();
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir.path())
+            .args([
+                "verify",
+                "-crl_check",
+                "-CAfile",
+                "ca.crt",
+                "-CRLfile",
+                "crl.pem",
+            ])
+            .arg("leaf.pem")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+
     #[test]
     fn serials_are_unique_positive_and_wide() {
         let mut seen = std::collections::HashSet::new();
@@ -545,5 +794,102 @@ mod tests {
             assert!(b[0] & 0x80 == 0 && b[0] & 0x40 != 0);
             assert!(seen.insert(b), "duplicate serial");
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! CAs made by `openssl`, as an operator would bring them.
+    use std::path::Path;
+
+    pub fn openssl(dir: &Path, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl is installed");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    }
+
+    fn read(dir: &Path, name: &str) -> String {
+        std::fs::read_to_string(dir.join(name)).unwrap()
+    }
+
+    /// A self-signed P-256 root: `ca.crt`/`ca.key` in `dir`; returns (cert PEM, key PEM).
+    pub fn openssl_root(dir: &Path, cn: &str) -> (String, String) {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "30",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        (read(dir, "ca.crt"), read(dir, "ca.key"))
+    }
+
+    /// An intermediate CA issued by the root `openssl_root` left in `dir`: (cert PEM, key PEM).
+    pub fn openssl_intermediate(dir: &Path, cn: &str) -> (String, String) {
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n\
+             subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+        )
+        .unwrap();
+        openssl(
+            dir,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "int.key",
+                "-out",
+                "int.csr",
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "int.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "int.crt",
+                "-days",
+                "30",
+                "-extfile",
+                "ext.cnf",
+            ],
+        );
+        (read(dir, "int.crt"), read(dir, "int.key"))
     }
 }

@@ -135,12 +135,16 @@ impl SigningKey {
     }
 }
 
-/// Mints agent tokens with the newest key of a key ring.
+/// Mints agent tokens with a key ring. Every key is published (JWKS); a new key signs only once
+/// it has been published for `propagation`, so verifiers holding a cached JWKS never see a
+/// token signed by a key they do not know yet (SPIRE's prepare-then-activate for JWT keys).
 pub struct TokenIssuer {
     pub issuer: String,
     pub audience: String,
-    /// Newest first; the first signs, all are published.
+    /// Newest first; all are published.
     keys: Vec<SigningKey>,
+    /// Seconds a key is published before it signs.
+    propagation: i64,
 }
 
 impl TokenIssuer {
@@ -157,11 +161,34 @@ impl TokenIssuer {
             issuer,
             audience,
             keys,
+            propagation: 0,
         })
     }
 
+    /// How long a key is published before it signs (default: at once).
+    pub fn with_propagation(mut self, propagation: Duration) -> Self {
+        self.propagation = propagation.as_secs().min(i64::MAX as u64) as i64;
+        self
+    }
+
+    /// The key that signs now.
     pub fn active_key(&self) -> &SigningKey {
-        &self.keys[0]
+        self.active_key_at(now_unix())
+    }
+
+    /// The key that signs at `now` (unix seconds): the newest key published for at least the
+    /// propagation interval; when none is yet (a first key at bootstrap), the oldest key.
+    pub fn active_key_at(&self, now: i64) -> &SigningKey {
+        self.keys
+            .iter()
+            .find(|k| k.created_at.saturating_add(self.propagation) <= now)
+            .unwrap_or_else(|| &self.keys[self.keys.len() - 1])
+    }
+
+    /// Whether a token with this kid still verifies against what is published: a token need
+    /// not be re-minted just because another key became active.
+    pub fn is_published(&self, kid: &str) -> bool {
+        self.keys.iter().any(|k| k.kid == kid)
     }
 
     pub fn keys(&self) -> &[SigningKey] {
@@ -199,9 +226,9 @@ impl TokenIssuer {
         }
     }
 
-    /// Signs `claims` with the active key (header: alg ES256, typ JWT, kid).
+    /// Signs `claims` with the key active at their `iat` (header: alg ES256, typ JWT, kid).
     pub fn sign(&self, claims: &Claims) -> Result<String, JwtError> {
-        let key = self.active_key();
+        let key = self.active_key_at(claims.iat.min(i64::MAX as u64) as i64);
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(key.kid.clone());
         jsonwebtoken::encode(&header, claims, &key.encoding).map_err(JwtError::Encode)
@@ -274,6 +301,13 @@ impl Verifier {
         }
         Ok(claims)
     }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -470,6 +504,106 @@ mod tests {
             retired.verifier().verify(&token, CERT),
             Err(VerifyError::UnknownKid(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod propagation {
+    //! Item 6 of issue 8: a new key is published one propagation interval before it signs.
+    use super::*;
+
+    const CERT: &[u8] = b"cert";
+    const PROPAGATION: i64 = 600;
+
+    fn ring(keys: Vec<SigningKey>) -> TokenIssuer {
+        TokenIssuer::new("https://i".into(), "aud".into(), keys)
+            .unwrap()
+            .with_propagation(Duration::from_secs(PROPAGATION as u64))
+    }
+
+    #[test]
+    fn a_new_key_signs_only_after_it_has_been_published_for_the_interval() {
+        let t0: i64 = 1_000_000;
+        let old = SigningKey::generate(t0 - 30 * 86_400).unwrap();
+        let old_pem = old.pem().to_string();
+        let old_kid = old.kid.clone();
+        // At bootstrap the only key signs at once.
+        let boot = ring(vec![SigningKey::from_pem(&old_pem, t0).unwrap()]);
+        assert_eq!(boot.active_key_at(t0).kid, old_kid);
+
+        // Rotation at t0: the next key is in the JWKS, the old one still signs.
+        let new = SigningKey::generate(t0).unwrap();
+        let new_kid = new.kid.clone();
+        let rotated = ring(vec![old, new]);
+        assert_eq!(rotated.jwks().keys.len(), 2);
+        assert_eq!(rotated.active_key_at(t0).kid, old_kid);
+        assert_eq!(rotated.active_key_at(t0 + PROPAGATION - 1).kid, old_kid);
+        assert_eq!(rotated.active_key_at(t0 + PROPAGATION).kid, new_kid);
+        assert!(rotated.is_published(&old_kid) && rotated.is_published(&new_kid));
+        assert!(!rotated.is_published("nope"));
+
+        // A verifier that cached the JWKS before the rotation (only the old key) accepts every
+        // token minted during the propagation interval.
+        let cached = ring(vec![
+            SigningKey::from_pem(&old_pem, t0 - 30 * 86_400).unwrap(),
+        ]);
+        let cached_verifier = cached.verifier();
+        for at in [t0, t0 + 1, t0 + PROPAGATION / 2, t0 + PROPAGATION - 1] {
+            let (token, _) = rotated
+                .mint("s", "", Duration::from_secs(3600), CERT, at as u64)
+                .unwrap();
+            let kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
+            assert_eq!(kid, old_kid, "minted at {at}");
+            // Claims are time-checked against the real clock: check only the signature/kid.
+            match cached_verifier.verify(&token, CERT) {
+                Ok(_) | Err(VerifyError::Invalid(_)) => {}
+                Err(e) => panic!("a cached verifier refused a token minted at {at}: {e}"),
+            }
+        }
+        // After the interval tokens move to the new key (which every cache has by now).
+        let (token, _) = rotated
+            .mint(
+                "s",
+                "",
+                Duration::from_secs(3600),
+                CERT,
+                (t0 + PROPAGATION) as u64,
+            )
+            .unwrap();
+        assert_eq!(
+            jsonwebtoken::decode_header(&token).unwrap().kid.unwrap(),
+            new_kid
+        );
+    }
+
+    #[test]
+    fn with_several_unpropagated_keys_the_oldest_signs() {
+        let t0: i64 = 5_000;
+        let a = SigningKey::generate(t0).unwrap();
+        let b = SigningKey::generate(t0 + 10).unwrap();
+        let a_kid = a.kid.clone();
+        let iss = ring(vec![b, a]);
+        assert_eq!(iss.active_key_at(t0 + 20).kid, a_kid);
+    }
+
+    /// A token minted with the real clock verifies with a JWKS cached before the new key was
+    /// added (end to end, nothing mocked but the key ages).
+    #[test]
+    fn live_tokens_verify_against_a_jwks_cached_before_the_rotation() {
+        let now = now_unix();
+        let old = SigningKey::generate(now - 86_400).unwrap();
+        let cached = Verifier::from_jwks(
+            &JwkSet {
+                keys: vec![old.jwk().clone()],
+            },
+            "https://i",
+            "aud",
+        );
+        let rotated = ring(vec![old, SigningKey::generate(now).unwrap()]);
+        let (token, _) = rotated
+            .mint("s", "", Duration::from_secs(600), CERT, now as u64)
+            .unwrap();
+        assert!(cached.verify(&token, CERT).is_ok());
     }
 }
 

@@ -5,8 +5,14 @@
 //!    and every agent's Secret gets the two-CA bundle.
 //! 3. activate, one overlap later: the next CA signs (`tls.crt`/`tls.key`), the old one moves
 //!    to `previous.*` and stays trusted; every leaf is re-issued by the new CA.
-//! 4. retire, once no active leaf of the old CA remains and an overlap has passed: the old CA
-//!    leaves the bundle.
+//! 4. retire, once no active, unexpired leaf of the old CA remains and an overlap has passed:
+//!    the old CA leaves the bundle.
+//!
+//! Expiry never bricks the controller: an expired next or previous CA is dropped from the set
+//! (with a note for an Event); an expired signing CA still loads, is reported (metric, error
+//! log, `Authority::ca_health`), and issues nothing until replaced. Recovery: `agentry ca
+//! rotate` -- with an expired signing CA the leader replaces it at once (`Step::Replace`, or
+//! `Step::Activate` when a next CA is already prepared) instead of waiting an overlap.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -67,6 +73,19 @@ pub enum Step {
     Prepare,
     Activate,
     Retire,
+    /// The signing CA expired and a rotation was requested: a new CA signs at once, alone
+    /// (nothing the expired CA signed can verify any more, so there is nothing to overlap).
+    Replace,
+}
+
+/// What to do next when the signing CA has expired (pure): an already prepared CA is activated
+/// at once; otherwise a requested rotation replaces the CA. Nothing happens unasked.
+pub fn recovery_step(phase: Phase, requested: bool) -> Option<Step> {
+    match phase {
+        Phase::Prepared(_) => Some(Step::Activate),
+        _ if requested => Some(Step::Replace),
+        _ => None,
+    }
 }
 
 /// What to do next (pure): `old_leaves` is how many active certificates the previous CA signed.
@@ -96,17 +115,42 @@ pub struct CaSet {
 }
 
 impl CaSet {
-    /// `ca.crt` for agents: the active CA first, then the others trusted during a rotation.
+    /// A set of one CA, no rotation under way.
+    pub fn single(ca: CertificateAuthority) -> Self {
+        Self {
+            active: Arc::new(ca),
+            next: None,
+            previous: None,
+            phase: Phase::Idle,
+        }
+    }
+
+    /// `ca.crt` for agents: the active CA first (with the chain of a brought intermediate),
+    /// then the others trusted during a rotation; each certificate once.
     pub fn bundle(&self) -> String {
-        let mut out = self.active.cert_pem().to_string();
-        for other in self.next.iter().chain(self.previous.iter()) {
-            out.push_str(other.cert_pem());
+        let mut seen: Vec<&[u8]> = Vec::new();
+        let mut out = String::new();
+        for ca in std::iter::once(&self.active)
+            .chain(self.next.iter())
+            .chain(self.previous.iter())
+        {
+            for der in ca.ders() {
+                if !seen.contains(&der) {
+                    seen.push(der);
+                    out.push_str(&super::ca::der_to_pem(der));
+                }
+            }
         }
         out
     }
 
-    /// Reads the set from the CA Secret's data and annotations.
-    pub fn from_secret(secret: &Secret) -> Result<Self, CaSetError> {
+    /// Reads the set from the CA Secret's data and annotations, at `now` (unix seconds).
+    ///
+    /// An expired next or previous CA is left out (its rotation phase ends with it), and a
+    /// line saying so is returned beside the set for a warning Event; an expired signing CA is
+    /// kept (see `Authority::ca_health`). Certificates in `ca.crt` that issued the signing CA
+    /// (a brought intermediate's root) stay in the bundle.
+    pub fn from_secret(secret: &Secret, now: i64) -> Result<(Self, Vec<String>), CaSetError> {
         let get = |k: &'static str| {
             secret
                 .data
@@ -114,25 +158,55 @@ impl CaSet {
                 .and_then(|d| d.get(k))
                 .and_then(|b| String::from_utf8(b.0.clone()).ok())
         };
+        let bundle = get("ca.crt").unwrap_or_default();
         let pair = |crt: &'static str,
                     key: &'static str|
-         -> Result<Option<Arc<CertificateAuthority>>, CaSetError> {
+         -> Result<Option<CertificateAuthority>, CaSetError> {
             match (get(crt), get(key)) {
-                (Some(c), Some(k)) => Ok(Some(Arc::new(
-                    CertificateAuthority::from_pem(&c, &k)
-                        .map_err(|e| CaSetError::Invalid(crt, e))?,
-                ))),
+                (Some(c), Some(k)) => {
+                    let mut ca = CertificateAuthority::load(&c, &k)
+                        .map_err(|e| CaSetError::Invalid(crt, e))?;
+                    ca.adopt_issuers(&bundle);
+                    Ok(Some(ca))
+                }
                 _ => Ok(None),
             }
         };
         let active = pair("tls.crt", "tls.key")?.ok_or(CaSetError::Missing)?;
-        let phase = Phase::of(secret);
-        Ok(Self {
-            active,
-            next: pair("next.crt", "next.key")?,
-            previous: pair("previous.crt", "previous.key")?,
-            phase,
-        })
+        let mut phase = Phase::of(secret);
+        let mut dropped = Vec::new();
+        let mut unexpired = |ca: Option<CertificateAuthority>, role: &str| {
+            let ca = ca?;
+            if ca.is_expired_at(now) {
+                let note = format!(
+                    "the {role} CA (sha256:{}) expired at {}; it is no longer trusted and leaves \
+                     the bundle",
+                    ca.fingerprint(),
+                    ca.not_after()
+                );
+                tracing::warn!(fingerprint = %ca.fingerprint(), role, "{note}");
+                dropped.push(note);
+                return None;
+            }
+            Some(Arc::new(ca))
+        };
+        let next = unexpired(pair("next.crt", "next.key")?, "next");
+        let previous = unexpired(pair("previous.crt", "previous.key")?, "previous");
+        // A phase whose other CA is gone is over.
+        match phase {
+            Phase::Prepared(_) if next.is_none() => phase = Phase::Idle,
+            Phase::Activated(_) if previous.is_none() => phase = Phase::Idle,
+            _ => {}
+        }
+        Ok((
+            Self {
+                active: Arc::new(active),
+                next,
+                previous,
+                phase,
+            },
+            dropped,
+        ))
     }
 
     /// The Secret data for this set.
@@ -141,15 +215,15 @@ impl CaSet {
         let mut put = |k: &str, v: &str| {
             data.insert(k.to_string(), ByteString(v.as_bytes().to_vec()));
         };
-        put("tls.crt", self.active.cert_pem());
+        put("tls.crt", &self.active.full_pem());
         put("tls.key", self.active.key_pem());
         put("ca.crt", &self.bundle());
         if let Some(n) = &self.next {
-            put("next.crt", n.cert_pem());
+            put("next.crt", &n.full_pem());
             put("next.key", n.key_pem());
         }
         if let Some(p) = &self.previous {
-            put("previous.crt", p.cert_pem());
+            put("previous.crt", &p.full_pem());
             put("previous.key", p.key_pem());
         }
         data
@@ -181,6 +255,7 @@ impl CaSet {
                 previous: None,
                 phase: Phase::Idle,
             },
+            Step::Replace => Self::single(new_ca()?),
         })
     }
 }
@@ -222,13 +297,27 @@ pub async fn status(
         .get(secret)
         .await
         .map_err(|e| format!("reading Secret {namespace}/{secret}: {e}"))?;
-    let set = CaSet::from_secret(&s).map_err(|e| e.to_string())?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let (set, dropped) = CaSet::from_secret(&s, now).map_err(|e| e.to_string())?;
     let mut out = format!(
-        "phase: {}\nsigning CA: sha256:{} (expires {})\n",
+        "phase: {}\nsigning CA: sha256:{} ({} {})\n",
         set.phase.render().unwrap_or_else(|| "idle".into()),
         set.active.fingerprint(),
+        if set.active.is_expired_at(now) {
+            "EXPIRED at"
+        } else {
+            "expires"
+        },
         set.active.not_after()
     );
+    if set.active.is_expired_at(now) {
+        out.push_str(
+            "the signing CA has expired: nothing can be issued; run `agentry ca rotate` to replace it at once\n",
+        );
+    }
+    for note in dropped {
+        out.push_str(&format!("{note}\n"));
+    }
     if let Some(n) = &set.next {
         out.push_str(&format!(
             "next CA (trusted, not yet signing): sha256:{}\n",
@@ -322,9 +411,247 @@ mod tests {
             },
             ..Default::default()
         };
-        let back = CaSet::from_secret(&secret).unwrap();
+        let (back, dropped) = CaSet::from_secret(&secret, 0).unwrap();
+        assert!(dropped.is_empty());
         assert_eq!(back.active.fingerprint(), new);
         assert_eq!(back.previous.unwrap().fingerprint(), old);
         assert_eq!(back.phase, Phase::Activated(20));
+    }
+
+    fn secret_with(data: BTreeMap<String, ByteString>, phase: Phase) -> Secret {
+        Secret {
+            data: Some(data),
+            metadata: kube::api::ObjectMeta {
+                annotations: phase
+                    .render()
+                    .map(|p| [(PHASE_ANNOTATION.to_string(), p)].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn expired_ca() -> CertificateAuthority {
+        let now = time::OffsetDateTime::now_utc();
+        CertificateAuthority::generate_valid(
+            "agentry CA (td)",
+            now - Duration::from_secs(7200),
+            now - Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
+    fn now() -> i64 {
+        time::OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    /// Item 5 of issue 8: an expired previous or next CA is dropped, with a note, instead of
+    /// failing the load (which stopped the controller from starting).
+    #[test]
+    fn an_expired_previous_or_next_ca_is_dropped_not_fatal() {
+        let good =
+            Arc::new(CertificateAuthority::generate("ca", Duration::from_secs(3600)).unwrap());
+        let expired = Arc::new(expired_ca());
+        // Activated, with the previous CA expired.
+        let set = CaSet {
+            active: good.clone(),
+            next: None,
+            previous: Some(expired.clone()),
+            phase: Phase::Activated(5),
+        };
+        let (loaded, dropped) =
+            CaSet::from_secret(&secret_with(set.secret_data(), set.phase), now()).unwrap();
+        assert!(loaded.previous.is_none());
+        assert_eq!(
+            loaded.phase,
+            Phase::Idle,
+            "the rotation is over with its old CA"
+        );
+        assert_eq!(dropped.len(), 1);
+        assert!(dropped[0].contains(expired.fingerprint()), "{dropped:?}");
+        assert_eq!(loaded.bundle(), good.cert_pem());
+        // Prepared, with the next CA expired.
+        let set = CaSet {
+            active: good.clone(),
+            next: Some(expired.clone()),
+            previous: None,
+            phase: Phase::Prepared(5),
+        };
+        let (loaded, dropped) =
+            CaSet::from_secret(&secret_with(set.secret_data(), set.phase), now()).unwrap();
+        assert!(loaded.next.is_none());
+        assert_eq!(loaded.phase, Phase::Idle);
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(loaded.bundle(), good.cert_pem());
+    }
+
+    /// Item 5: an expired signing CA still loads; only an explicit rotation replaces it, at once.
+    #[test]
+    fn an_expired_signing_ca_loads_and_only_a_requested_rotation_replaces_it() {
+        let set = CaSet::single(expired_ca());
+        let (loaded, dropped) =
+            CaSet::from_secret(&secret_with(set.secret_data(), Phase::Idle), now()).unwrap();
+        assert!(dropped.is_empty());
+        assert!(loaded.active.is_expired_at(now()));
+        assert_eq!(recovery_step(Phase::Idle, false), None, "never silently");
+        assert_eq!(recovery_step(Phase::Idle, true), Some(Step::Replace));
+        assert_eq!(
+            recovery_step(Phase::Prepared(1), false),
+            Some(Step::Activate)
+        );
+        let gen_ca = || CertificateAuthority::generate("ca", Duration::from_secs(3600));
+        let replaced = loaded.apply(Step::Replace, now(), gen_ca).unwrap();
+        assert!(!replaced.active.is_expired_at(now()));
+        assert!(replaced.next.is_none() && replaced.previous.is_none());
+        assert_eq!(replaced.phase, Phase::Idle);
+        assert_eq!(replaced.bundle().matches("BEGIN CERTIFICATE").count(), 1);
+    }
+
+    /// Item 2: with both CAs of a rotation trusted and both CRLs published, a verifier choosing
+    /// the CRL by issuer name (rustls-webpki) accepts each CA's valid leaf and refuses each
+    /// CA's revoked leaf.
+    #[test]
+    fn a_verifier_picks_the_right_crl_for_each_ca_during_a_rotation() {
+        use crate::identity::ca::{LeafRequest, pem_to_ders};
+        use crate::identity::store::{Ledger, RevocationReason};
+        use rustls::pki_types::{CertificateDer, UnixTime};
+
+        let gen_ca =
+            || CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(86400));
+        let ledger = Ledger::in_memory().unwrap();
+        let request = |name: &str| LeafRequest {
+            agent_uid: format!("uid-{name}"),
+            namespace: "ns".into(),
+            name: name.into(),
+            trust_domain: "td".into(),
+            dns_names: vec![],
+            ttl: Duration::from_secs(3600),
+        };
+        let start = CaSet::single(gen_ca().unwrap());
+        let old_valid = start.active.issue(&ledger, &request("old-valid")).unwrap();
+        let old_revoked = start
+            .active
+            .issue(&ledger, &request("old-revoked"))
+            .unwrap();
+        let set = start
+            .apply(Step::Prepare, 1, gen_ca)
+            .unwrap()
+            .apply(Step::Activate, 2, gen_ca)
+            .unwrap();
+        let new_valid = set.active.issue(&ledger, &request("new-valid")).unwrap();
+        let new_revoked = set.active.issue(&ledger, &request("new-revoked")).unwrap();
+        for leaf in [&old_revoked, &new_revoked] {
+            assert!(
+                ledger
+                    .revoke(&leaf.record.serial, RevocationReason::KeyCompromise, now())
+                    .unwrap()
+            );
+        }
+        let revoked = ledger.revoked_unexpired(now()).unwrap();
+        let at = time::OffsetDateTime::now_utc();
+        let crls: Vec<String> = [&set.active, set.previous.as_ref().unwrap()]
+            .iter()
+            .map(|ca| {
+                ca.sign_crl(&revoked, 7, at, Duration::from_secs(3600))
+                    .unwrap()
+            })
+            .collect();
+
+        let anchor_ders: Vec<CertificateDer<'static>> = pem_to_ders(&set.bundle())
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        assert_eq!(anchor_ders.len(), 2);
+        let anchors: Vec<_> = anchor_ders
+            .iter()
+            .map(|d| webpki::anchor_from_trusted_cert(d).unwrap().to_owned())
+            .collect();
+        // Both orders of the CRL list: the first CRL with a matching issuer name is the one used.
+        for order in [[0, 1], [1, 0]] {
+            let owned: Vec<webpki::CertRevocationList<'static>> = order
+                .iter()
+                .map(|&i| {
+                    let der = x509_parser::pem::parse_x509_pem(crls[i].as_bytes())
+                        .unwrap()
+                        .1
+                        .contents;
+                    webpki::OwnedCertRevocationList::from_der(&der)
+                        .unwrap()
+                        .into()
+                })
+                .collect();
+            let refs: Vec<&webpki::CertRevocationList<'_>> = owned.iter().collect();
+            let verify = |leaf: &crate::identity::ca::IssuedLeaf| {
+                let der = CertificateDer::from(leaf.cert_der.as_slice());
+                let ee = webpki::EndEntityCert::try_from(&der).unwrap();
+                let revocation = webpki::RevocationOptionsBuilder::new(&refs)
+                    .unwrap()
+                    .with_depth(webpki::RevocationCheckDepth::EndEntity)
+                    .with_status_policy(webpki::UnknownStatusPolicy::Deny)
+                    .build();
+                ee.verify_for_usage(
+                    webpki::ALL_VERIFICATION_ALGS,
+                    &anchors,
+                    &[],
+                    UnixTime::now(),
+                    webpki::KeyUsage::client_auth(),
+                    Some(revocation),
+                    None,
+                )
+                .map(|_| ())
+            };
+            assert_eq!(verify(&old_valid), Ok(()), "old CA, valid leaf, {order:?}");
+            assert_eq!(verify(&new_valid), Ok(()), "new CA, valid leaf, {order:?}");
+            assert_eq!(
+                verify(&old_revoked),
+                Err(webpki::Error::CertRevoked),
+                "{order:?}"
+            );
+            assert_eq!(
+                verify(&new_revoked),
+                Err(webpki::Error::CertRevoked),
+                "{order:?}"
+            );
+        }
+    }
+
+    /// Item 3: a brought intermediate CA keeps its root in the bundle agents get, whether the
+    /// root follows it in `tls.crt` or sits in `ca.crt`; an unrelated CA in `ca.crt` does not.
+    #[test]
+    fn a_brought_intermediate_keeps_its_chain_in_the_bundle() {
+        use crate::identity::ca::{pem_to_ders, test_support};
+        let dir = tempfile::tempdir().unwrap();
+        let (root, _) = test_support::openssl_root(dir.path(), "Brought Root");
+        let (int, int_key) = test_support::openssl_intermediate(dir.path(), "Brought Intermediate");
+        let stranger =
+            CertificateAuthority::generate("stranger", Duration::from_secs(3600)).unwrap();
+        let data = |pairs: &[(&str, &str)]| -> BTreeMap<String, ByteString> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                .collect()
+        };
+        let expect = [pem_to_ders(&int)[0].clone(), pem_to_ders(&root)[0].clone()];
+        // cert-manager's layout: tls.crt is the intermediate, ca.crt its root (+ a stranger).
+        let both = format!("{root}{}", stranger.cert_pem());
+        let secret = secret_with(
+            data(&[("tls.crt", &int), ("tls.key", &int_key), ("ca.crt", &both)]),
+            Phase::Idle,
+        );
+        let (set, _) = CaSet::from_secret(&secret, now()).unwrap();
+        assert_eq!(pem_to_ders(&set.bundle()), expect);
+        // The chain in tls.crt.
+        let chained = format!("{int}{root}");
+        let secret = secret_with(
+            data(&[("tls.crt", &chained), ("tls.key", &int_key)]),
+            Phase::Idle,
+        );
+        let (set, _) = CaSet::from_secret(&secret, now()).unwrap();
+        assert_eq!(pem_to_ders(&set.bundle()), expect);
+        // It survives a write back to the Secret (tls.crt keeps the chain).
+        let (again, _) =
+            CaSet::from_secret(&secret_with(set.secret_data(), Phase::Idle), now()).unwrap();
+        assert_eq!(pem_to_ders(&again.bundle()), expect);
+        assert_eq!(pem_to_ders(&again.active.full_pem()), expect);
     }
 }

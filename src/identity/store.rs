@@ -448,12 +448,17 @@ impl Ledger {
             .map_err(self.sql())
     }
 
-    /// Active certificates issued by a CA other than `issuer_fingerprint` (to re-issue on rotation).
-    pub fn active_not_issued_by(&self, issuer_fingerprint: &str) -> Result<usize, StoreError> {
+    /// Active, unexpired certificates issued by a CA other than `issuer_fingerprint` (to
+    /// re-issue on rotation; an expired one cannot hold the old CA's retirement up).
+    pub fn active_not_issued_by(
+        &self,
+        issuer_fingerprint: &str,
+        now: i64,
+    ) -> Result<usize, StoreError> {
         self.conn()
             .query_row(
-                "SELECT COUNT(*) FROM certificates WHERE state = 'active' AND issuer_fingerprint != ?1",
-                params![issuer_fingerprint],
+                "SELECT COUNT(*) FROM certificates WHERE state = 'active' AND issuer_fingerprint != ?1 AND not_after > ?2",
+                params![issuer_fingerprint, now],
                 |r| r.get::<_, i64>(0),
             )
             .map(|n| n as usize)
