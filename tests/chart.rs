@@ -1,19 +1,31 @@
-//! The Helm chart: it lints and renders, and its RBAC is enough for the controller and no more.
-//! The controller runs here impersonating the chart's ServiceAccount, so every API call it makes
-//! is checked against the chart's Roles by the real apiserver.
+//! The Helm chart: it lints and renders, its RBAC is exactly what is committed in
+//! tests/fixtures/rbac-*.yaml, it is enough for the controller and no more. The controller runs
+//! here impersonating the chart's ServiceAccount, so every API call it makes is checked against
+//! the chart's Roles by the real apiserver.
 
 mod common;
 
-use std::process::Command;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Patch, PatchParams};
-use kube::{Api, Client};
-use serde_json::json;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
 
 use agentry::crd::Agent;
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/agentry");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+/// Set to write the rendered RBAC into tests/fixtures/ after an intended change.
+const UPDATE_ENV: &str = "AGENTRY_UPDATE_FIXTURES";
 
 fn helm(args: &[&str]) -> String {
     let out = Command::new(tool_dir().join("helm"))
@@ -28,83 +40,592 @@ fn helm(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-#[tokio::test]
-async fn chart_rbac_is_sufficient_and_least_privilege() {
-    let (client, ns) = setup("chart-rbac").await;
-    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/agentry");
-    helm(&["lint", chart]);
-    let rendered = helm(&[
-        "template",
-        "agentry",
-        chart,
-        "--namespace",
-        &ns.name,
-        "--set",
-        &format!("watchNamespaces={{{}}}", ns.name),
-        "--set",
-        "admissionPolicy.enabled=false",
-    ]);
-    // No wildcards anywhere in the RBAC.
-    for line in rendered
-        .lines()
-        .filter(|l| l.contains("verbs") || l.contains("resources") || l.contains("apiGroups"))
-    {
-        assert!(!line.contains('*'), "wildcard in RBAC: {line}");
+/// `--set` arguments for a mode: cluster-wide (None) or one watched namespace.
+fn mode_args(watch: Option<&str>) -> Vec<String> {
+    match watch {
+        Some(ns) => vec!["--set".into(), format!("watchNamespaces={{{ns}}}")],
+        None => vec![],
     }
-    // Apply the ServiceAccount and RBAC objects (the controller itself runs as a local process).
-    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&rendered).unwrap();
-    let mut kinds = Vec::new();
-    for doc in docs.into_iter().filter(|d| !d.is_null()) {
-        let kind = doc["kind"].as_str().unwrap().to_string();
-        if !["ServiceAccount", "Role", "RoleBinding"].contains(&kind.as_str()) {
+}
+
+/// `helm template` of the chart, as parsed manifests.
+fn render(namespace: &str, watch: Option<&str>, extra: &[&str]) -> Vec<Value> {
+    let mode = mode_args(watch);
+    let mut args = vec!["template", "agentry", CHART, "--namespace", namespace];
+    args.extend(mode.iter().map(String::as_str));
+    args.extend(extra);
+    let rendered = helm(&args);
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&rendered).unwrap();
+    docs.into_iter().filter(|d| !d.is_null()).collect()
+}
+
+fn kind(doc: &Value) -> &str {
+    doc["kind"].as_str().unwrap_or_default()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| s.as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+fn list(v: &[String]) -> String {
+    format!(
+        "[{}]",
+        v.iter().map(|s| quoted(s)).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// One rule as a canonical line: kind, name, namespace (namespaced kinds only), then the rule's
+/// sorted apiGroups, resources, resourceNames (when any) and verbs. `entry` holds those keys, as a
+/// fixture does, or the role's metadata merged with one of its rules, as rendered.
+fn rule_line(entry: &Value) -> String {
+    let mut line = format!(
+        "{{kind: {}, name: {}",
+        entry["kind"].as_str().unwrap_or_default(),
+        quoted(entry["name"].as_str().unwrap_or_default())
+    );
+    if let Some(ns) = entry["namespace"].as_str() {
+        line += &format!(", namespace: {}", quoted(ns));
+    }
+    line += &format!(
+        ", apiGroups: {}, resources: {}",
+        list(&strings(&entry["apiGroups"])),
+        list(&strings(&entry["resources"]))
+    );
+    let names = strings(&entry["resourceNames"]);
+    if !names.is_empty() {
+        line += &format!(", resourceNames: {}", list(&names));
+    }
+    line += &format!(", verbs: {}}}", list(&strings(&entry["verbs"])));
+    line
+}
+
+/// One binding as a canonical line: who gets which role where.
+fn binding_line(entry: &Value) -> String {
+    let mut line = format!(
+        "{{kind: {}, name: {}",
+        entry["kind"].as_str().unwrap_or_default(),
+        quoted(entry["name"].as_str().unwrap_or_default())
+    );
+    if let Some(ns) = entry["namespace"].as_str() {
+        line += &format!(", namespace: {}", quoted(ns));
+    }
+    line += &format!(
+        ", roleRef: {}, subjects: {}}}",
+        quoted(entry["roleRef"].as_str().unwrap_or_default()),
+        list(&strings(&entry["subjects"]))
+    );
+    line
+}
+
+/// Every Role/ClusterRole rule and every binding of the rendered chart, as sorted canonical lines.
+fn rbac_of(docs: &[Value]) -> (Vec<String>, Vec<String>) {
+    let mut rules = Vec::new();
+    let mut bindings = Vec::new();
+    for doc in docs {
+        let meta = &doc["metadata"];
+        let mut entry = json!({"kind": kind(doc), "name": meta["name"]});
+        if let Some(ns) = meta["namespace"].as_str() {
+            entry["namespace"] = json!(ns);
+        }
+        match kind(doc) {
+            "Role" | "ClusterRole" => {
+                for rule in doc["rules"].as_array().into_iter().flatten() {
+                    let mut e = entry.clone();
+                    for k in ["apiGroups", "resources", "resourceNames", "verbs"] {
+                        e[k] = rule[k].clone();
+                    }
+                    assert!(
+                        rule.get("nonResourceURLs").is_none(),
+                        "nonResourceURLs in {entry}"
+                    );
+                    rules.push(rule_line(&e));
+                }
+            }
+            "RoleBinding" | "ClusterRoleBinding" => {
+                let r = &doc["roleRef"];
+                entry["roleRef"] = json!(format!(
+                    "{}/{}",
+                    r["kind"].as_str().unwrap_or_default(),
+                    r["name"].as_str().unwrap_or_default()
+                ));
+                entry["subjects"] = doc["subjects"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| {
+                        json!(format!(
+                            "{} {}/{}",
+                            s["kind"].as_str().unwrap_or_default(),
+                            s["namespace"].as_str().unwrap_or_default(),
+                            s["name"].as_str().unwrap_or_default()
+                        ))
+                    })
+                    .collect();
+                bindings.push(binding_line(&entry));
+            }
+            _ => {}
+        }
+    }
+    rules.sort();
+    bindings.sort();
+    (rules, bindings)
+}
+
+fn fixture_text(title: &str, command: &str, rules: &[String], bindings: &[String]) -> String {
+    let mut text = format!(
+        "# The chart's RBAC, {title}: `{command}`.\n\
+         # tests/chart.rs (rendered_rbac_equals_the_committed_expectation) compares every rendered\n\
+         # rule and binding with this file. After an intended change, review the diff it prints, then:\n\
+         #   {UPDATE_ENV}=1 cargo test --test chart rendered_rbac\n\
+         rules:\n"
+    );
+    for r in rules {
+        text += &format!("  - {r}\n");
+    }
+    text += "bindings:\n";
+    for b in bindings {
+        text += &format!("  - {b}\n");
+    }
+    text
+}
+
+/// Compares the rendered RBAC with a committed fixture (semantically: both are normalised to
+/// canonical lines); prints a diff and how to update on a mismatch.
+fn check_fixture(file: &str, title: &str, command: &str, docs: &[Value]) -> Result<(), String> {
+    let (rules, bindings) = rbac_of(docs);
+    let path = Path::new(FIXTURES).join(file);
+    if std::env::var_os(UPDATE_ENV).is_some() {
+        std::fs::create_dir_all(FIXTURES).unwrap();
+        std::fs::write(&path, fixture_text(title, command, &rules, &bindings)).unwrap();
+        eprintln!("wrote {}", path.display());
+        return Ok(());
+    }
+    let committed =
+        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let fixture: Value = serde_saphyr::from_str(&committed)
+        .map_err(|e| format!("parsing {}: {e}", path.display()))?;
+    let lines = |key: &str, f: fn(&Value) -> String| -> Vec<String> {
+        let mut v: Vec<String> = fixture[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(f)
+            .collect();
+        v.sort();
+        v
+    };
+    let expected_rules = lines("rules", rule_line);
+    let expected_bindings = lines("bindings", binding_line);
+    if expected_rules == rules && expected_bindings == bindings {
+        return Ok(());
+    }
+    let mut diff = String::new();
+    for (what, want, got) in [
+        ("rules", &expected_rules, &rules),
+        ("bindings", &expected_bindings, &bindings),
+    ] {
+        let want_set: BTreeSet<_> = want.iter().collect();
+        let got_set: BTreeSet<_> = got.iter().collect();
+        for l in want_set.difference(&got_set) {
+            diff += &format!("- {what}: {l}\n");
+        }
+        for l in got_set.difference(&want_set) {
+            diff += &format!("+ {what}: {l}\n");
+        }
+    }
+    Err(format!(
+        "the rendered RBAC ({title}) differs from {} (- committed, + rendered):\n{diff}\
+         If the change is intended, update the fixture with\n  {UPDATE_ENV}=1 cargo test --test chart rendered_rbac\n\
+         and commit it with the chart change.",
+        path.display()
+    ))
+}
+
+/// Every rule of every Role and ClusterRole, as (role kind/name, rule).
+fn rules_of(docs: &[Value]) -> Vec<(String, Value)> {
+    docs.iter()
+        .filter(|d| matches!(kind(d), "Role" | "ClusterRole"))
+        .flat_map(|d| {
+            let who = format!("{}/{}", kind(d), d["metadata"]["name"].as_str().unwrap());
+            d["rules"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |r| (who.clone(), r))
+        })
+        .collect()
+}
+
+fn assert_no_wildcards(docs: &[Value]) {
+    for (who, rule) in rules_of(docs) {
+        for k in ["apiGroups", "resources", "resourceNames", "verbs"] {
+            assert!(
+                !strings(&rule[k]).iter().any(|s| s.contains('*')),
+                "wildcard in {who}: {rule}"
+            );
+        }
+    }
+}
+
+/// The one documented cluster-wide permission of namespaced mode: read the watched Namespaces.
+fn assert_namespaced_mode_has_only_the_namespace_reader(
+    docs: &[Value],
+    release_ns: &str,
+    watched: &str,
+) {
+    let reader = format!("agentry-{release_ns}-namespaces");
+    let cluster_roles: Vec<&Value> = docs.iter().filter(|d| kind(d) == "ClusterRole").collect();
+    let names: Vec<&str> = cluster_roles
+        .iter()
+        .map(|d| d["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [reader.as_str()],
+        "namespaced mode: the only ClusterRole may be the read-only namespaces one"
+    );
+    for rule in cluster_roles[0]["rules"].as_array().unwrap() {
+        assert_eq!(strings(&rule["apiGroups"]), [""], "{rule}");
+        assert_eq!(strings(&rule["resources"]), ["namespaces"], "{rule}");
+        assert_eq!(strings(&rule["resourceNames"]), [watched], "{rule}");
+        assert_eq!(strings(&rule["verbs"]), ["get", "list", "watch"], "{rule}");
+    }
+    let bindings: Vec<String> = docs
+        .iter()
+        .filter(|d| kind(d) == "ClusterRoleBinding")
+        .map(|d| d["roleRef"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(bindings, [reader], "namespaced mode: ClusterRoleBindings");
+    for d in docs {
+        if matches!(kind(d), "Role" | "RoleBinding") {
+            let ns = d["metadata"]["namespace"].as_str().unwrap();
+            assert!(
+                ns == release_ns || ns == watched,
+                "namespaced mode: {} in {ns}",
+                kind(d)
+            );
+        }
+    }
+}
+
+/// Renders the chart in each mode and compares its RBAC with tests/fixtures/rbac-*.yaml. Needs
+/// helm only (no cluster).
+#[test]
+fn rendered_rbac_equals_the_committed_expectation() {
+    helm(&["lint", CHART]);
+    helm(&["lint", CHART, "--set", "watchNamespaces={team-a}"]);
+    let cluster = render("agentry-system", None, &[]);
+    let namespaced = render("agentry-system", Some("team-a"), &[]);
+    assert_no_wildcards(&cluster);
+    assert_no_wildcards(&namespaced);
+    assert_namespaced_mode_has_only_the_namespace_reader(&namespaced, "agentry-system", "team-a");
+    // Cluster-wide mode reads Namespaces, and only reads them.
+    let ns_rules: Vec<(String, Value)> = rules_of(&cluster)
+        .into_iter()
+        .filter(|(_, r)| strings(&r["resources"]).contains(&"namespaces".to_string()))
+        .collect();
+    assert!(
+        !ns_rules.is_empty(),
+        "cluster-wide mode: no rule on namespaces"
+    );
+    for (who, r) in &ns_rules {
+        assert_eq!(strings(&r["verbs"]), ["get", "list", "watch"], "{who}: {r}");
+    }
+    let results = [
+        check_fixture(
+            "rbac-cluster.yaml",
+            "cluster-wide mode",
+            "helm template agentry charts/agentry -n agentry-system",
+            &cluster,
+        ),
+        check_fixture(
+            "rbac-namespaced.yaml",
+            "namespaced mode",
+            "helm template agentry charts/agentry -n agentry-system --set watchNamespaces={team-a}",
+            &namespaced,
+        ),
+    ];
+    let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+    assert!(errors.is_empty(), "{}", errors.join("\n\n"));
+}
+
+/// NOTES (printed after install) say what the mode can reach, and warn about cluster-wide mode.
+#[test]
+fn notes_say_what_each_mode_reaches() {
+    let notes = |watch: Option<&str>| {
+        let mode = mode_args(watch);
+        let mut args = vec![
+            "install",
+            "agentry",
+            CHART,
+            "--namespace",
+            "agentry-system",
+            "--dry-run=client",
+            // The dry run still checks the cluster for objects another owner holds.
+            "--skip-crds",
+            "--set",
+            "admissionPolicy.enabled=false",
+        ];
+        args.extend(mode.iter().map(String::as_str));
+        let out = helm(&args);
+        out.split_once("NOTES:")
+            .map(|(_, n)| n.to_string())
+            .unwrap_or_else(|| panic!("no NOTES in `helm install --dry-run`:\n{out}"))
+    };
+    let cluster = notes(None);
+    assert!(
+        cluster.contains("WARNING: cluster-wide mode")
+            && cluster.contains("every Secret in the cluster")
+            && cluster.contains("watchNamespaces"),
+        "cluster-wide NOTES must warn and point to watchNamespaces:\n{cluster}"
+    );
+    let namespaced = notes(Some("team-a"));
+    assert!(
+        !namespaced.contains("WARNING") && namespaced.contains("Agents in team-a only"),
+        "namespaced NOTES:\n{namespaced}"
+    );
+}
+
+/// Deletes the test's cluster-scoped RBAC objects when dropped (namespaces take the rest).
+struct ClusterScoped {
+    objects: Vec<(kube::discovery::ApiResource, String)>,
+}
+
+impl Drop for ClusterScoped {
+    fn drop(&mut self) {
+        let objects = std::mem::take(&mut self.objects);
+        // A client of its own, on a runtime of its own: the test's runtime is blocked here.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Runtime::new() else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(client) = Client::try_default().await else {
+                    return;
+                };
+                for (ar, name) in objects {
+                    let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+                    let _ = api.delete(&name, &DeleteParams::background()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The controller as the chart runs it: its own namespace and one watched namespace (distinct
+/// here, so the two Roles cannot stand in for each other), JSON logs, fast key and CA rotation.
+struct Controller {
+    child: Child,
+    log: PathBuf,
+    ops_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Controller {
+    fn start(kubeconfig: &Path, namespace: &str, watched: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ops_port = free_port();
+        let log = dir.path().join("controller.log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_agentry"))
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,agentry=debug")
+            .args(["controller", "--namespace", namespace])
+            .args(["--watch-namespace", watched])
+            .args(["--replica", "replica-a", "--lease-duration", "4s"])
+            .args(["--ops-addr", &format!("127.0.0.1:{ops_port}")])
+            .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+            .args(["--log-format", "json"])
+            .args(["--maintenance-interval", "1s"])
+            .args(["--signing-key-rotation", "3s"])
+            .args(["--ca-rotation-overlap", "1s"])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("starting the agentry binary");
+        Self {
+            child,
+            log,
+            ops_port,
+            _dir: dir,
+        }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Log records (JSON lines) whose fields carry a refusal by the apiserver: reason Forbidden
+    /// or HTTP status 403 in an error. Only the fields are looked at: timestamps and ids are not.
+    fn forbidden(&self) -> Vec<String> {
+        fn texts(v: &Value, out: &mut Vec<String>) {
+            match v {
+                Value::String(s) => out.push(s.clone()),
+                Value::Array(a) => a.iter().for_each(|x| texts(x, out)),
+                Value::Object(o) => o.values().for_each(|x| texts(x, out)),
+                _ => {}
+            }
+        }
+        self.logs()
+            .lines()
+            .filter(|line| {
+                let Ok(record) = serde_json::from_str::<Value>(line) else {
+                    return false;
+                };
+                let mut fields = Vec::new();
+                texts(&record["fields"], &mut fields);
+                fields.iter().any(|f| {
+                    let f = f.to_lowercase();
+                    f.contains("forbidden") || f.contains("code: 403") || f.contains("\"code\":403")
+                })
+            })
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// (reconciles, reconcile errors of every kind) from /metrics; None while it is not up.
+    async fn reconcile_counts(&self) -> Option<(f64, f64)> {
+        let body = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.ops_port))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let (mut ok, mut errors) = (0.0, 0.0);
+        for line in body.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let value: f64 = value.parse().unwrap_or(0.0);
+            match series.split('{').next() {
+                Some("agentry_reconcile_total") => ok += value,
+                Some("agentry_reconcile_errors_total") => errors += value,
+                _ => {}
+            }
+        }
+        Some((ok, errors))
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status_code<T>(r: Result<T, kube::Error>) -> Option<u16> {
+    match r {
+        Ok(_) => Some(200),
+        Err(kube::Error::Api(s)) => Some(s.code),
+        Err(_) => None,
+    }
+}
+
+/// Applies the rendered ServiceAccount and RBAC objects where they belong (server-side apply);
+/// cluster-scoped ones are deleted when the returned guard drops.
+async fn apply_rbac(client: &Client, docs: &[Value]) -> (Vec<String>, ClusterScoped) {
+    let mut applied = Vec::new();
+    let mut guard = ClusterScoped { objects: vec![] };
+    for doc in docs {
+        let kind = kind(doc).to_string();
+        if ![
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "ClusterRole",
+            "ClusterRoleBinding",
+        ]
+        .contains(&kind.as_str())
+        {
             continue;
         }
-        let obj: kube::api::DynamicObject = serde_json::from_value(doc.clone()).unwrap();
-        let (group, version) = match obj.types.as_ref().unwrap().api_version.split_once('/') {
-            Some((g, v)) => (g.to_string(), v.to_string()),
-            None => (
-                String::new(),
-                obj.types.as_ref().unwrap().api_version.clone(),
-            ),
+        let obj: DynamicObject = serde_json::from_value(doc.clone()).unwrap();
+        let api_version = &obj.types.as_ref().unwrap().api_version;
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let gvk = kube::api::GroupVersionKind::gvk(group, version, &kind);
+        let (ar, _) = kube::discovery::pinned_kind(client, &gvk).await.unwrap();
+        let name = obj.name_any();
+        let api: Api<DynamicObject> = match obj.namespace() {
+            Some(ns) => Api::namespaced_with(client.clone(), &ns, &ar),
+            None => {
+                guard.objects.push((ar.clone(), name.clone()));
+                Api::all_with(client.clone(), &ar)
+            }
         };
-        let gvk = kube::api::GroupVersionKind::gvk(&group, &version, &kind);
-        let (ar, _) = kube::discovery::pinned_kind(&client, &gvk).await.unwrap();
-        let api: Api<kube::api::DynamicObject> =
-            Api::namespaced_with(client.clone(), &ns.name, &ar);
-        let name = obj.metadata.name.clone().unwrap();
         api.patch(
             &name,
             &PatchParams::apply("agentry-e2e").force(),
             &Patch::Apply(&obj),
         )
         .await
-        .unwrap();
-        kinds.push(kind);
+        .unwrap_or_else(|e| panic!("applying {kind} {name}: {e}"));
+        applied.push(format!(
+            "{kind} {}/{name}",
+            obj.namespace().unwrap_or_default()
+        ));
     }
+    (applied, guard)
+}
+
+#[tokio::test]
+async fn chart_rbac_is_sufficient_and_least_privilege() {
+    // The release namespace and the watched one are distinct, so neither Role can stand in for
+    // the other.
+    let (client, home_ns) = setup("chart-rbac").await;
+    let watched_ns = TestNamespace::new(&client, "chart-team").await;
+    let (home, watched) = (home_ns.name.clone(), watched_ns.name.clone());
+    let docs = render(
+        &home,
+        Some(&watched),
+        &["--set", "admissionPolicy.enabled=false"],
+    );
+    assert_no_wildcards(&docs);
+    assert_namespaced_mode_has_only_the_namespace_reader(&docs, &home, &watched);
+    let (applied, _cluster_scoped) = apply_rbac(&client, &docs).await;
+    let reader = format!("ClusterRole /agentry-{home}-namespaces");
     assert!(
-        kinds.contains(&"ServiceAccount".to_string())
-            && kinds.iter().filter(|k| *k == "Role").count() == 2
+        applied.contains(&format!("ServiceAccount {home}/agentry"))
+            && applied.contains(&format!("Role {home}/agentry-self"))
+            && applied.contains(&format!("Role {watched}/agentry-agents"))
+            && applied.contains(&reader),
+        "{applied:?}"
     );
 
     // The controller, as the chart's ServiceAccount.
-    let sa = format!("system:serviceaccount:{}:agentry", ns.name);
+    let sa = format!("system:serviceaccount:{home}:agentry");
     let groups = [
         "system:serviceaccounts",
-        &format!("system:serviceaccounts:{}", ns.name),
+        &format!("system:serviceaccounts:{home}"),
         "system:authenticated",
     ];
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = impersonating_kubeconfig(dir.path(), &sa, &groups);
-    let mut opts = ControllerOptions::new(&ns.name);
-    opts.kubeconfig = Some(&kubeconfig);
-    let controller = ControllerProcess::start(opts);
-    create_agent(&client, &ns.name, agent_manifest("rbac", json!({})))
+    let controller = Controller::start(&kubeconfig, &home, &watched);
+    create_agent(&client, &watched, agent_manifest("rbac", json!({})))
         .await
         .unwrap();
     let ready = |a: &Agent| condition(a, "Ready").is_some_and(|c| c.status == "True");
     let agent = wait_agent(
         &client,
-        &ns.name,
+        &watched,
         "rbac",
         Duration::from_secs(60),
         "Ready under the chart's RBAC",
@@ -116,13 +637,166 @@ async fn chart_rbac_is_sufficient_and_least_privilege() {
         "{}",
         controller.logs()
     );
-    assert!(
-        !controller.logs().contains("403"),
-        "forbidden calls:\n{}",
+
+    // What the controller wrote, each through one of the chart's rules.
+    let in_watched = |what: &str, found: bool| {
+        assert!(found, "{what} missing in {watched}:\n{}", controller.logs())
+    };
+    let secrets_w: Api<Secret> = Api::namespaced(client.clone(), &watched);
+    in_watched(
+        "Secret rbac-identity",
+        secrets_w.get_opt("rbac-identity").await.unwrap().is_some(),
+    );
+    in_watched(
+        "Deployment rbac",
+        Api::<Deployment>::namespaced(client.clone(), &watched)
+            .get_opt("rbac")
+            .await
+            .unwrap()
+            .is_some(),
+    );
+    in_watched(
+        "Service rbac",
+        Api::<Service>::namespaced(client.clone(), &watched)
+            .get_opt("rbac")
+            .await
+            .unwrap()
+            .is_some(),
+    );
+    in_watched(
+        "ServiceAccount rbac",
+        Api::<ServiceAccount>::namespaced(client.clone(), &watched)
+            .get_opt("rbac")
+            .await
+            .unwrap()
+            .is_some(),
+    );
+    in_watched(
+        "discovery labels on the Agent",
+        agent.labels().contains_key("agentry.dev/agent"),
+    );
+    in_watched("the cleanup finalizer", has_finalizer(&agent));
+    let events: Api<Event> = Api::namespaced(client.clone(), &watched);
+    let agent_events = || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("rbac"))
+            .count()
+    };
+    in_watched("an Event about the Agent", agent_events().await > 0);
+
+    let lease = Api::<Lease>::namespaced(client.clone(), &home)
+        .get("agentry-controller")
+        .await
+        .unwrap();
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some("replica-a")
+    );
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &home);
+    for cm in ["agentry-ca", "agentry-jwks"] {
+        assert!(
+            configmaps.get_opt(cm).await.unwrap().is_some(),
+            "ConfigMap {cm}"
+        );
+    }
+
+    // Rotation rewrites the controller's own Secrets (update): the signing key every 3s, and the
+    // CA once a rotation is requested (as `agentry ca rotate` does, with the admin's identity).
+    let secrets_h: Api<Secret> = Api::namespaced(client.clone(), &home);
+    let keys = || async {
+        secrets_h
+            .get("agentry-token-signing")
+            .await
+            .map(|s| s.data.map(|d| d.len()).unwrap_or(0))
+            .unwrap_or(0)
+    };
+    eventually(Duration::from_secs(30), "a second signing key", || async {
+        keys().await >= 2
+    })
+    .await;
+    let ca_cert = |s: Secret| s.data.and_then(|d| d.get("tls.crt").cloned());
+    let first_ca = ca_cert(secrets_h.get("agentry-ca").await.unwrap());
+    agentry::identity::rotation::request(&client, &home, "agentry-ca")
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the CA rotation to activate a new CA",
+        || async {
+            let s = secrets_h.get("agentry-ca").await.unwrap();
+            let requested = s
+                .annotations()
+                .contains_key(agentry::identity::rotation::ROTATE_ANNOTATION);
+            !requested && ca_cert(s) != first_ca
+        },
+    )
+    .await;
+    wait_agent(
+        &client,
+        &watched,
+        "rbac",
+        Duration::from_secs(60),
+        "Ready again after the CA rotation",
+        ready,
+    )
+    .await;
+
+    // Persistent state: the Deployment goes (delete), a StatefulSet comes (create).
+    let agents: Api<Agent> = Api::namespaced(client.clone(), &watched);
+    let persistent = json!({"spec": {"state": {"persistent": true, "size": "1Gi"}}});
+    agents
+        .patch("rbac", &PatchParams::default(), &Patch::Merge(&persistent))
+        .await
+        .unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &watched);
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), &watched);
+    eventually(
+        Duration::from_secs(60),
+        "a StatefulSet to replace the Deployment",
+        || async {
+            statefulsets.get_opt("rbac").await.unwrap().is_some()
+                && deployments.get_opt("rbac").await.unwrap().is_none()
+        },
+    )
+    .await;
+
+    // Deletion: revocation, an Event, and the finalizer removed.
+    agents
+        .delete("rbac", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the Agent to be deleted",
+        || async { agents.get_opt("rbac").await.unwrap().is_none() },
+    )
+    .await;
+
+    // No call was refused: none of the reconciles failed, and no log record carries a 403.
+    let (reconciles, errors) = controller
+        .reconcile_counts()
+        .await
+        .expect("the controller's /metrics endpoint");
+    assert!(reconciles > 0.0, "no reconcile counted");
+    assert_eq!(
+        errors,
+        0.0,
+        "reconcile errors under the chart's RBAC:\n{}",
         controller.logs()
     );
+    let forbidden = controller.forbidden();
+    assert!(
+        forbidden.is_empty(),
+        "calls refused under the chart's RBAC:\n{}",
+        forbidden.join("\n")
+    );
 
-    // ... and no more: the same identity cannot read Secrets elsewhere or list them cluster-wide.
+    // ... and no more. The same identity, directly.
     let config = kube::Config::from_custom_kubeconfig(
         kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
         &Default::default(),
@@ -130,33 +804,117 @@ async fn chart_rbac_is_sufficient_and_least_privilege() {
     .await
     .unwrap();
     let limited = Client::try_from(config).unwrap();
-    let forbidden =
-        |r: Result<_, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403);
-    assert!(forbidden(
-        Api::<Secret>::namespaced(limited.clone(), "kube-system")
-            .list(&Default::default())
-            .await
-            .map(|_| ())
+    let secrets = |ns: &str| Api::<Secret>::namespaced(limited.clone(), ns);
+    let mut refused = vec![
+        (
+            "list Secrets in kube-system",
+            status_code(secrets("kube-system").list(&Default::default()).await),
+        ),
+        (
+            "list Secrets cluster-wide",
+            status_code(
+                Api::<Secret>::all(limited.clone())
+                    .list(&Default::default())
+                    .await,
+            ),
+        ),
+        (
+            "get a Secret in default",
+            status_code(secrets("default").get("anything").await),
+        ),
+        // In its own namespace it may create Secrets, but read only the two it owns, by name: a
+        // 404 here would mean the read was allowed.
+        (
+            "get another Secret in its own namespace",
+            status_code(secrets(&home).get("not-ours").await),
+        ),
+        (
+            "update another Secret in its own namespace",
+            status_code(
+                secrets(&home)
+                    .replace("not-ours", &PostParams::default(), &Secret::default())
+                    .await,
+            ),
+        ),
+        (
+            "apply another ConfigMap in its own namespace",
+            status_code(
+                Api::<ConfigMap>::namespaced(limited.clone(), &home)
+                    .patch(
+                        "not-ours",
+                        &PatchParams::apply("agentry-e2e"),
+                        &Patch::Apply(&json!({"apiVersion": "v1", "kind": "ConfigMap"})),
+                    )
+                    .await,
+            ),
+        ),
+        (
+            "list Agents in its own namespace",
+            status_code(
+                Api::<Agent>::namespaced(limited.clone(), &home)
+                    .list(&Default::default())
+                    .await,
+            ),
+        ),
+        (
+            "list Deployments in default",
+            status_code(
+                Api::<Deployment>::namespaced(limited.clone(), "default")
+                    .list(&Default::default())
+                    .await,
+            ),
+        ),
+    ];
+    // Namespaces: the watched one only, read-only.
+    let namespaces: Api<Namespace> = Api::all(limited.clone());
+    let by_name = ListParams::default().fields(&format!("metadata.name={watched}"));
+    refused.push((
+        "list every Namespace",
+        status_code(namespaces.list(&Default::default()).await),
     ));
-    assert!(forbidden(
-        Api::<Secret>::all(limited.clone())
-            .list(&Default::default())
-            .await
-            .map(|_| ())
+    refused.push((
+        "get Namespace kube-system",
+        status_code(namespaces.get("kube-system").await),
     ));
-    assert!(forbidden(
-        Api::<Secret>::namespaced(limited.clone(), "default")
-            .get("anything")
-            .await
-            .map(|_| ())
+    refused.push((
+        "label the watched Namespace",
+        status_code(
+            namespaces
+                .patch(
+                    &watched,
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({"metadata": {"labels": {"x": "y"}}})),
+                )
+                .await,
+        ),
     ));
-    // In its own namespace it may create Secrets, but read only the two it owns by name.
-    let other = Api::<Secret>::namespaced(limited, &ns.name)
-        .get("not-ours")
+    let not_refused: Vec<String> = refused
+        .iter()
+        .filter(|(_, code)| *code != Some(403))
+        .map(|(what, code)| format!("{what}: {code:?}, want 403"))
+        .collect();
+    assert!(not_refused.is_empty(), "{}", not_refused.join("\n"));
+    assert_eq!(status_code(namespaces.get(&watched).await), Some(200));
+    assert_eq!(status_code(namespaces.list(&by_name).await), Some(200));
+    let watch_by_name = kube::api::WatchParams::default()
+        .fields(&format!("metadata.name={watched}"))
+        .timeout(5);
+    let mut watch = namespaces
+        .watch(&watch_by_name, "0")
         .await
-        .map(|_| ());
+        .expect("watching the watched Namespace by name")
+        .boxed();
     assert!(
-        matches!(other, Err(kube::Error::Api(ref s)) if s.code == 404 || s.code == 403),
-        "{other:?}"
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), watch.next()).await,
+            Ok(Some(Ok(_)))
+        ),
+        "no event from the Namespace watch"
+    );
+    let watch_all = kube::api::WatchParams::default().timeout(5);
+    assert_eq!(
+        status_code(namespaces.watch(&watch_all, "0").await.map(|_| ())),
+        Some(403),
+        "watch every Namespace"
     );
 }

@@ -10,20 +10,36 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 app.kubernetes.io/name: agentry
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
-{{/* Rules on Agents and the objects the controller creates for them. */}}
+{{/*
+Rules on Agents and the objects the controller creates for them, each verb traced to a call in
+src/ (see tests/fixtures/rbac-*.yaml for the rendered result):
+- agents: list/watch (the Agent watcher), patch (finalizer JSON patch, discovery labels by
+  server-side apply, clearing the revoke annotation). No get, no update.
+- agents/status: patch (status by server-side apply). No get, no update.
+- secrets: get (the identity Secret is read before it is rewritten); the rest below.
+- secrets, services, serviceaccounts, deployments, statefulsets: list/watch (watch caches,
+  label-selected to what the controller manages), create + patch (server-side apply; an apply
+  that creates is also authorized as create). The workload is read from the caches: no get.
+- deployments, statefulsets: delete (switching between Deployment and StatefulSet when
+  spec.state.persistent changes).
+- events.k8s.io events: create, patch (kube-runtime's Recorder patches a repeated event's series).
+*/}}
 {{- define "agentry.agentRules" -}}
 - apiGroups: ["agentry.dev"]
   resources: ["agents"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["agentry.dev"]
   resources: ["agents/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 - apiGroups: [""]
-  resources: ["secrets", "services", "serviceaccounts"]
+  resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["services", "serviceaccounts"]
+  verbs: ["list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
