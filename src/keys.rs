@@ -50,4 +50,6 @@ pub mod reasons {
     pub const REVOKED: &str = "Revoked";
     pub const DELETED: &str = "Deleted";
     pub const INVALID_OBJECT: &str = "InvalidObject";
+    pub const CA_EXPIRED: &str = "CaExpired";
+    pub const CLAMPED: &str = "LifetimeClamped";
 }

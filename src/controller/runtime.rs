@@ -10,9 +10,11 @@ use futures::StreamExt;
 use futures::TryStreamExt;
 use futures::stream::BoxStream;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
 use kube::api::{ApiResource, DynamicObject, PartialObjectMeta, TypeMeta};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, controller::Action, watcher};
 use kube::{Api, Client, core::DeserializeGuard};
@@ -270,9 +272,36 @@ async fn maintain_authority(
     interval: Duration,
     stop: CancellationToken,
 ) {
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: None,
+        },
+    );
+    let ca_secret = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Secret".into()),
+        namespace: Some(authority.config.namespace.clone()),
+        name: Some(authority.config.ca_secret.clone()),
+        ..Default::default()
+    };
     let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
     tick.tick().await;
     loop {
+        // What the CA set dropped (an expired next or previous CA), once each, on the CA Secret.
+        for note in authority.take_ca_notes() {
+            let event = kube::runtime::events::Event {
+                type_: EventType::Warning,
+                reason: "CaDropped".into(),
+                note: Some(note),
+                action: "Rotate".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &ca_secret).await {
+                tracing::warn!(error = %e, "could not publish an event on the CA Secret");
+            }
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {

@@ -34,12 +34,14 @@ src/ (see tests/fixtures/rbac-*.yaml for the rendered result):
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# get: before its first apply, an object the watch cache (selected on our label) does not hold
+# is read once, so that an object of the same name the Agent did not create is never adopted.
 - apiGroups: [""]
   resources: ["services", "serviceaccounts"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

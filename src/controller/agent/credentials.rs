@@ -43,6 +43,8 @@ pub enum IdentityError {
     Blocking(#[from] tokio::task::JoinError),
     #[error("the Agent has no uid or namespace yet")]
     NotStored,
+    #[error("{0}")]
+    CaExpired(String),
 }
 
 impl From<AuthorityError> for IdentityError {
@@ -63,6 +65,9 @@ impl IdentityError {
         match self {
             IdentityError::NameConflict(_) => {
                 Report::stalled(Some(CERTIFICATE_ISSUED), reasons::NAME_CONFLICT, message)
+            }
+            IdentityError::CaExpired(_) => {
+                Report::pending(CERTIFICATE_ISSUED, reasons::CA_EXPIRED, message)
             }
             _ => Report::pending(CERTIFICATE_ISSUED, reasons::ISSUE_FAILED, message),
         }
@@ -334,6 +339,9 @@ pub async fn step(
         name,
         uid,
     };
+    // An expired signing CA issues nothing: say so on every Agent (with the recovery), never
+    // silently make a new CA.
+    authority.ca_health().map_err(IdentityError::CaExpired)?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &t.ns);
     let secret_name = secret_name(agent);
     let existing = secrets.get_opt(&secret_name).await?;
@@ -372,8 +380,8 @@ pub async fn step(
         },
         (why, ..) => {
             let why = why.unwrap_or(ReissueReason::NoCertificate);
-            let (leaf, note) = issue(&t, &ca, cert_ttl, &why, trusted.is_ok(), ctx).await?;
-            events.push(note);
+            let (leaf, notes) = issue(&t, &ca, cert_ttl, &why, trusted.is_ok(), ctx).await?;
+            events.extend(notes);
             leaf
         }
     };
@@ -487,7 +495,7 @@ async fn issue(
     why: &ReissueReason,
     renewal: bool,
     ctx: &Context,
-) -> Result<(Leaf, Note), IdentityError> {
+) -> Result<(Leaf, Vec<Note>), IdentityError> {
     let req = LeafRequest {
         agent_uid: t.uid.clone(),
         namespace: t.ns.clone(),
@@ -511,6 +519,18 @@ async fn issue(
             rfc3339(leaf.record.not_after)
         ),
     );
+    let mut notes = vec![note];
+    if let Some(end) = leaf.clamped_to {
+        notes.push(Note::warning(
+            reasons::CLAMPED,
+            "Issue",
+            format!(
+                "certificate {} ends at {} with its CA instead of after the full certificateTTL; rotate the CA (agentry ca rotate)",
+                leaf.record.serial,
+                rfc3339(end)
+            ),
+        ));
+    }
     let facts = ca::leaf_facts(&leaf.cert_pem)
         .ok_or_else(|| CaError::BadCaCert("the issued certificate does not parse".into()))?;
     Ok((
@@ -521,7 +541,7 @@ async fn issue(
             facts,
             changed: true,
         },
-        note,
+        notes,
     ))
 }
 
