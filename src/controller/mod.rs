@@ -8,7 +8,6 @@ pub mod error;
 pub mod runtime;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 pub use context::{Applied, ChildStores, Context};
@@ -31,8 +30,6 @@ pub struct Config {
     /// This replica's name in the Lease.
     pub replica: String,
     pub ops_addr: SocketAddr,
-    /// Where the SQLite ledger lives.
-    pub data_dir: PathBuf,
     /// How often the leader checks signing-key age, CA rotation steps and the CRL.
     pub maintenance_interval: Duration,
     /// Agents reconciled at once (0: unbounded).

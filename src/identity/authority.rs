@@ -18,7 +18,7 @@ use kube::{Api, Client};
 use super::ca::{CaError, CertificateAuthority};
 use super::jwt::{JwtError, SigningKey, TokenIssuer};
 use super::rotation::{
-    CaSet, CaSetError, PHASE_ANNOTATION, Phase, ROTATE_ANNOTATION, next_step, recovery_step,
+    CaSet, CaSetError, PHASE_ANNOTATION, ROTATE_ANNOTATION, Step, next_step, recovery_step,
 };
 use super::store::{Ledger, StoreError};
 
@@ -185,10 +185,6 @@ impl Authority {
     /// `ca.crt` for agents: the signing CA plus any CA in a rotation overlap.
     pub fn bundle(&self) -> String {
         self.cas().bundle()
-    }
-
-    pub fn rotation_phase(&self) -> Phase {
-        self.cas().phase
     }
 
     pub fn tokens(&self) -> Arc<TokenIssuer> {
@@ -368,46 +364,16 @@ impl Authority {
             .annotations
             .as_ref()
             .is_some_and(|a| a.contains_key(ROTATE_ANNOTATION));
-        let step = if stored.active.is_expired_at(now) {
-            recovery_step(stored.phase, requested)
-        } else {
-            // SQLite off the async workers.
-            let ledger = self.ledger.clone();
-            let fingerprint = stored.active.fingerprint().to_string();
-            let old_leaves =
-                tokio::task::spawn_blocking(move || ledger.active_not_issued_by(&fingerprint, now))
-                    .await??;
-            next_step(
-                stored.phase,
-                requested,
-                now,
-                self.config.ca_rotation_overlap,
-                old_leaves,
-            )
-        };
+        let step = self.rotation_step(&stored, requested, now).await?;
         let next = match step {
             None if dropped.is_empty() => stored,
             step => {
-                let next = match step {
-                    Some(step) => {
-                        let trust_domain = self.config.trust_domain.clone();
-                        let validity = self.config.ca_validity;
-                        let from = stored.clone();
-                        // Key generation and signing off the async workers.
-                        tokio::task::spawn_blocking(move || {
-                            from.apply(step, now, || {
-                                CertificateAuthority::generate(
-                                    &format!("agentry CA ({trust_domain})"),
-                                    validity,
-                                )
-                            })
-                        })
-                        .await??
-                    }
-                    // Only expired CAs left the set: write the set without them.
-                    None => stored,
-                };
-                let mut annotations = secret.metadata.annotations.clone().unwrap_or_default();
+                let next = self.take_step(stored, step, now).await?;
+                let mut updated = secret.clone();
+                let annotations = updated
+                    .metadata
+                    .annotations
+                    .get_or_insert_with(Default::default);
                 if step.is_some() {
                     annotations.remove(ROTATE_ANNOTATION);
                 }
@@ -415,19 +381,13 @@ impl Authority {
                     Some(p) => annotations.insert(PHASE_ANNOTATION.to_string(), p),
                     None => annotations.remove(PHASE_ANNOTATION),
                 };
-                let mut updated = secret.clone();
-                updated.metadata.annotations = Some(annotations);
                 updated.data = Some(next.secret_data());
                 // resourceVersion is kept: a concurrent edit makes this fail, and we retry later.
                 secrets
                     .replace(&self.config.ca_secret, &PostParams::default(), &updated)
                     .await?;
                 self.note(dropped);
-                tracing::info!(
-                    step = ?step,
-                    signing = %next.active.fingerprint(),
-                    "CA Secret updated"
-                );
+                tracing::info!(step = ?step, signing = %next.active.fingerprint(), "CA Secret updated");
                 next
             }
         };
@@ -441,6 +401,52 @@ impl Authority {
             let _ = self.changed.unbounded_send(());
         }
         Ok(!same)
+    }
+}
+
+impl Authority {
+    /// The rotation step due now, if any: the recovery when the signing CA has expired, else
+    /// the next step of a rotation (counting the old CA's unexpired leaves off the async workers).
+    async fn rotation_step(
+        &self,
+        stored: &CaSet,
+        requested: bool,
+        now: i64,
+    ) -> Result<Option<Step>, AuthorityError> {
+        if stored.active.is_expired_at(now) {
+            return Ok(recovery_step(stored.phase, requested));
+        }
+        let ledger = self.ledger.clone();
+        let fingerprint = stored.active.fingerprint().to_string();
+        let old_leaves =
+            tokio::task::spawn_blocking(move || ledger.active_not_issued_by(&fingerprint, now))
+                .await??;
+        Ok(next_step(
+            stored.phase,
+            requested,
+            now,
+            self.config.ca_rotation_overlap,
+            old_leaves,
+        ))
+    }
+
+    /// Applies `step` to the set (key generation and signing off the async workers); with no
+    /// step, the set as it is (only expired CAs left it).
+    async fn take_step(
+        &self,
+        stored: CaSet,
+        step: Option<Step>,
+        now: i64,
+    ) -> Result<CaSet, AuthorityError> {
+        let Some(step) = step else { return Ok(stored) };
+        let trust_domain = self.config.trust_domain.clone();
+        let validity = self.config.ca_validity;
+        Ok(tokio::task::spawn_blocking(move || {
+            stored.apply(step, now, || {
+                CertificateAuthority::generate(&format!("agentry CA ({trust_domain})"), validity)
+            })
+        })
+        .await??)
     }
 }
 
@@ -709,30 +715,9 @@ async fn load_or_rotate_signing_keys(
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
     let now = now_unix();
     let existing = secrets.get_opt(&config.signing_secret).await?;
-    let created: BTreeMap<String, i64> = existing
+    let mut keys = existing
         .as_ref()
-        .and_then(|s| {
-            s.metadata
-                .annotations
-                .as_ref()?
-                .get(KEY_CREATED_ANNOTATION)
-                .cloned()
-        })
-        .and_then(|a| serde_json::from_str(&a).ok())
-        .unwrap_or_default();
-    let mut keys: Vec<SigningKey> = existing
-        .as_ref()
-        .and_then(|s| s.data.as_ref())
-        .map(|data| {
-            data.iter()
-                .filter_map(|(name, pem)| {
-                    let kid = name.strip_suffix(".pem")?;
-                    let pem = std::str::from_utf8(&pem.0).ok()?;
-                    let key = SigningKey::from_pem(pem, *created.get(kid).unwrap_or(&0)).ok()?;
-                    (key.kid == kid).then_some(key)
-                })
-                .collect()
-        })
+        .map(stored_signing_keys)
         .unwrap_or_default();
     keys.sort_by_key(|k| std::cmp::Reverse(k.created_at));
     let propagation = config.jwks_propagation.as_secs() as i64;
@@ -750,23 +735,61 @@ async fn load_or_rotate_signing_keys(
         keys.insert(0, SigningKey::generate(now)?);
         keys = prune(keys, now, propagation);
     }
-    let annotations = serde_json::to_string(
-        &keys
-            .iter()
-            .map(|k| (k.kid.clone(), k.created_at))
-            .collect::<BTreeMap<_, _>>(),
-    )
-    .unwrap_or_default();
-    let secret = Secret {
+    let secret = signing_secret(config, &keys, existing.as_ref());
+    if existing.is_some() {
+        secrets
+            .replace(&config.signing_secret, &PostParams::default(), &secret)
+            .await?;
+    } else {
+        secrets.create(&PostParams::default(), &secret).await?;
+    }
+    Ok(keys)
+}
+
+/// The signing keys a Secret holds (`<kid>.pem`, with creation times in an annotation); keys
+/// that do not load or whose name is not their kid are ignored.
+fn stored_signing_keys(secret: &Secret) -> Vec<SigningKey> {
+    let created: BTreeMap<String, i64> = secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(KEY_CREATED_ANNOTATION))
+        .and_then(|a| serde_json::from_str(a).ok())
+        .unwrap_or_default();
+    secret
+        .data
+        .iter()
+        .flatten()
+        .filter_map(|(name, pem)| {
+            let kid = name.strip_suffix(".pem")?;
+            let pem = std::str::from_utf8(&pem.0).ok()?;
+            let key = SigningKey::from_pem(pem, *created.get(kid).unwrap_or(&0)).ok()?;
+            (key.kid == kid).then_some(key)
+        })
+        .collect()
+}
+
+/// The signing-key Secret for `keys`, carrying the existing one's resourceVersion
+/// (optimistic concurrency: a racing writer makes the write fail instead of losing a key).
+fn signing_secret(
+    config: &AuthorityConfig,
+    keys: &[SigningKey],
+    existing: Option<&Secret>,
+) -> Secret {
+    let created: BTreeMap<_, _> = keys.iter().map(|k| (k.kid.clone(), k.created_at)).collect();
+    Secret {
         metadata: ObjectMeta {
             name: Some(config.signing_secret.clone()),
             namespace: Some(config.namespace.clone()),
             labels: Some(labels()),
-            annotations: Some([(KEY_CREATED_ANNOTATION.to_string(), annotations)].into()),
-            // Optimistic concurrency: a racing writer makes this fail instead of losing a key.
-            resource_version: existing
-                .as_ref()
-                .and_then(|s| s.metadata.resource_version.clone()),
+            annotations: Some(
+                [(
+                    KEY_CREATED_ANNOTATION.to_string(),
+                    serde_json::to_string(&created).unwrap_or_default(),
+                )]
+                .into(),
+            ),
+            resource_version: existing.and_then(|s| s.metadata.resource_version.clone()),
             ..Default::default()
         },
         type_: Some("Opaque".into()),
@@ -781,15 +804,7 @@ async fn load_or_rotate_signing_keys(
                 .collect(),
         ),
         ..Default::default()
-    };
-    if existing.is_some() {
-        secrets
-            .replace(&config.signing_secret, &PostParams::default(), &secret)
-            .await?;
-    } else {
-        secrets.create(&PostParams::default(), &secret).await?;
     }
-    Ok(keys)
 }
 
 /// The age of the newest signing key at which its successor is generated: one propagation

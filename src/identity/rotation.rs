@@ -286,51 +286,19 @@ pub async fn request(
     ))
 }
 
-/// `agentry ca status`: the rotation phase and the CAs' fingerprints.
-pub async fn status(
+/// Reads the CA set from its Secret (for `agentry ca status`), with notes on dropped CAs.
+pub async fn load(
     client: &kube::Client,
     namespace: &str,
     secret: &str,
-) -> Result<String, String> {
+) -> Result<(CaSet, Vec<String>), String> {
     let api: kube::Api<Secret> = kube::Api::namespaced(client.clone(), namespace);
     let s = api
         .get(secret)
         .await
         .map_err(|e| format!("reading Secret {namespace}/{secret}: {e}"))?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let (set, dropped) = CaSet::from_secret(&s, now).map_err(|e| e.to_string())?;
-    let mut out = format!(
-        "phase: {}\nsigning CA: sha256:{} ({} {})\n",
-        set.phase.render().unwrap_or_else(|| "idle".into()),
-        set.active.fingerprint(),
-        if set.active.is_expired_at(now) {
-            "EXPIRED at"
-        } else {
-            "expires"
-        },
-        set.active.not_after()
-    );
-    if set.active.is_expired_at(now) {
-        out.push_str(
-            "the signing CA has expired: nothing can be issued; run `agentry ca rotate` to replace it at once\n",
-        );
-    }
-    for note in dropped {
-        out.push_str(&format!("{note}\n"));
-    }
-    if let Some(n) = &set.next {
-        out.push_str(&format!(
-            "next CA (trusted, not yet signing): sha256:{}\n",
-            n.fingerprint()
-        ));
-    }
-    if let Some(p) = &set.previous {
-        out.push_str(&format!(
-            "previous CA (trusted until retired): sha256:{}\n",
-            p.fingerprint()
-        ));
-    }
-    Ok(out)
+    CaSet::from_secret(&s, now).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]

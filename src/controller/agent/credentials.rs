@@ -325,26 +325,14 @@ pub async fn step(
     ctx: &Context,
 ) -> Result<(Credentials, Vec<Report>), IdentityError> {
     let authority = &ctx.authority;
-    let (ns, uid) = agent
-        .namespace()
-        .zip(agent.uid())
-        .ok_or(IdentityError::NotStored)?;
-    let name = agent.name_any();
-    let t = Target {
-        agent,
-        spiffe: ca::spiffe_id(&authority.config.trust_domain, &ns, &name),
-        dns: ca::service_dns_names(&ns, &name),
-        now: Timestamp::now().as_second(),
-        ns,
-        name,
-        uid,
-    };
+    let t = Target::of(agent, &authority.config.trust_domain)?;
     // An expired signing CA issues nothing: say so on every Agent (with the recovery), never
     // silently make a new CA.
     authority.ca_health().map_err(IdentityError::CaExpired)?;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &t.ns);
     let secret_name = secret_name(agent);
-    let existing = secrets.get_opt(&secret_name).await?;
+    let existing = Api::<Secret>::namespaced(ctx.client.clone(), &t.ns)
+        .get_opt(&secret_name)
+        .await?;
     // Never take over a Secret this Agent did not create (before anything is issued).
     if let Some(s) = &existing
         && !crate::controller::owned_by(&s.metadata, &t.uid)
@@ -352,17 +340,7 @@ pub async fn step(
         return Err(NameConflict::new("Secret", &secret_name).into());
     }
     let (stored, trusted) = read_trusted(existing.as_ref(), &t.uid, authority).await?;
-    let mut events = Vec::new();
-    if let Err(why) = &trusted
-        && *why != Untrusted::Missing
-    {
-        tracing::warn!(agent = %format!("{}/{}", t.ns, t.name), reason = %why, "identity Secret holds an untrusted certificate; replacing it");
-        events.push(Note::warning(
-            reasons::UNTRUSTED_IDENTITY,
-            "Verify",
-            format!("the identity Secret held a certificate that failed verification ({why}); it is replaced, nothing in it was reused or revoked"),
-        ));
-    }
+    let mut events: Vec<Note> = untrusted_note(&t, &trusted).into_iter().collect();
     let revoke = agent.annotations().get(REVOKE_ANNOTATION).cloned();
     if let Some(reason) = &revoke {
         events.push(revoke_on_request(&t, reason, &trusted, ctx).await?);
@@ -396,30 +374,77 @@ pub async fn step(
         &authority.bundle(),
         &token,
     );
-    if existing.as_ref().map(|e| (&e.data, e.type_.as_deref()))
-        != Some((&desired.data, Some("kubernetes.io/tls")))
-    {
-        secrets
-            .patch(
-                &secret_name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&desired),
-            )
-            .await?;
-    }
-    if revoke.is_some() {
-        // Done: clear the request so it is not repeated.
-        let patch = serde_json::json!({"metadata": {"annotations": {REVOKE_ANNOTATION: null}}});
-        Api::<Agent>::namespaced(ctx.client.clone(), &t.ns)
-            .patch(&t.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-    }
+    write_secret(&t, existing.as_ref(), &desired, revoke.is_some(), ctx).await?;
     if let Some(nearest) = with_ledger(authority, |l| l.nearest_active_expiry()).await? {
         ctx.metrics
             .nearest_certificate_expiry
             .set((nearest - t.now) as f64);
     }
     Ok(finish(&t, secret_name, &leaf.facts, &claims, events))
+}
+
+impl<'a> Target<'a> {
+    fn of(agent: &'a Agent, trust_domain: &str) -> Result<Self, IdentityError> {
+        let (ns, uid) = agent
+            .namespace()
+            .zip(agent.uid())
+            .ok_or(IdentityError::NotStored)?;
+        let name = agent.name_any();
+        Ok(Target {
+            agent,
+            spiffe: ca::spiffe_id(trust_domain, &ns, &name),
+            dns: ca::service_dns_names(&ns, &name),
+            now: Timestamp::now().as_second(),
+            ns,
+            name,
+            uid,
+        })
+    }
+}
+
+/// A Warning for a Secret that held something we could not trust (none when it was empty).
+fn untrusted_note(t: &Target<'_>, trusted: &Result<TrustedLeaf, Untrusted>) -> Option<Note> {
+    let why = trusted
+        .as_ref()
+        .err()
+        .filter(|w| **w != Untrusted::Missing)?;
+    tracing::warn!(agent = %format!("{}/{}", t.ns, t.name), reason = %why, "identity Secret holds an untrusted certificate; replacing it");
+    Some(Note::warning(
+        reasons::UNTRUSTED_IDENTITY,
+        "Verify",
+        format!(
+            "the identity Secret held a certificate that failed verification ({why}); it is replaced, nothing in it was reused or revoked"
+        ),
+    ))
+}
+
+/// Applies the identity Secret when it differs, then clears a handled revocation request.
+async fn write_secret(
+    t: &Target<'_>,
+    existing: Option<&Secret>,
+    desired: &Secret,
+    revoked: bool,
+    ctx: &Context,
+) -> Result<(), IdentityError> {
+    if existing.map(|e| (&e.data, e.type_.as_deref()))
+        != Some((&desired.data, Some("kubernetes.io/tls")))
+    {
+        Api::<Secret>::namespaced(ctx.client.clone(), &t.ns)
+            .patch(
+                &desired.name_any(),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(desired),
+            )
+            .await?;
+    }
+    if revoked {
+        // Done: clear the request so it is not repeated.
+        let patch = serde_json::json!({"metadata": {"annotations": {REVOKE_ANNOTATION: null}}});
+        Api::<Agent>::namespaced(ctx.client.clone(), &t.ns)
+            .patch(&t.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Revokes on request what is actually deployed (once verified) and the active row;

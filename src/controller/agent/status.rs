@@ -6,6 +6,7 @@
 //! Agent or what it depends on changes, and `Ready` when every required part is True. Reconciling
 //! and Stalled are removed when false, as Flux does.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 
@@ -34,28 +35,15 @@ pub fn compute(
     let mut s = previous.cloned().unwrap_or_default();
     s.observed_generation = generation;
     for r in reports {
-        let Some(type_) = r.condition else { continue };
-        match r.level {
-            Level::True => conditions::upsert(
+        if let Some(type_) = r.condition {
+            set(
                 &mut s.conditions,
                 type_,
-                true,
+                r.level,
                 r.reason,
                 &r.message,
                 generation,
-            ),
-            Level::False => conditions::upsert(
-                &mut s.conditions,
-                type_,
-                false,
-                r.reason,
-                &r.message,
-                generation,
-            ),
-            Level::Unknown => {
-                conditions::unknown(&mut s.conditions, type_, r.reason, &r.message, generation)
-            }
-            Level::Absent => conditions::remove(&mut s.conditions, type_),
+            );
         }
     }
     if let Some(identity) = facts.identity {
@@ -67,74 +55,97 @@ pub fn compute(
     if let Some(endpoint) = facts.endpoint {
         s.endpoint = Some(endpoint);
     }
+    if !reports.is_empty() {
+        health(&mut s, reports, generation);
+    }
+    s
+}
 
+fn set(
+    list: &mut Vec<Condition>,
+    type_: &str,
+    level: Level,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) {
+    match level {
+        Level::True => conditions::upsert(list, type_, true, reason, message, generation),
+        Level::False => conditions::upsert(list, type_, false, reason, message, generation),
+        Level::Unknown => conditions::unknown(list, type_, reason, message, generation),
+        Level::Absent => conditions::remove(list, type_),
+    }
+}
+
+/// Ready, Reconciling, Stalled and the phase, from the first stalled or unready required part.
+fn health(s: &mut AgentStatus, reports: &[Report], generation: Option<i64>) {
     let stalled = reports.iter().find(|r| r.stalled);
     let blocking = reports
         .iter()
         .find(|r| r.required && r.level != Level::True);
     let was_up = matches!(s.phase, Some(Phase::Ready | Phase::Degraded));
-    match (stalled, blocking) {
-        (Some(r), _) => {
-            conditions::upsert(
-                &mut s.conditions,
-                READY,
-                false,
-                r.reason,
-                &r.message,
-                generation,
-            );
-            conditions::upsert(
-                &mut s.conditions,
-                STALLED,
-                true,
-                r.reason,
-                &r.message,
-                generation,
-            );
-            conditions::remove(&mut s.conditions, RECONCILING);
-            s.phase = Some(Phase::Failed);
-        }
+    let (ready, reconciling, stall, phase) = match (stalled, blocking) {
+        (Some(r), _) => (r.into(), None, Some(r), Phase::Failed),
         (None, Some(r)) => {
-            conditions::upsert(
-                &mut s.conditions,
-                READY,
-                false,
-                r.reason,
-                &r.message,
-                generation,
-            );
-            conditions::upsert(
-                &mut s.conditions,
-                RECONCILING,
-                true,
-                r.reason,
-                &r.message,
-                generation,
-            );
-            conditions::remove(&mut s.conditions, STALLED);
-            s.phase = Some(if was_up {
+            let phase = if was_up {
                 Phase::Degraded
             } else {
                 Phase::Provisioning
-            });
+            };
+            (r.into(), Some(r), None, phase)
         }
-        (None, None) if reports.is_empty() => {}
-        (None, None) => {
-            let message = "identity issued and workload available";
-            conditions::upsert(
-                &mut s.conditions,
-                READY,
-                true,
-                reasons::READY,
-                message,
-                generation,
-            );
-            conditions::remove(&mut s.conditions, RECONCILING);
-            conditions::remove(&mut s.conditions, STALLED);
-            s.phase = Some(Phase::Ready);
+        (None, None) => (Verdict::READY, None, None, Phase::Ready),
+    };
+    let list = &mut s.conditions;
+    set(
+        list,
+        READY,
+        ready.level,
+        ready.reason,
+        ready.message,
+        generation,
+    );
+    match reconciling {
+        Some(r) => set(
+            list,
+            RECONCILING,
+            Level::True,
+            r.reason,
+            &r.message,
+            generation,
+        ),
+        None => conditions::remove(list, RECONCILING),
+    }
+    match stall {
+        Some(r) => set(list, STALLED, Level::True, r.reason, &r.message, generation),
+        None => conditions::remove(list, STALLED),
+    }
+    s.phase = Some(phase);
+}
+
+/// What Ready says.
+struct Verdict<'a> {
+    level: Level,
+    reason: &'a str,
+    message: &'a str,
+}
+
+impl Verdict<'_> {
+    const READY: Verdict<'static> = Verdict {
+        level: Level::True,
+        reason: reasons::READY,
+        message: "identity issued and workload available",
+    };
+}
+
+impl<'a> From<&'a Report> for Verdict<'a> {
+    fn from(r: &'a Report) -> Self {
+        Verdict {
+            level: Level::False,
+            reason: r.reason,
+            message: &r.message,
         }
     }
-    s
 }
 
 /// Writes `status` with one server-side-apply patch, unless it equals what is stored.

@@ -1,0 +1,271 @@
+//! The command line: every subcommand's flags (one doc string each, shown by `--help`), and
+//! what the `ca` subcommands print.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use agentry::identity::rotation::CaSet;
+use agentry::telemetry::LogFormat;
+
+#[derive(Parser)]
+#[command(
+    name = "agentry",
+    version,
+    about = "Identities, right-sized workloads and discovery for AI agents on Kubernetes"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "AGENTRY_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the controller: reconcilers, CA and token issuer, with leader election.
+    Controller(Box<ControllerArgs>),
+    /// Print the CustomResourceDefinitions and the admission policy as YAML (what `crds/` holds).
+    Crd(CrdArgs),
+    /// Inspect or rotate the CA.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Args)]
+pub struct CrdArgs {
+    /// What to print: everything (for `kubectl apply`), or the Helm chart's two files.
+    #[arg(long, value_enum, default_value = "all")]
+    pub only: CrdPart,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum CrdPart {
+    /// CRDs and the admission policy.
+    All,
+    /// The CRDs (charts/agentry/crds/).
+    Crds,
+    /// The admission policy as a chart template (charts/agentry/templates/admission-policy.yaml).
+    ChartPolicy,
+}
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Start a CA rotation: prepare a new CA, activate it after the overlap, re-issue every
+    /// certificate, retire the old CA. The running leader carries out each step. When the
+    /// signing CA has already expired, the leader replaces it at once (the recovery).
+    Rotate(CaArgs),
+    /// Show the rotation phase and the CAs in play.
+    Status(CaArgs),
+}
+
+#[derive(Args)]
+pub struct CaArgs {
+    /// The controller's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "agentry-system")]
+    namespace: String,
+    /// The CA Secret.
+    #[arg(long, default_value = "agentry-ca")]
+    ca_secret: String,
+}
+
+pub fn run_ca(command: CaCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| format!("connecting to the Kubernetes API (set KUBECONFIG): {e}"))?;
+        match command {
+            CaCommand::Rotate(a) => {
+                agentry::identity::rotation::request(&client, &a.namespace, &a.ca_secret)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "requesting the rotation on Secret {}/{}: {e}",
+                            a.namespace, a.ca_secret
+                        )
+                    })
+            }
+            CaCommand::Status(a) => {
+                let (set, dropped) =
+                    agentry::identity::rotation::load(&client, &a.namespace, &a.ca_secret).await?;
+                Ok(render_ca_status(
+                    &set,
+                    &dropped,
+                    time::OffsetDateTime::now_utc().unix_timestamp(),
+                ))
+            }
+        }
+    });
+    match result {
+        Ok(line) => {
+            println!("{}", line.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct ControllerArgs {
+    /// Reconcile Agents in this namespace only (default: all namespaces).
+    #[arg(long, env = "AGENTRY_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Reconcile only Agents whose labels match this selector (e.g. `shard=a`), for sharding a
+    /// fleet across controllers; every Agent when unset.
+    #[arg(long, env = "AGENTRY_AGENT_SELECTOR")]
+    agent_selector: Option<String>,
+    /// The controller's own namespace, holding its Lease, CA Secret and published ConfigMaps.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "agentry-system")]
+    namespace: String,
+    /// Name of the coordination.k8s.io Lease used for leader election.
+    #[arg(long, default_value = "agentry-controller")]
+    lease_name: String,
+    /// How long the leader's Lease lasts without renewal (a standby takes over after this).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// This replica's identity in the Lease (default: hostname-pid).
+    #[arg(long, env = "POD_NAME")]
+    replica: Option<String>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "127.0.0.1:9464", env = "AGENTRY_OPS_ADDR")]
+    ops_addr: SocketAddr,
+    /// Data directory (e.g. a PersistentVolume's root; never chmod-ed): the SQLite ledger lives
+    /// in its `ledger/` subdirectory (created 0700; files 0600).
+    #[arg(long, default_value = "/var/lib/agentry", env = "AGENTRY_DATA_DIR")]
+    data_dir: PathBuf,
+    /// SPIFFE trust domain of agent identities.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Secret (in --namespace) holding the CA as tls.crt/tls.key. Created when missing; create it
+    /// first to bring your own CA (for example one issued by cert-manager).
+    #[arg(long, default_value = "agentry-ca")]
+    ca_secret: String,
+    /// Lifetime of a CA the controller creates.
+    #[arg(long, default_value = "87600h", value_parser = parse_duration)]
+    ca_validity: Duration,
+    /// Secret (in --namespace) holding the token signing keys.
+    #[arg(long, default_value = "agentry-token-signing")]
+    signing_secret: String,
+    /// Replace the token signing key when it is older than this (the old key stays published 24h).
+    #[arg(long, default_value = "720h", value_parser = parse_duration)]
+    signing_key_rotation: Duration,
+    /// How long a new token signing key is published in the JWKS before it signs (verifiers
+    /// with a cached JWKS learn it first); the next key is generated this long before rotation.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    jwks_propagation: Duration,
+    /// How long each CA rotation step (prepare -> activate -> retire) waits for consumers to
+    /// pick up the new trust bundle.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    ca_rotation_overlap: Duration,
+    /// How often the leader checks signing-key age, CA rotation steps and the CRL.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    maintenance_interval: Duration,
+    /// How many Agents are reconciled at once (0: no limit).
+    #[arg(long, default_value_t = 32)]
+    concurrency: u16,
+    /// The `iss` of agent tokens (default: https://agentry.<namespace>.svc).
+    #[arg(long)]
+    token_issuer: Option<String>,
+    /// The `aud` of agent tokens.
+    #[arg(long, default_value = "agentry")]
+    token_audience: String,
+    /// Testing only: divide every certificate and token lifetime by N, to watch renewals quickly.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    ttl_divisor: u32,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    agentry::crd::units::parse_duration(s)
+}
+
+/// `agentry ca status`: the rotation phase and the CAs in play.
+pub fn render_ca_status(set: &CaSet, dropped: &[String], now: i64) -> String {
+    let expired = set.active.is_expired_at(now);
+    let mut out = format!(
+        "phase: {}\nsigning CA: sha256:{} ({} {})\n",
+        set.phase.render().unwrap_or_else(|| "idle".into()),
+        set.active.fingerprint(),
+        if expired { "EXPIRED at" } else { "expires" },
+        set.active.not_after()
+    );
+    if expired {
+        out.push_str("the signing CA has expired: nothing can be issued; run `agentry ca rotate` to replace it at once\n");
+    }
+    for note in dropped {
+        out.push_str(&format!("{note}\n"));
+    }
+    if let Some(n) = &set.next {
+        out.push_str(&format!(
+            "next CA (trusted, not yet signing): sha256:{}\n",
+            n.fingerprint()
+        ));
+    }
+    if let Some(p) = &set.previous {
+        out.push_str(&format!(
+            "previous CA (trusted until retired): sha256:{}\n",
+            p.fingerprint()
+        ));
+    }
+    out
+}
+
+impl ControllerArgs {
+    /// The controller's configuration from its flags.
+    pub fn into_config(self) -> agentry::controller::Config {
+        let replica = self.replica.unwrap_or_else(|| {
+            let host = hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "agentry".into());
+            format!("{host}-{}", std::process::id())
+        });
+        agentry::controller::Config {
+            watch_namespace: self.watch_namespace.filter(|n| !n.is_empty()),
+            agent_selector: self.agent_selector.filter(|s| !s.is_empty()),
+            namespace: self.namespace.clone(),
+            lease_name: self.lease_name,
+            lease_duration: self.lease_duration,
+            replica,
+            ops_addr: self.ops_addr,
+            authority: agentry::identity::authority::AuthorityConfig {
+                token_issuer: self
+                    .token_issuer
+                    .unwrap_or_else(|| format!("https://agentry.{}.svc", self.namespace)),
+                namespace: self.namespace,
+                ca_secret: self.ca_secret,
+                signing_secret: self.signing_secret,
+                ca_configmap: "agentry-ca".into(),
+                jwks_configmap: "agentry-jwks".into(),
+                trust_domain: self.trust_domain,
+                token_audience: self.token_audience,
+                ca_validity: self.ca_validity,
+                signing_key_rotation: self.signing_key_rotation,
+                jwks_propagation: self.jwks_propagation,
+                ca_rotation_overlap: self.ca_rotation_overlap,
+                data_dir: self.data_dir,
+                ttl_divisor: self.ttl_divisor,
+            },
+            maintenance_interval: self.maintenance_interval,
+            concurrency: self.concurrency,
+        }
+    }
+}
