@@ -724,15 +724,17 @@ async fn chart_rbac_is_sufficient_and_least_privilege() {
     agentry::identity::rotation::request(&client, &home, "agentry-ca")
         .await
         .unwrap();
-    eventually(
+    eventually_ok(
         Duration::from_secs(60),
         "the CA rotation to activate a new CA",
         || async {
-            let s = secrets_h.get("agentry-ca").await.unwrap();
-            let requested = s
-                .annotations()
-                .contains_key(agentry::identity::rotation::ROTATE_ANNOTATION);
-            !requested && ca_cert(s) != first_ca
+            Ok::<bool, kube::Error>({
+                let s = secrets_h.get("agentry-ca").await?;
+                let requested = s
+                    .annotations()
+                    .contains_key(agentry::identity::rotation::ROTATE_ANNOTATION);
+                !requested && ca_cert(s) != first_ca
+            })
         },
     )
     .await;
@@ -755,12 +757,14 @@ async fn chart_rbac_is_sufficient_and_least_privilege() {
         .unwrap();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &watched);
     let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), &watched);
-    eventually(
+    eventually_ok(
         Duration::from_secs(60),
         "a StatefulSet to replace the Deployment",
         || async {
-            statefulsets.get_opt("rbac").await.unwrap().is_some()
-                && deployments.get_opt("rbac").await.unwrap().is_none()
+            Ok::<bool, kube::Error>({
+                statefulsets.get_opt("rbac").await?.is_some()
+                    && deployments.get_opt("rbac").await?.is_none()
+            })
         },
     )
     .await;
@@ -770,10 +774,10 @@ async fn chart_rbac_is_sufficient_and_least_privilege() {
         .delete("rbac", &DeleteParams::default())
         .await
         .unwrap();
-    eventually(
+    eventually_ok(
         Duration::from_secs(30),
         "the Agent to be deleted",
-        || async { agents.get_opt("rbac").await.unwrap().is_none() },
+        || async { Ok::<bool, kube::Error>(agents.get_opt("rbac").await?.is_none()) },
     )
     .await;
 

@@ -112,8 +112,8 @@ async fn delete_runs_cleanup_and_removes_the_finalizer() {
     api.delete("doomed", &DeleteParams::default())
         .await
         .unwrap();
-    eventually(Duration::from_secs(30), "agent deleted", || async {
-        api.get_opt("doomed").await.unwrap().is_none()
+    eventually_ok(Duration::from_secs(30), "agent deleted", || async {
+        Ok::<bool, kube::Error>(api.get_opt("doomed").await?.is_none())
     })
     .await;
     // The cleanup left its trace as an Event.
@@ -129,15 +129,15 @@ async fn delete_runs_cleanup_and_removes_the_finalizer() {
     );
 }
 
-async fn leader_of(client: &kube::Client, ns: &str) -> Option<String> {
-    Api::<Lease>::namespaced(client.clone(), ns)
+/// Who holds the Lease; an API error is an error, never "nobody" (a failed GET must not pass
+/// for a released Lease). A missing Lease is `None`.
+async fn leader_of(client: &kube::Client, ns: &str) -> Result<Option<String>, kube::Error> {
+    Ok(Api::<Lease>::namespaced(client.clone(), ns)
         .get_opt("agentry-controller")
-        .await
-        .ok()
-        .flatten()
+        .await?
         .and_then(|l| l.spec)
         .and_then(|s| s.holder_identity)
-        .filter(|h| !h.is_empty())
+        .filter(|h| !h.is_empty()))
 }
 
 #[tokio::test]
@@ -148,8 +148,8 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
         replica: "replica-a",
         ..ControllerOptions::new(&ns.name)
     });
-    eventually(Duration::from_secs(20), "replica-a leads", || async {
-        leader_of(&client, &ns.name).await.as_deref() == Some("replica-a")
+    eventually_ok(Duration::from_secs(20), "replica-a leads", || async {
+        Ok::<_, kube::Error>(leader_of(&client, &ns.name).await?.as_deref() == Some("replica-a"))
     })
     .await;
     let b = ControllerProcess::start(ControllerOptions {
@@ -197,8 +197,8 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     // (plus a renewal period of slack) and reconcile new work.
     a.kill();
     let killed = Instant::now();
-    eventually(lease * 3, "replica-b takes the lease", || async {
-        leader_of(&client, &ns.name).await.as_deref() == Some("replica-b")
+    eventually_ok(lease * 3, "replica-b takes the lease", || async {
+        Ok::<_, kube::Error>(leader_of(&client, &ns.name).await?.as_deref() == Some("replica-b"))
     })
     .await;
     let takeover = killed.elapsed();
@@ -222,13 +222,16 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
 async fn sigterm_releases_the_lease_and_exits_cleanly() {
     let (client, ns) = setup("ctl-term").await;
     let mut a = ControllerProcess::start(ControllerOptions::new(&ns.name));
-    eventually(Duration::from_secs(20), "replica-a leads", || async {
-        leader_of(&client, &ns.name).await.is_some()
+    eventually_ok(Duration::from_secs(20), "replica-a leads", || async {
+        Ok::<_, kube::Error>(leader_of(&client, &ns.name).await?.is_some())
     })
     .await;
     assert_eq!(a.terminate(), Some(0), "exit status; logs:\n{}", a.logs());
     // Released on the way out, so a successor need not wait for expiry.
-    assert_eq!(leader_of(&client, &ns.name).await, None);
+    let holder = leader_of(&client, &ns.name)
+        .await
+        .expect("reading the Lease after shutdown");
+    assert_eq!(holder, None, "the Lease must be released on SIGTERM");
 }
 
 /// An Agent stored under a looser schema (here: `template.port` as a string) does not decode into
@@ -291,21 +294,22 @@ async fn an_undecodable_agent_does_not_stop_the_others() {
         .await;
     }
     let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
-    eventually(
+    eventually_ok(
         Duration::from_secs(20),
         "InvalidObject event on the odd Agent",
         || async {
-            events
-                .list(&Default::default())
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .any(|e| {
-                    e.reason.as_deref() == Some("InvalidObject")
-                        && e.type_.as_deref() == Some("Warning")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("odd")
-                })
+            Ok::<bool, kube::Error>({
+                events
+                    .list(&Default::default())
+                    .await?
+                    .items
+                    .iter()
+                    .any(|e| {
+                        e.reason.as_deref() == Some("InvalidObject")
+                            && e.type_.as_deref() == Some("Warning")
+                            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("odd")
+                    })
+            })
         },
     )
     .await;

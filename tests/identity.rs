@@ -454,8 +454,8 @@ async fn revocation_by_annotation_and_by_deletion_lands_on_the_crl() {
     api.delete("victim", &DeleteParams::default())
         .await
         .unwrap();
-    eventually(Duration::from_secs(30), "agent gone", || async {
-        api.get_opt("victim").await.unwrap().is_none()
+    eventually_ok(Duration::from_secs(30), "agent gone", || async {
+        Ok::<bool, kube::Error>(api.get_opt("victim").await?.is_none())
     })
     .await;
     let crl = configmap(&client, &ns.name, "agentry-ca", "crl.pem").await;
@@ -478,8 +478,10 @@ async fn revocation_by_annotation_and_by_deletion_lands_on_the_crl() {
     );
 }
 
-/// SIGKILL the controller again and again while it issues: no Secret may ever hold a certificate
-/// the ledger lacks, and no serial repeats.
+/// SIGKILL the controller again and again while it issues, and once (by a failpoint) exactly
+/// between a ledger commit and the Secret write: no Secret may ever hold a certificate the ledger
+/// lacks, no serial repeats, the certificate committed just before the crash survives in the
+/// ledger (WAL recovery), and the issued-but-never-delivered ones are superseded, never active.
 #[tokio::test]
 async fn killing_the_controller_during_issuance_never_orphans_a_certificate() {
     let (client, ns) = setup("id-kill").await;
@@ -494,23 +496,45 @@ async fn killing_the_controller_during_issuance_never_orphans_a_certificate() {
         .await
         .unwrap();
     }
-    for round in 0..6u64 {
+    let options = |extra: Vec<String>| {
         let mut opts = ControllerOptions::new(&ns.name);
         opts.data_dir = Some(data.path());
         opts.lease_duration = "2s";
         // Same replica name each round: it resumes its own lease at once instead of waiting it out.
         opts.replica = "crashy";
-        let mut c = ControllerProcess::start(opts);
+        opts.extra_args = extra;
+        opts
+    };
+    // The failpoint: abort right after the 20th commit, before that certificate is written.
+    let mut crash = ControllerProcess::start_with_env(
+        options(vec![]),
+        &[("AGENTRY_TEST_ABORT_AFTER_COMMITS", "20")],
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while crash.child.try_wait().unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failpoint never fired:\n{}",
+            crash.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = crash.logs();
+    let committed = log
+        .lines()
+        .find_map(|l| l.strip_prefix("failpoint: aborting after committing serial "))
+        .unwrap_or_else(|| panic!("no failpoint line in:\n{log}"))
+        .trim()
+        .to_string();
+    drop(crash);
+    for round in 0..5u64 {
+        let mut c = ControllerProcess::start(options(vec![]));
         // Kill at a different point each round, from mid-bootstrap to mid-fleet.
         tokio::time::sleep(Duration::from_millis(300 + 450 * round)).await;
         c.kill();
     }
     // Let a final controller finish the fleet.
-    let mut opts = ControllerOptions::new(&ns.name);
-    opts.data_dir = Some(data.path());
-    opts.lease_duration = "2s";
-    opts.replica = "crashy";
-    let _c = ControllerProcess::start(opts);
+    let _c = ControllerProcess::start(options(vec![]));
     for i in 0..agents {
         wait_agent(
             &client,
@@ -523,6 +547,11 @@ async fn killing_the_controller_during_issuance_never_orphans_a_certificate() {
         .await;
     }
     let ledger = Ledger::open(data.path()).unwrap();
+    assert_eq!(
+        ledger.durability().unwrap(),
+        ("wal".to_string(), 2),
+        "the ledger must run WAL with synchronous=FULL"
+    );
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns.name)
         .list(&kube::api::ListParams::default().labels("agentry.dev/agent"))
         .await
@@ -534,13 +563,27 @@ async fn killing_the_controller_during_issuance_never_orphans_a_certificate() {
         let serial = leaf_facts(&crt).unwrap().serial;
         let row = ledger.get(&serial).unwrap();
         assert!(
-            row.is_some(),
-            "Secret {:?} holds certificate {serial} that the ledger lacks",
+            row.is_some_and(|r| r.state == CertState::Active),
+            "Secret {:?} holds certificate {serial} that the ledger lacks or does not list as active",
             s.metadata.name
         );
         assert!(serials.insert(serial), "duplicate serial");
     }
-    assert!(ledger.count().unwrap() >= agents);
+    // The certificate committed just before the abort survived the crash (the WAL the killed
+    // process left was recovered), was never delivered, and is not active.
+    let row = ledger.get(&committed).unwrap().unwrap_or_else(|| {
+        panic!("serial {committed}, committed before the crash, is not in the ledger")
+    });
+    assert!(
+        !serials.contains(&committed),
+        "an aborted delivery reached a Secret"
+    );
+    assert_eq!(row.state, CertState::Superseded);
+    // Every other issued-but-undelivered certificate is superseded too: none is active.
+    assert!(
+        ledger.count().unwrap() > agents,
+        "at least the failpoint's certificate was never delivered"
+    );
 }
 
 /// `agentry ca rotate`: prepare (both CAs trusted) -> activate (new CA signs, leaves re-issued)

@@ -195,28 +195,29 @@ async fn memory_changes_roll_out_and_hand_edits_are_reverted() {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     assert_eq!(memory_limit(&deployments.get("a").await.unwrap()), "256Mi");
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    eventually(
+    eventually_ok(
         Duration::from_secs(60),
         "a running pod with the new limit",
         || async {
-            pods.list(&ListParams::default().labels("agentry.dev/agent=a"))
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .any(|p| {
-                    p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-                        && p.metadata.deletion_timestamp.is_none()
-                        && p.spec.as_ref().unwrap().containers[0]
-                            .resources
-                            .as_ref()
-                            .unwrap()
-                            .limits
-                            .as_ref()
-                            .unwrap()["memory"]
-                            .0
-                            == "256Mi"
-                })
+            Ok::<bool, kube::Error>({
+                pods.list(&ListParams::default().labels("agentry.dev/agent=a"))
+                    .await?
+                    .items
+                    .iter()
+                    .any(|p| {
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                            && p.metadata.deletion_timestamp.is_none()
+                            && p.spec.as_ref().unwrap().containers[0]
+                                .resources
+                                .as_ref()
+                                .unwrap()
+                                .limits
+                                .as_ref()
+                                .unwrap()["memory"]
+                                .0
+                                == "256Mi"
+                    })
+            })
         },
     )
     .await;
@@ -245,10 +246,10 @@ async fn memory_changes_roll_out_and_hand_edits_are_reverted() {
         .replace("a", &PostParams::default(), &d)
         .await
         .unwrap();
-    eventually(
+    eventually_ok(
         Duration::from_secs(30),
         "memory reverted to 256Mi",
-        || async { memory_limit(&deployments.get("a").await.unwrap()) == "256Mi" },
+        || async { Ok::<bool, kube::Error>(memory_limit(&deployments.get("a").await?) == "256Mi") },
     )
     .await;
 }
@@ -277,20 +278,21 @@ async fn deleting_an_agent_garbage_collects_its_children() {
         Api::<Secret>::namespaced(client.clone(), &ns.name),
         Api::<Pod>::namespaced(client.clone(), &ns.name),
     );
-    eventually(
+    eventually_ok(
         Duration::from_secs(60),
         "children garbage-collected",
         || async {
-            d.get_opt("short-lived").await.unwrap().is_none()
-                && s.get_opt("short-lived").await.unwrap().is_none()
-                && sa.get_opt("short-lived").await.unwrap().is_none()
-                && sec.get_opt("short-lived-identity").await.unwrap().is_none()
-                && pods
-                    .list(&ListParams::default().labels("agentry.dev/agent=short-lived"))
-                    .await
-                    .unwrap()
-                    .items
-                    .is_empty()
+            Ok::<bool, kube::Error>({
+                d.get_opt("short-lived").await?.is_none()
+                    && s.get_opt("short-lived").await?.is_none()
+                    && sa.get_opt("short-lived").await?.is_none()
+                    && sec.get_opt("short-lived-identity").await?.is_none()
+                    && pods
+                        .list(&ListParams::default().labels("agentry.dev/agent=short-lived"))
+                        .await?
+                        .items
+                        .is_empty()
+            })
         },
     )
     .await;
@@ -404,20 +406,23 @@ async fn discovery_by_capability_returns_exactly_the_matching_agents() {
     };
     for cap in ["summarize", "translate", "search"] {
         let want = expected(cap);
-        eventually(
+        eventually_ok(
             Duration::from_secs(90),
             &format!("discovery of {cap}"),
             || async {
-                let mut got: Vec<String> = api
-                    .list(&ListParams::default().labels(&format!("capability.agentry.dev/{cap}")))
-                    .await
-                    .unwrap()
-                    .items
-                    .iter()
-                    .map(|a| a.name_any())
-                    .collect();
-                got.sort();
-                got == want
+                Ok::<bool, kube::Error>({
+                    let mut got: Vec<String> = api
+                        .list(
+                            &ListParams::default().labels(&format!("capability.agentry.dev/{cap}")),
+                        )
+                        .await?
+                        .items
+                        .iter()
+                        .map(|a| a.name_any())
+                        .collect();
+                    got.sort();
+                    got == want
+                })
             },
         )
         .await;
@@ -448,13 +453,15 @@ async fn discovery_by_capability_returns_exactly_the_matching_agents() {
     )
     .await
     .unwrap();
-    eventually(
+    eventually_ok(
         Duration::from_secs(30),
         "label follows the capability list",
         || async {
-            let a = api.get("agent-00").await.unwrap();
-            !a.labels().contains_key("capability.agentry.dev/summarize")
-                && a.labels().contains_key("capability.agentry.dev/search")
+            Ok::<bool, kube::Error>({
+                let a = api.get("agent-00").await?;
+                !a.labels().contains_key("capability.agentry.dev/summarize")
+                    && a.labels().contains_key("capability.agentry.dev/search")
+            })
         },
     )
     .await;

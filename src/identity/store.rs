@@ -465,6 +465,19 @@ impl Ledger {
             .map_err(self.sql())
     }
 
+    /// `(journal_mode, synchronous)` of the connection: `("wal", 2)` (FULL) is what makes a
+    /// commit durable before a certificate is handed out.
+    pub fn durability(&self) -> Result<(String, i64), StoreError> {
+        let conn = self.conn();
+        let mode = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get::<_, String>(0))
+            .map_err(self.sql())?;
+        let sync = conn
+            .pragma_query_value(None, "synchronous", |r| r.get::<_, i64>(0))
+            .map_err(self.sql())?;
+        Ok((mode, sync))
+    }
+
     pub fn count(&self) -> Result<usize, StoreError> {
         self.conn()
             .query_row("SELECT COUNT(*) FROM certificates", [], |r| {

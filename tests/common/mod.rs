@@ -188,6 +188,11 @@ impl<'a> ControllerOptions<'a> {
 
 impl ControllerProcess {
     pub fn start(opts: ControllerOptions<'_>) -> Self {
+        Self::start_with_env(opts, &[])
+    }
+
+    /// Starts the controller with extra environment variables (test failpoints).
+    pub fn start_with_env(opts: ControllerOptions<'_>, env: &[(&str, &str)]) -> Self {
         let data = tempfile::tempdir().unwrap();
         let ops_port = free_port();
         let log = data.path().join("controller.log");
@@ -200,6 +205,7 @@ impl ControllerProcess {
         if let Some(k) = opts.kubeconfig {
             command.env("KUBECONFIG", k);
         }
+        command.envs(env.iter().copied());
         command.arg("controller");
         if !opts.cluster_wide {
             command.args(["--watch-namespace", opts.namespace]);
@@ -226,6 +232,7 @@ impl ControllerProcess {
             .stderr(log_file)
             .spawn()
             .expect("starting the agentry binary");
+        CONTROLLER_LOGS.with(|logs| logs.borrow_mut().push(log.clone()));
         Self {
             child,
             ops_port,
@@ -292,6 +299,7 @@ impl ControllerProcess {
 impl Drop for ControllerProcess {
     fn drop(&mut self) {
         self.kill();
+        CONTROLLER_LOGS.with(|logs| logs.borrow_mut().retain(|p| p != &self.log));
     }
 }
 
@@ -376,30 +384,79 @@ pub async fn wait_agent(
         }
         if tokio::time::Instant::now() > deadline {
             panic!(
-                "agent {ns}/{name}: {what} did not happen within {timeout:?}; last seen: {}",
-                serde_json::to_string_pretty(&last).unwrap()
+                "agent {ns}/{name}: {what} did not happen within {timeout:?}; last seen: {}{}",
+                serde_json::to_string_pretty(&last).unwrap(),
+                controller_logs()
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-/// Waits until `check` returns true, polling every 200ms, or panics after `timeout`.
+/// Waits until `check` returns true, polling every 200ms, or panics after `timeout` (with the
+/// logs of this test's controllers).
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    eventually_ok(timeout, what, || {
+        let fut = check();
+        async move { Ok::<bool, std::convert::Infallible>(fut.await) }
+    })
+    .await
+}
+
+/// Like `eventually`, for checks that call the API: an error is retried like a `false` (the
+/// apiserver may blip under load), and the last one is shown if time runs out.
+pub async fn eventually_ok<F, Fut, E>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, E>>,
+    E: std::fmt::Display,
+{
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_error = None;
     loop {
-        if check().await {
-            return;
+        match check().await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => last_error = Some(e.to_string()),
         }
         if tokio::time::Instant::now() > deadline {
-            panic!("{what} did not happen within {timeout:?}");
+            panic!(
+                "{what} did not happen within {timeout:?}{}{}",
+                last_error
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default(),
+                controller_logs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+thread_local! {
+    /// The logs of the controllers this test (its thread) started, for failure messages.
+    static CONTROLLER_LOGS: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The last lines of every controller log of the running test.
+pub fn controller_logs() -> String {
+    CONTROLLER_LOGS.with(|logs| {
+        logs.borrow()
+            .iter()
+            .map(|path| {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                format!(
+                    "\n--- controller log {} (last 40 lines) ---\n{tail}",
+                    path.display()
+                )
+            })
+            .collect()
+    })
 }
 
 /// The condition of `type_` on an Agent, if any.

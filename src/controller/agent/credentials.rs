@@ -532,6 +532,7 @@ async fn issue(
     let (authority, signing_ca) = (ctx.authority.clone(), ca.clone());
     let leaf =
         tokio::task::spawn_blocking(move || signing_ca.issue(&authority.ledger, &req)).await??;
+    failpoint_after_commit(&leaf.record.serial);
     ctx.metrics.certificates_issued.inc();
     tracing::info!(agent = %format!("{}/{}", t.ns, t.name), serial = %leaf.record.serial, reason = why.reason(), "certificate issued");
     let note = Note::normal(
@@ -568,6 +569,28 @@ async fn issue(
         },
         notes,
     ))
+}
+
+/// Crash-safety testing only: with `AGENTRY_TEST_ABORT_AFTER_COMMITS=N` the process aborts right
+/// after the N-th certificate is committed to the ledger and before it reaches any Secret, the
+/// worst moment for a crash. It prints the serial first, so a test can check the ledger kept it.
+fn failpoint_after_commit(serial: &str) {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+    static COMMITS: AtomicU64 = AtomicU64::new(0);
+    let limit = LIMIT.get_or_init(|| {
+        std::env::var("AGENTRY_TEST_ABORT_AFTER_COMMITS")
+            .ok()?
+            .parse()
+            .ok()
+    });
+    if let Some(limit) = *limit
+        && COMMITS.fetch_add(1, Ordering::SeqCst) + 1 == limit
+    {
+        eprintln!("failpoint: aborting after committing serial {serial}");
+        std::process::abort();
+    }
 }
 
 /// Keeps the stored token when it verifies (our signature, a published key, bound to this
