@@ -454,12 +454,7 @@ mod tests {
         assert_eq!(v.verify(&hs, CERT), Err(VerifyError::WrongAlgorithm));
 
         // Unknown kid: signed by a key that is not published.
-        let stranger = TokenIssuer::new(
-            ISS.into(),
-            AUD.into(),
-            vec![SigningKey::generate(0).unwrap()],
-        )
-        .unwrap();
+        let stranger = issuer();
         assert!(matches!(
             v.verify(&stranger.sign(&good).unwrap(), CERT),
             Err(VerifyError::UnknownKid(_))
@@ -494,12 +489,7 @@ mod tests {
         assert_ne!(rotated.active_key().kid, iss_old.active_key().kid);
         assert_eq!(rotated.jwks().keys.len(), 2);
         assert!(rotated.verifier().verify(&token, CERT).is_ok());
-        let retired = TokenIssuer::new(
-            ISS.into(),
-            AUD.into(),
-            vec![SigningKey::generate(300).unwrap()],
-        )
-        .unwrap();
+        let retired = issuer();
         assert!(matches!(
             retired.verifier().verify(&token, CERT),
             Err(VerifyError::UnknownKid(_))

@@ -828,9 +828,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn token_decisions_have_constant_reasons() {
-        let c = jwt::Claims {
+    /// A token issued at 1000 for 3600 s, scope "x", subject "s".
+    fn claims() -> jwt::Claims {
+        jwt::Claims {
             iss: "i".into(),
             sub: "s".into(),
             aud: "a".into(),
@@ -840,7 +840,12 @@ mod tests {
             jti: "j".into(),
             scope: "x".into(),
             cnf: None,
-        };
+        }
+    }
+
+    #[test]
+    fn token_decisions_have_constant_reasons() {
+        let c = claims();
         let ttl = Duration::from_secs(3600);
         let decide =
             |v, changed, sub, scope, ttl, now| token_refresh(v, changed, sub, scope, ttl, now);
@@ -883,35 +888,14 @@ mod tests {
 
     #[test]
     fn token_refreshes_at_eighty_percent() {
-        let c = jwt::Claims {
-            iss: "i".into(),
-            sub: "s".into(),
-            aud: "a".into(),
-            iat: 1000,
-            nbf: 1000,
-            exp: 4600,
-            jti: "j".into(),
-            scope: "".into(),
-            cnf: None,
-        };
-        assert_eq!(token_refresh_time(&c), 1000 + 2880);
+        assert_eq!(token_refresh_time(&claims()), 1000 + 2880);
     }
 
     /// Claims come from a tenant-writable Secret: no value may panic or wrap (a debug build
     /// used to die with "attempt to subtract with overflow" on `exp < iat`).
     #[test]
     fn hostile_claims_never_panic_and_never_fit() {
-        let base = jwt::Claims {
-            iss: "i".into(),
-            sub: "s".into(),
-            aud: "a".into(),
-            iat: 1000,
-            nbf: 1000,
-            exp: 4600,
-            jti: "j".into(),
-            scope: "x".into(),
-            cnf: None,
-        };
+        let base = claims();
         let ttl = Duration::from_secs(3600);
         let fits =
             |c: &jwt::Claims| token_refresh(Some(Ok(c)), false, "s", "x", ttl, 1000).is_none();
