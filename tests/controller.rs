@@ -319,3 +319,41 @@ async fn an_undecodable_agent_does_not_stop_the_others() {
         "the controller must not touch what it cannot read"
     );
 }
+
+/// The default mode: no `--watch-namespace`, so the controller reconciles Agents in every
+/// namespace (here limited by `--agent-selector` to this test's Agents, so that it leaves the
+/// other tests' Agents on the shared cluster alone), and its namespace watch covers them all.
+#[tokio::test]
+async fn cluster_wide_mode_reconciles_agents_in_every_namespace() {
+    let (client, home) = setup("ctl-wide").await;
+    let one = TestNamespace::new(&client, "ctl-wide-a").await;
+    let two = TestNamespace::new(&client, "ctl-wide-b").await;
+    let mut opts = ControllerOptions::new(&home.name);
+    opts.cluster_wide = true;
+    opts.extra_args = vec![
+        "--agent-selector".into(),
+        format!("agentry.dev/e2e-shard={}", home.name),
+    ];
+    let _controller = ControllerProcess::start(opts);
+    let label = json!({"metadata": {"labels": {"agentry.dev/e2e-shard": home.name}}});
+    for ns in [&one.name, &two.name] {
+        create_agent(&client, ns, agent_manifest("wide", label.clone()))
+            .await
+            .unwrap();
+    }
+    // An Agent outside the shard is not this controller's.
+    create_agent(&client, &one.name, agent_manifest("other-shard", json!({})))
+        .await
+        .unwrap();
+    for ns in [&one.name, &two.name] {
+        wait_agent(&client, ns, "wide", Duration::from_secs(60), "Ready", ready).await;
+    }
+    let other = Api::<Agent>::namespaced(client.clone(), &one.name)
+        .get("other-shard")
+        .await
+        .unwrap();
+    assert!(
+        other.status.is_none() && !has_finalizer(&other),
+        "reconciled outside its shard"
+    );
+}
