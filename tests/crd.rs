@@ -266,6 +266,74 @@ fn invalid_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
             json!({"state": {"persistent": true, "size": "big"}}),
             "spec.state.size",
         ),
+        (
+            "memory 512.1Mi",
+            json!({"resources": {"memory": "512.1Mi"}}),
+            "spec.resources.memory",
+        ),
+        (
+            "memory 6e8",
+            json!({"resources": {"memory": "6e8"}}),
+            "spec.resources.memory",
+        ),
+        (
+            "memory a byte and a half above the cap",
+            json!({"resources": {"memory": "536870913.5"}}),
+            "spec.resources.memory",
+        ),
+        (
+            "memory half a byte below the minimum",
+            json!({"resources": {"memory": "16777215.5"}}),
+            "spec.resources.memory",
+        ),
+        (
+            "cpu above 1000 cores",
+            json!({"resources": {"cpu": "1001"}}),
+            "spec.resources.cpu",
+        ),
+        (
+            "cpu 1e30",
+            json!({"resources": {"cpu": "1e30"}}),
+            "spec.resources.cpu",
+        ),
+        (
+            "command item of 4097 characters",
+            json!({"template": {"image": "i", "command": ["x".repeat(4097)]}}),
+            "spec.template.command",
+        ),
+        (
+            "args item of 4097 characters",
+            json!({"template": {"image": "i", "args": ["a", "x".repeat(4097)]}}),
+            "spec.template.args",
+        ),
+        (
+            "env name of 257 characters",
+            json!({"template": {"image": "i", "env": [{"name": "X".repeat(257), "value": "v"}]}}),
+            "spec.template.env",
+        ),
+        (
+            "env value of 32769 characters",
+            json!({"template": {"image": "i", "env": [{"name": "X", "value": "v".repeat(32769)}]}}),
+            "spec.template.env",
+        ),
+        (
+            "env secret name of 254 characters",
+            json!({"template": {"image": "i", "env": [{"name": "X",
+                "valueFrom": {"secretKeyRef": {"name": "s".repeat(254), "key": "k"}}}]}}),
+            "spec.template.env",
+        ),
+        (
+            "env reading another Agent's identity",
+            json!({"template": {"image": "i", "env": [{"name": "A", "value": "b"}, {"name": "T",
+                "valueFrom": {"secretKeyRef": {"name": "victim-identity", "key": "token"}}}]}}),
+            "spec.template.env",
+        ),
+        (
+            "env reading a bare -identity Secret",
+            json!({"template": {"image": "i", "env": [{"name": "T",
+                "valueFrom": {"secretKeyRef": {"name": "-identity", "key": "tls.key"}}}]}}),
+            "spec.template.env",
+        ),
     ]
 }
 
@@ -443,6 +511,99 @@ async fn invalid_specs_are_refused_by_the_apiserver_naming_the_field() {
         .await
         .unwrap();
     assert_eq!(stored.items.len(), 0);
+}
+
+#[tokio::test]
+async fn names_that_cannot_name_a_service_are_refused() {
+    let (client, ns) = setup("crd-names").await;
+    let api = kube::Api::<kube::api::DynamicObject>::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &kube::api::ApiResource::erase::<Agent>(&()),
+    );
+    let long = "a".repeat(64);
+    let mut failures = Vec::new();
+    for name in ["1abc", "a.b", long.as_str(), "9", "agent.team-a"] {
+        let obj: kube::api::DynamicObject =
+            serde_json::from_value(agent_manifest(name, json!({}))).unwrap();
+        match api.create(&Default::default(), &obj).await {
+            Ok(_) => failures.push(format!("{name}: accepted")),
+            Err(kube::Error::Api(s)) if s.code == 422 && s.message.contains("metadata.name") => {
+                // Agentry's rule, not only the apiserver's own name check.
+                assert!(s.message.contains("DNS-1035"), "{name}: {}", s.message);
+                assert!(agentry::crd::validate_name(name).is_err(), "{name}");
+            }
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    for name in ["a", "summarizer-2", &"b".repeat(63)] {
+        create_agent(&client, &ns.name, agent_manifest(name, json!({})))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(agentry::crd::validate_name(name), Ok(()));
+    }
+}
+
+#[tokio::test]
+async fn an_agent_may_read_its_own_identity_through_env() {
+    let (client, ns) = setup("crd-own-identity").await;
+    let m = agent_manifest(
+        "own",
+        json!({"spec": {"template": {"image": "i", "env": [{"name": "T",
+            "valueFrom": {"secretKeyRef": {"name": "own-identity", "key": "token"}}}]}}}),
+    );
+    let created = create_agent(&client, &ns.name, m).await.unwrap();
+    assert_eq!(
+        agentry::crd::validate_env_refs("own", &created.spec),
+        Ok(())
+    );
+    assert!(agentry::crd::validate_env_refs("other", &created.spec).is_err());
+}
+
+/// The apiserver (CEL `quantity()`) and the controller (`units::parse_quantity`) agree on the cap,
+/// whichever way the quantity is written.
+#[tokio::test]
+async fn the_apiserver_and_the_controller_agree_on_memory() {
+    let (client, ns) = setup("crd-quantity").await;
+    let cases = [
+        ("536870912", true),
+        ("5e8", true),
+        ("5E8", true),
+        ("0.5Gi", true),
+        ("+256Mi", true),
+        ("524288Ki", true),
+        ("1E8", true),
+        ("536870911.5", true),
+        ("16777216", true),
+        ("512.1Mi", false),
+        ("6e8", false),
+        ("536870912.001", false),
+        ("16777215.5", false),
+        ("-256Mi", false),
+        ("1e30", false),
+        ("0.5e-3", false),
+        ("Mi", false),
+        ("Pi", false),
+        (".", false),
+    ];
+    let mut failures = Vec::new();
+    for (i, (memory, accepted)) in cases.into_iter().enumerate() {
+        let manifest = agent_manifest(
+            &format!("q{i}"),
+            json!({"spec": {"resources": {"memory": memory}}}),
+        );
+        let spec: agentry::crd::AgentSpec =
+            serde_json::from_value(manifest["spec"].clone()).unwrap();
+        let controller = spec.validate().is_ok();
+        let apiserver = create_agent(&client, &ns.name, manifest).await.is_ok();
+        if apiserver != accepted || controller != accepted {
+            failures.push(format!(
+                "{memory}: want accepted={accepted}, apiserver {apiserver}, controller {controller}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[tokio::test]

@@ -373,6 +373,148 @@ async fn the_apiserver_refuses_agent_pods_above_the_cap_or_without_limits() {
     pods.create(&PostParams::default(), &plain).await.unwrap();
 }
 
+/// Creates `pod` until the (possibly just updated) policy refuses it; returns the refusal.
+async fn refused_once_synced(pods: &Api<Pod>, pod: &Pod) -> String {
+    let name = pod.metadata.name.clone().unwrap();
+    for _ in 0..50 {
+        match pods.create(&PostParams::default(), pod).await {
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 403 => return s.message,
+            Ok(_) => {
+                let _ = pods
+                    .delete(&name, &DeleteParams::default().grace_period(0))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    panic!("pod {name} was admitted: {pod:?}");
+}
+
+#[tokio::test]
+async fn the_apiserver_refuses_zero_limits_on_containers_and_init_containers() {
+    let (client, ns) = setup("wl-zero").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+
+    // `0` is a memory limit that means "unlimited".
+    let msg = refused_once_synced(&pods, &labelled_pod("zero", Some("0"), None)).await;
+    assert!(
+        msg.contains("main") && msg.contains("greater than 0"),
+        "{msg}"
+    );
+    let msg = refused_once_synced(&pods, &labelled_pod("zero2", Some("256Mi"), Some("0Mi"))).await;
+    assert!(msg.contains("helper") && !msg.contains("main,"), "{msg}");
+
+    let with_init = |name: &str, init: serde_json::Value| -> Pod {
+        let mut pod = labelled_pod(name, Some("256Mi"), None);
+        let mut spec = serde_json::to_value(pod.spec.take().unwrap()).unwrap();
+        spec["initContainers"] = json!([init]);
+        pod.spec = Some(serde_json::from_value(spec).unwrap());
+        pod
+    };
+    let msg = refused_once_synced(
+        &pods,
+        &with_init(
+            "init-zero",
+            json!({"name": "setup", "image": "busybox", "resources": {"limits": {"memory": "0"}}}),
+        ),
+    )
+    .await;
+    assert!(
+        msg.contains("setup") && msg.contains("greater than 0"),
+        "{msg}"
+    );
+    // A sidecar (an init container that keeps running) without a limit.
+    let msg = refused_once_synced(
+        &pods,
+        &with_init(
+            "sidecar",
+            json!({"name": "proxy", "image": "busybox", "restartPolicy": "Always"}),
+        ),
+    )
+    .await;
+    assert!(
+        msg.contains("proxy") && msg.contains("no memory limit"),
+        "{msg}"
+    );
+    // A sidecar that fits is admitted.
+    pods.create(
+        &PostParams::default(),
+        &with_init(
+            "sidecar-ok",
+            json!({"name": "proxy", "image": "busybox", "restartPolicy": "Always",
+                   "resources": {"limits": {"memory": "128Mi"}}}),
+        ),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_in_place_resize_cannot_lift_an_agent_pod_above_the_cap() {
+    let (client, ns) = setup("wl-resize").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    // The policy must be in force before we rely on it refusing the resize.
+    refused_once_synced(&pods, &labelled_pod("probe", Some("0"), None)).await;
+
+    // The apiserver resizes a pod whose containers are not running yet, or run on a node that
+    // reports container resources (kwok's fake node does not): keep this one unscheduled.
+    let mut pod = labelled_pod("resizable", Some("256Mi"), None);
+    pod.spec.as_mut().unwrap().node_selector =
+        Some([("agentry.dev/e2e-nowhere".to_string(), "true".to_string())].into());
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let resize = |memory: &str| {
+        json!({"spec": {"containers": [
+            {"name": "main", "resources": {"limits": {"memory": memory}, "requests": {"memory": "256Mi"}}}
+        ]}})
+    };
+    let limit = |p: &Pod| {
+        p.spec.as_ref().unwrap().containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap()["memory"]
+            .0
+            .clone()
+    };
+    // Within the cap the resize goes through: the subresource works on this cluster.
+    let resized = pods
+        .patch_subresource(
+            "resize",
+            "resizable",
+            &PatchParams::default(),
+            &Patch::Strategic(resize("384Mi")),
+        )
+        .await
+        .expect("a resize within the cap is admitted");
+    assert_eq!(limit(&resized), "384Mi");
+    // Above it: refused, and the pod keeps its limit.
+    for memory in ["1Gi", "513Mi"] {
+        match pods
+            .patch_subresource(
+                "resize",
+                "resizable",
+                &PatchParams::default(),
+                &Patch::Strategic(resize(memory)),
+            )
+            .await
+        {
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 403 => {
+                assert!(
+                    s.message.contains("512Mi") || s.message.contains("greater than 0"),
+                    "{memory}: {}",
+                    s.message
+                );
+            }
+            Ok(p) => panic!("resize to {memory} admitted: limit {}", limit(&p)),
+            Err(e) => panic!("resize to {memory}: unexpected error {e}"),
+        }
+    }
+    assert_eq!(limit(&pods.get("resizable").await.unwrap()), "384Mi");
+}
+
 #[tokio::test]
 async fn discovery_by_capability_returns_exactly_the_matching_agents() {
     let (client, ns) = setup("wl-discover").await;

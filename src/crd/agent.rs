@@ -51,7 +51,9 @@ use super::units;
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
-    )
+    ),
+    validation = name_rule(),
+    validation = identity_secret_rule()
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSpec {
@@ -88,6 +90,40 @@ pub struct AgentSpec {
     /// Persistent state: run as a StatefulSet with a volume (needed for backups of local files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<StateSpec>,
+}
+
+/// An Agent's name becomes its Service's name (a DNS-1035 label), a label value, a path segment of
+/// its SPIFFE ID and the prefix of its `<name>-identity` Secret: a lowercase DNS-1035 label.
+pub const NAME_PATTERN: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
+/// The longest Agent name (a DNS label).
+pub const NAME_MAX_LEN: usize = 63;
+/// Secrets with this suffix are Agent identities (`<name>-identity`).
+pub const IDENTITY_SECRET_SUFFIX: &str = "-identity";
+
+const NAME_MESSAGE: &str = "metadata.name must be a DNS-1035 label: lowercase a-z, 0-9 and '-', starting with a letter, ending with a letter or digit, at most 63 characters (e.g. summarizer); it names the Agent's Service, its <name>-identity Secret and its SPIFFE ID";
+
+const IDENTITY_REF_MESSAGE: &str =
+    "Secrets named *-identity are Agent identities; an Agent may not read another Agent's identity";
+
+fn name_rule() -> kube::core::Rule {
+    kube::core::Rule::new(format!(
+        "size(self.metadata.name) <= {NAME_MAX_LEN} && self.metadata.name.matches('{NAME_PATTERN}')"
+    ))
+    .message(NAME_MESSAGE)
+}
+
+fn identity_secret_rule() -> kube::core::Rule {
+    // No `self.metadata.name + '-identity'`: concatenating the (statically unbounded) name in a
+    // loop is beyond the CEL cost budget; the bounded Secret name minus its suffix is compared.
+    kube::core::Rule::new(format!(
+        "!has(self.spec.template.env) || self.spec.template.env.all(e, !has(e.valueFrom) || !has(e.valueFrom.secretKeyRef) || !has(e.valueFrom.secretKeyRef.name) || !e.valueFrom.secretKeyRef.name.endsWith('{IDENTITY_SECRET_SUFFIX}') || e.valueFrom.secretKeyRef.name.substring(0, size(e.valueFrom.secretKeyRef.name) - {suffix_len}) == self.metadata.name)",
+        suffix_len = IDENTITY_SECRET_SUFFIX.len()
+    ))
+    .message(
+        format!("spec.template.env[].valueFrom.secretKeyRef.name: {IDENTITY_REF_MESSAGE}")
+            .as_str(),
+    )
+    .field_path(".spec.template.env")
 }
 
 const CAPABILITY_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
@@ -182,22 +218,69 @@ pub struct AgentTemplate {
     #[schemars(length(min = 1, max = 512))]
     #[x_kube(validation = kube::core::Rule::new("!self.contains(' ')").message("image must not contain spaces"))]
     pub image: String,
-    /// Entrypoint override.
+    /// Entrypoint override: at most 64 items of at most 4096 characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(length(max = 4096)))]
     pub command: Vec<String>,
-    /// Arguments to the entrypoint.
+    /// Arguments to the entrypoint: at most 256 items of at most 4096 characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = 256), inner(length(max = 4096)))]
     pub args: Vec<String>,
-    /// Environment variables for the agent's container.
+    /// Environment variables for the agent's container: at most 128; names of at most 256
+    /// characters, values of at most 32768 (32 KiB), referenced Secret/ConfigMap names and keys of
+    /// at most 253. `valueFrom.secretKeyRef` may not name another Agent's `<name>-identity` Secret.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 128))]
+    #[schemars(length(max = 128), schema_with = "env_schema")]
     pub env: Vec<EnvVar>,
     /// The port the agent serves on; the Service exposes it.
     #[serde(default = "default_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
+}
+
+/// Limits on the template's strings, so that one Agent cannot fill the controller's cache (the
+/// schema enforces them; `AgentSpec::validate` repeats them).
+pub const MAX_COMMAND_ITEMS: usize = 64;
+pub const MAX_ARGS_ITEMS: usize = 256;
+pub const MAX_ARG_LEN: usize = 4096;
+pub const MAX_ENV_ITEMS: usize = 128;
+pub const MAX_ENV_NAME_LEN: usize = 256;
+pub const MAX_ENV_VALUE_LEN: usize = 32 * 1024;
+/// Names of referenced Secrets/ConfigMaps (DNS subdomains) and their keys.
+pub const MAX_REF_LEN: usize = 253;
+
+/// `Vec<EnvVar>`'s schema from k8s-openapi, with length limits on every free-form string (they
+/// also bound the cost of the CEL rules that read them).
+fn env_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<Vec<EnvVar>>();
+    let limits = [
+        ("/items/properties/name", MAX_ENV_NAME_LEN),
+        ("/items/properties/value", MAX_ENV_VALUE_LEN),
+        (
+            "/items/properties/valueFrom/properties/secretKeyRef/properties/name",
+            MAX_REF_LEN,
+        ),
+        (
+            "/items/properties/valueFrom/properties/secretKeyRef/properties/key",
+            MAX_REF_LEN,
+        ),
+        (
+            "/items/properties/valueFrom/properties/configMapKeyRef/properties/name",
+            MAX_REF_LEN,
+        ),
+        (
+            "/items/properties/valueFrom/properties/configMapKeyRef/properties/key",
+            MAX_REF_LEN,
+        ),
+    ];
+    for (pointer, max) in limits {
+        let property = schema
+            .pointer_mut(pointer)
+            .and_then(|p| p.as_object_mut())
+            .unwrap_or_else(|| panic!("EnvVar schema has no {pointer}"));
+        property.insert("maxLength".into(), max.into());
+    }
+    schema
 }
 
 fn default_port() -> i32 {
@@ -221,12 +304,12 @@ pub struct ResourceSpec {
         ).message("memory must be between 16Mi and 512Mi: agents are capped at 512Mi; lower it, e.g. 384Mi")
     )]
     pub memory: String,
-    /// CPU request for the agent, e.g. 250m.
+    /// CPU request for the agent, e.g. 250m; more than 0, at most 1000 (cores).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = kube::core::Rule::new(
-        "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))"
-    ).message("cpu must be a positive quantity such as 250m or 1"))]
+        "isQuantity(self) && quantity(self).isGreaterThan(quantity('0')) && quantity(self).compareTo(quantity('1k')) <= 0"
+    ).message("cpu must be a positive quantity of at most 1000 (cores) such as 250m or 1"))]
     pub cpu: Option<String>,
 }
 
@@ -510,9 +593,11 @@ impl AgentSpec {
         if self.template.image.trim().is_empty() {
             return Err(bad("spec.template.image", "must not be empty".into()));
         }
-        let memory_bytes = units::parse_memory(&self.resources.memory)
+        self.validate_template()?;
+        let memory = units::parse_quantity(&self.resources.memory)
             .map_err(|e| bad("spec.resources.memory", e))?;
-        if memory_bytes > units::MEMORY_CAP_BYTES {
+        // Compare the exact value, as the schema's CEL does; the pod gets it rounded up to bytes.
+        if memory.cmp_units(units::MEMORY_CAP_BYTES).is_gt() {
             return Err(bad(
                 "spec.resources.memory",
                 format!(
@@ -521,18 +606,27 @@ impl AgentSpec {
                 ),
             ));
         }
-        if memory_bytes < units::MEMORY_MIN_BYTES {
+        if memory.cmp_units(units::MEMORY_MIN_BYTES).is_lt() {
             return Err(bad(
                 "spec.resources.memory",
                 format!("{} is below the 16Mi minimum", self.resources.memory),
             ));
         }
-        let cpu_millis = self
-            .resources
-            .cpu
-            .as_deref()
-            .map(|c| units::parse_cpu_millis(c).map_err(|e| bad("spec.resources.cpu", e)))
-            .transpose()?;
+        let memory_bytes = u64::try_from(memory.units_ceil())
+            .map_err(|_| bad("spec.resources.memory", "too large".into()))?;
+        let cpu_millis = match self.resources.cpu.as_deref() {
+            None => None,
+            Some(c) => {
+                let q = units::parse_quantity(c).map_err(|e| bad("spec.resources.cpu", e))?;
+                if !q.cmp_units(0).is_gt() || q.cmp_units(units::CPU_MAX_CORES).is_gt() {
+                    return Err(bad(
+                        "spec.resources.cpu",
+                        format!("{c} is not a positive quantity of at most 1000 (cores)"),
+                    ));
+                }
+                Some(units::parse_cpu_millis(c).map_err(|e| bad("spec.resources.cpu", e))?)
+            }
+        };
         let check_ttl = |field: &'static str, s: &str, min: Duration, max: Duration, hint: &str| {
             let d = units::parse_duration(s).map_err(|e| bad(field, e))?;
             if d < min || d > max {
@@ -579,6 +673,87 @@ impl AgentSpec {
         })
     }
 
+    /// The template's lengths, as the schema bounds them (counted in characters, like the apiserver).
+    fn validate_template(&self) -> Result<(), SpecError> {
+        let t = &self.template;
+        let chars = |s: &str| s.chars().count();
+        let too_long = |field: &'static str, what: String, max: usize| SpecError {
+            field,
+            message: format!("{what} is longer than {max} characters"),
+        };
+        if t.command.len() > MAX_COMMAND_ITEMS {
+            return Err(too_long(
+                "spec.template.command",
+                "the list".into(),
+                MAX_COMMAND_ITEMS,
+            ));
+        }
+        if let Some(i) = t.command.iter().position(|c| chars(c) > MAX_ARG_LEN) {
+            return Err(too_long(
+                "spec.template.command",
+                format!("item {i}"),
+                MAX_ARG_LEN,
+            ));
+        }
+        if t.args.len() > MAX_ARGS_ITEMS {
+            return Err(too_long(
+                "spec.template.args",
+                "the list".into(),
+                MAX_ARGS_ITEMS,
+            ));
+        }
+        if let Some(i) = t.args.iter().position(|a| chars(a) > MAX_ARG_LEN) {
+            return Err(too_long(
+                "spec.template.args",
+                format!("item {i}"),
+                MAX_ARG_LEN,
+            ));
+        }
+        if t.env.len() > MAX_ENV_ITEMS {
+            return Err(too_long(
+                "spec.template.env",
+                "the list".into(),
+                MAX_ENV_ITEMS,
+            ));
+        }
+        for (i, e) in t.env.iter().enumerate() {
+            if chars(&e.name) > MAX_ENV_NAME_LEN {
+                return Err(too_long(
+                    "spec.template.env",
+                    format!("env[{i}].name"),
+                    MAX_ENV_NAME_LEN,
+                ));
+            }
+            if e.value
+                .as_deref()
+                .is_some_and(|v| chars(v) > MAX_ENV_VALUE_LEN)
+            {
+                return Err(too_long(
+                    "spec.template.env",
+                    format!("env[{i}].value"),
+                    MAX_ENV_VALUE_LEN,
+                ));
+            }
+            let from = e.value_from.as_ref();
+            let refs = [
+                from.and_then(|f| f.secret_key_ref.as_ref())
+                    .map(|r| (&r.name, &r.key)),
+                from.and_then(|f| f.config_map_key_ref.as_ref())
+                    .map(|r| (&r.name, &r.key)),
+            ];
+            for (name, key) in refs.into_iter().flatten() {
+                if chars(name) > MAX_REF_LEN || chars(key) > MAX_REF_LEN {
+                    return Err(too_long(
+                        "spec.template.env",
+                        format!("env[{i}].valueFrom: a referenced name or key"),
+                        MAX_REF_LEN,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The permissions as JWT scopes: sorted, deduplicated, space-separated.
     pub fn scope(&self) -> String {
         let mut p = self.permissions.clone();
@@ -586,6 +761,58 @@ impl AgentSpec {
         p.dedup();
         p.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(" ")
     }
+}
+
+/// Checks an Agent's `metadata.name`, which `AgentSpec::validate` cannot see: it must be a
+/// DNS-1035 label of at most 63 characters (`^[a-z]([-a-z0-9]*[a-z0-9])?$`), because it names the
+/// Agent's Service, its `<name>-identity` Secret and the last segment of its SPIFFE ID. The CRD
+/// refuses other names with the same rule; the controller calls this before issuing anything, for
+/// Agents stored before the rule existed. The error's field is `metadata.name`.
+pub fn validate_name(name: &str) -> Result<(), SpecError> {
+    let bytes = name.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= NAME_MAX_LEN
+        && bytes[0].is_ascii_lowercase()
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError {
+            field: "metadata.name",
+            message: format!("{name:?} is not valid: {NAME_MESSAGE}"),
+        })
+    }
+}
+
+/// Refuses `spec.template.env[i].valueFrom.secretKeyRef` naming a Secret that ends in `-identity`
+/// other than the Agent's own `<name>-identity`: those Secrets hold other Agents' keys and tokens.
+/// (The template has no `envFrom`, and its only volume is the Agent's own identity.) The CRD has
+/// the same rule; the controller calls this with the Agent's name before building its workload.
+/// The error's field is `spec.template.env` and its message gives the index.
+pub fn validate_env_refs(name: &str, spec: &AgentSpec) -> Result<(), SpecError> {
+    let own = format!("{name}{IDENTITY_SECRET_SUFFIX}");
+    for (i, e) in spec.template.env.iter().enumerate() {
+        let secret = e
+            .value_from
+            .as_ref()
+            .and_then(|f| f.secret_key_ref.as_ref())
+            .map(|r| r.name.as_str());
+        if let Some(secret) = secret
+            && secret.ends_with(IDENTITY_SECRET_SUFFIX)
+            && secret != own
+        {
+            return Err(SpecError {
+                field: "spec.template.env",
+                message: format!(
+                    "spec.template.env[{i}].valueFrom.secretKeyRef.name: {secret:?}: {IDENTITY_REF_MESSAGE}"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Parses a cron schedule with croner: five fields (no seconds, no year) or a macro such as @daily.
@@ -613,6 +840,22 @@ mod tests {
             }
         }
         serde_json::from_value(base).unwrap()
+    }
+
+    #[test]
+    fn memory_written_like_the_apiserver_allows_is_accepted() {
+        for (memory, bytes) in [
+            ("536870912", units::MEMORY_CAP_BYTES),
+            ("5e8", 500_000_000),
+            ("0.5Gi", units::MEMORY_CAP_BYTES),
+            ("+256Mi", 256 << 20),
+            ("1E8", 100_000_000),
+        ] {
+            let v = spec(serde_json::json!({"resources": {"memory": memory}}))
+                .validate()
+                .unwrap_or_else(|e| panic!("{memory}: {e}"));
+            assert_eq!(v.memory_bytes, bytes, "{memory}");
+        }
     }
 
     #[test]
@@ -675,6 +918,26 @@ mod tests {
                 serde_json::json!({"template": {"image": " "}}),
                 "spec.template.image",
             ),
+            (
+                serde_json::json!({"resources": {"memory": "16777215.5"}}),
+                "spec.resources.memory",
+            ),
+            (
+                serde_json::json!({"resources": {"memory": "512.1Mi"}}),
+                "spec.resources.memory",
+            ),
+            (
+                serde_json::json!({"resources": {"memory": "6e8"}}),
+                "spec.resources.memory",
+            ),
+            (
+                serde_json::json!({"resources": {"cpu": "0"}}),
+                "spec.resources.cpu",
+            ),
+            (
+                serde_json::json!({"resources": {"cpu": "1001"}}),
+                "spec.resources.cpu",
+            ),
         ];
         for (overrides, field) in cases {
             let err = spec(overrides.clone()).validate().unwrap_err();
@@ -693,19 +956,165 @@ mod tests {
 
     #[test]
     fn cron_schedules_parse_like_the_schema_pattern_allows() {
-        let re = cron_pattern();
-        for ok in [
+        // The apiserver runs the pattern with RE2; the regex crate has the same syntax and semantics.
+        let re = regex::Regex::new(&cron_pattern()).unwrap();
+        let both_accept = [
             "0 */6 * * *",
             "@daily",
+            "@hourly",
+            "@weekly",
+            "@monthly",
+            "@yearly",
+            "@annually",
             "*/15 9-17 * * MON-FRI",
             "5 4 1 JAN,JUL *",
+            "0 0 1 1 0",
+            "59 23 31 12 7",
+            "0,30 8-18/2 1-15 * 1-5",
+            "5 4 * * SUN",
+            "0  0  *  *  *",
+        ];
+        for ok in both_accept {
+            assert!(re.is_match(ok), "the schema refuses {ok:?}");
+            assert!(parse_cron(ok).is_ok(), "croner refuses {ok:?}");
+        }
+        let both_refuse = [
+            "every day",
+            "* * * *",
+            "61 * * * *",
+            "0 24 * * *",
+            "0 0 32 * *",
+            "0 0 * 13 *",
+            "0 0 * * 8",
+            "0 0 0 * *",
+            "0 0 * * * 2026",
+            "* * * * * *",
+            "@sometimes",
+            "*/x * * * *",
+            "",
+        ];
+        for bad in both_refuse {
+            assert!(!re.is_match(bad), "the schema accepts {bad:?}");
+            assert!(parse_cron(bad).is_err(), "croner accepts {bad:?}");
+        }
+        // croner trims; the schema, stricter, refuses surrounding spaces.
+        assert!(!re.is_match(" 0 0 * * *") && !re.is_match("0 0 * * *\n"));
+    }
+
+    #[test]
+    fn names_must_be_dns_1035_labels() {
+        for ok in ["a", "summarizer", "agent-1", &"a".repeat(63)] {
+            assert_eq!(validate_name(ok), Ok(()), "{ok}");
+        }
+        let schema = regex::Regex::new(NAME_PATTERN).unwrap();
+        for bad in [
+            "",
+            "1abc",
+            "a.b",
+            "A",
+            "-a",
+            "a-",
+            "a_b",
+            "ä",
+            &"a".repeat(64),
         ] {
-            assert!(parse_cron(ok).is_ok(), "{ok}");
-            assert!(re.contains("@(yearly"), "{re}");
+            let err = validate_name(bad).unwrap_err();
+            assert_eq!(err.field, "metadata.name");
+            assert!(err.message.contains("metadata.name"), "{}", err.message);
+            assert!(
+                !schema.is_match(bad) || bad.len() > NAME_MAX_LEN,
+                "the CRD rule accepts {bad:?}"
+            );
         }
-        for bad in ["every day", "* * * *", "61 * * * *", "0 0 * * * 2026"] {
-            assert!(parse_cron(bad).is_err(), "{bad}");
+    }
+
+    #[test]
+    fn env_may_not_read_another_agents_identity() {
+        let with_ref = |secret: &str| {
+            spec(serde_json::json!({"template": {"image": "img:1", "env": [
+                {"name": "A", "value": "b"},
+                {"name": "T", "valueFrom": {"secretKeyRef": {"name": secret, "key": "token"}}}
+            ]}}))
+        };
+        assert_eq!(validate_env_refs("me", &with_ref("me-identity")), Ok(()));
+        assert_eq!(validate_env_refs("me", &with_ref("db-password")), Ok(()));
+        assert_eq!(
+            validate_env_refs("me", &spec(serde_json::json!({}))),
+            Ok(())
+        );
+        for other in [
+            "you-identity",
+            "-identity",
+            "me-identity-identity",
+            "mee-identity",
+        ] {
+            let err = validate_env_refs("me", &with_ref(other)).unwrap_err();
+            assert_eq!(err.field, "spec.template.env");
+            assert!(
+                err.message
+                    .starts_with("spec.template.env[1].valueFrom.secretKeyRef.name")
+                    && err
+                        .message
+                        .contains("may not read another Agent's identity"),
+                "{}",
+                err.message
+            );
         }
+    }
+
+    #[test]
+    fn template_lengths_are_bounded() {
+        let long = |n: usize| "x".repeat(n);
+        let ok = spec(serde_json::json!({"template": {"image": "i",
+            "command": [long(MAX_ARG_LEN)], "args": [long(MAX_ARG_LEN)],
+            "env": [{"name": long(MAX_ENV_NAME_LEN), "value": "é".repeat(MAX_ENV_VALUE_LEN)}]}}));
+        assert!(ok.validate().is_ok());
+        let cases = [
+            (
+                serde_json::json!({"command": [long(MAX_ARG_LEN + 1)]}),
+                "spec.template.command",
+            ),
+            (
+                serde_json::json!({"args": ["a", long(MAX_ARG_LEN + 1)]}),
+                "spec.template.args",
+            ),
+            (
+                serde_json::json!({"env": [{"name": long(MAX_ENV_NAME_LEN + 1)}]}),
+                "spec.template.env",
+            ),
+            (
+                serde_json::json!({"env": [{"name": "A", "value": long(MAX_ENV_VALUE_LEN + 1)}]}),
+                "spec.template.env",
+            ),
+            (
+                serde_json::json!({"env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": long(254), "key": "k"}}}]}),
+                "spec.template.env",
+            ),
+        ];
+        for (template, field) in cases {
+            let mut t = template.clone();
+            t["image"] = "i".into();
+            let err = spec(serde_json::json!({ "template": t }))
+                .validate()
+                .unwrap_err();
+            assert_eq!(err.field, field, "{template}");
+        }
+    }
+
+    #[test]
+    fn the_schema_bounds_env_strings() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(Agent::crd()).unwrap();
+        let env = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["template"]["properties"]["env"];
+        assert_eq!(env["maxItems"], 128);
+        let item = &env["items"]["properties"];
+        assert_eq!(item["name"]["maxLength"], MAX_ENV_NAME_LEN);
+        assert_eq!(item["value"]["maxLength"], MAX_ENV_VALUE_LEN);
+        assert_eq!(
+            item["valueFrom"]["properties"]["secretKeyRef"]["properties"]["name"]["maxLength"],
+            MAX_REF_LEN
+        );
     }
 
     #[test]

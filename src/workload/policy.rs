@@ -1,6 +1,10 @@
 //! The admission policy that makes the 512Mi cap hold for every agent pod, whoever creates it:
 //! a ValidatingAdmissionPolicy (CEL, in the apiserver, no webhook) and its binding. Pods
-//! labelled `agentry.dev/agent` must give every container a memory limit, adding up to 512Mi.
+//! labelled `agentry.dev/agent` must give every container and init container (sidecars included)
+//! a memory limit greater than zero (`0` means unlimited), adding up to 512Mi. The policy checks
+//! CREATE and UPDATE of pods and of the `pods/resize` subresource, so an in-place resize cannot
+//! lift a pod above the cap either. Ephemeral containers cannot declare resources and run inside
+//! the pod's memory cgroup, which these limits bound, so they need no rule.
 
 use k8s_openapi::api::admissionregistration::v1::{
     MatchResources, NamedRuleWithOperations, ValidatingAdmissionPolicy,
@@ -16,7 +20,9 @@ use crate::crd::units::MEMORY_CAP_BYTES;
 pub const POLICY_NAME: &str = "agentry-agent-pod-memory";
 
 pub fn memory_policy() -> ValidatingAdmissionPolicy {
-    let has_limit = "has(c.resources) && has(c.resources.limits) && 'memory' in c.resources.limits";
+    let has_limit = "has(c.resources) && has(c.resources.limits) && 'memory' in c.resources.limits \
+         && isQuantity(c.resources.limits.memory) \
+         && quantity(c.resources.limits.memory).isGreaterThan(quantity('0'))";
     ValidatingAdmissionPolicy {
         metadata: ObjectMeta {
             name: Some(POLICY_NAME.into()),
@@ -38,7 +44,7 @@ pub fn memory_policy() -> ValidatingAdmissionPolicy {
                     api_groups: Some(vec!["".into()]),
                     api_versions: Some(vec!["v1".into()]),
                     operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
-                    resources: Some(vec!["pods".into()]),
+                    resources: Some(vec!["pods".into(), "pods/resize".into()]),
                     ..Default::default()
                 }]),
                 ..Default::default()
@@ -57,7 +63,7 @@ pub fn memory_policy() -> ValidatingAdmissionPolicy {
                 Validation {
                     expression: "size(variables.unlimited) == 0".into(),
                     message_expression: Some(
-                        "'agent pod: container(s) ' + variables.unlimited.join(', ') + ' have no memory limit; every container of a pod labelled agentry.dev/agent needs resources.limits.memory, 512Mi in total at most'".into(),
+                        "'agent pod: container(s) ' + variables.unlimited.join(', ') + ' have no memory limit greater than 0 (a missing or 0 limit means unlimited); set resources.limits.memory on every container and init container of a pod labelled agentry.dev/agent, 512Mi in total at most'".into(),
                     ),
                     reason: Some("Invalid".into()),
                     ..Default::default()
@@ -66,8 +72,8 @@ pub fn memory_policy() -> ValidatingAdmissionPolicy {
                     expression: format!(
                         "size(variables.unlimited) != 0 || variables.containers.map(c, quantity(c.resources.limits.memory).asApproximateFloat()).sum() <= {MEMORY_CAP_BYTES}.0"
                     ),
-                    message: Some(
-                        "agent pod: the memory limits of its containers add up to more than the 512Mi cap; lower them".into(),
+                    message_expression: Some(
+                        "'agent pod: the memory limits of its containers (' + variables.containers.map(c, c.name + '=' + c.resources.limits.memory).join(', ') + ') add up to more than the 512Mi cap; lower them'".into(),
                     ),
                     reason: Some("Invalid".into()),
                     ..Default::default()
