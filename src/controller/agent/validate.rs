@@ -7,18 +7,22 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::report::Report;
 use crate::controller::Context;
-use crate::crd::{Agent, ValidatedSpec};
+use crate::crd::{self, Agent, ValidatedSpec};
 use crate::identity::scopes;
 use crate::keys::{ALLOWED_PERMISSIONS_ANNOTATION, reasons};
 
 pub fn step(agent: &Agent, ctx: &Context) -> Result<ValidatedSpec, Report> {
-    let spec = agent.spec.validate().map_err(|e| {
+    let invalid = |e: crate::crd::SpecError| {
         Report::stalled(
             None,
             reasons::INVALID_SPEC,
             format!("{e}; edit the Agent to fix it"),
         )
-    })?;
+    };
+    let name = agent.name_any();
+    crd::validate_name(&name).map_err(invalid)?;
+    let spec = agent.spec.validate().map_err(invalid)?;
+    crd::validate_env_refs(&name, &agent.spec).map_err(invalid)?;
     let ns = agent.namespace().unwrap_or_default();
     let cached = ctx.stores.namespaces.get(&ObjectRef::new(&ns));
     let annotation = cached
