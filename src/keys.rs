@@ -18,6 +18,12 @@ pub const CAPABILITY_PREFIX: &str = "capability.agentry.dev/";
 pub const REVOKE_ANNOTATION: &str = "agentry.dev/revoke";
 /// On a Namespace: the permissions its Agents may request (see `identity::scopes`).
 pub const ALLOWED_PERMISSIONS_ANNOTATION: &str = "agentry.dev/allowed-permissions";
+/// On the CA Secret: `agentry ca rotate` asks the leader to start a rotation.
+pub const ROTATE_ANNOTATION: &str = "agentry.dev/rotate";
+/// On the CA Secret: the rotation phase and since when (`prepared:<unix>`, `activated:<unix>`).
+pub const PHASE_ANNOTATION: &str = "agentry.dev/rotation-phase";
+/// On the signing-key Secret: when each key was created (JSON, kid -> unix seconds).
+pub const KEY_CREATED_ANNOTATION: &str = "agentry.dev/key-created-at";
 
 /// Condition types on an Agent.
 pub mod conditions {

@@ -564,9 +564,39 @@ pub struct ValidatedSpec {
 impl AgentSpec {
     /// Repeats the schema's checks in Rust: the controller's second line of defence.
     pub fn validate(&self) -> Result<ValidatedSpec, SpecError> {
-        use std::time::Duration;
-        let bad = |field: &'static str, message: String| SpecError { field, message };
+        self.validate_capabilities()?;
+        if self.template.image.trim().is_empty() {
+            return Err(bad("spec.template.image", "must not be empty".into()));
+        }
+        self.validate_template()?;
+        let (memory_bytes, cpu_millis) = self.validate_resources()?;
+        let (certificate_ttl, token_ttl) = self.validate_lifetimes()?;
+        let backup_schedule = match &self.backup {
+            None => None,
+            Some(b) => {
+                if b.paths.is_empty()
+                    || b.paths
+                        .iter()
+                        .any(|p| !p.starts_with('/') || p.contains(".."))
+                {
+                    return Err(bad(
+                        "spec.backup.paths",
+                        "give at least one absolute path without '..'".into(),
+                    ));
+                }
+                Some(parse_cron(&b.schedule).map_err(|e| bad("spec.backup.schedule", e))?)
+            }
+        };
+        Ok(ValidatedSpec {
+            memory_bytes,
+            cpu_millis,
+            certificate_ttl,
+            token_ttl,
+            backup_schedule,
+        })
+    }
 
+    fn validate_capabilities(&self) -> Result<(), SpecError> {
         if self.capabilities.len() > 32 {
             return Err(bad(
                 "spec.capabilities",
@@ -590,13 +620,14 @@ impl AgentSpec {
                 ));
             }
         }
-        if self.template.image.trim().is_empty() {
-            return Err(bad("spec.template.image", "must not be empty".into()));
-        }
-        self.validate_template()?;
+        Ok(())
+    }
+
+    /// Memory in bytes (compared exactly, as the schema's CEL does; the pod gets it rounded up to
+    /// bytes) and CPU in millicores.
+    fn validate_resources(&self) -> Result<(u64, Option<u64>), SpecError> {
         let memory = units::parse_quantity(&self.resources.memory)
             .map_err(|e| bad("spec.resources.memory", e))?;
-        // Compare the exact value, as the schema's CEL does; the pod gets it rounded up to bytes.
         if memory.cmp_units(units::MEMORY_CAP_BYTES).is_gt() {
             return Err(bad(
                 "spec.resources.memory",
@@ -627,6 +658,12 @@ impl AgentSpec {
                 Some(units::parse_cpu_millis(c).map_err(|e| bad("spec.resources.cpu", e))?)
             }
         };
+        Ok((memory_bytes, cpu_millis))
+    }
+
+    /// The certificate and token lifetimes.
+    fn validate_lifetimes(&self) -> Result<(std::time::Duration, std::time::Duration), SpecError> {
+        use std::time::Duration;
         let check_ttl = |field: &'static str, s: &str, min: Duration, max: Duration, hint: &str| {
             let d = units::parse_duration(s).map_err(|e| bad(field, e))?;
             if d < min || d > max {
@@ -648,29 +685,7 @@ impl AgentSpec {
             Duration::from_secs(86400),
             "5m..24h",
         )?;
-        let backup_schedule = match &self.backup {
-            None => None,
-            Some(b) => {
-                if b.paths.is_empty()
-                    || b.paths
-                        .iter()
-                        .any(|p| !p.starts_with('/') || p.contains(".."))
-                {
-                    return Err(bad(
-                        "spec.backup.paths",
-                        "give at least one absolute path without '..'".into(),
-                    ));
-                }
-                Some(parse_cron(&b.schedule).map_err(|e| bad("spec.backup.schedule", e))?)
-            }
-        };
-        Ok(ValidatedSpec {
-            memory_bytes,
-            cpu_millis,
-            certificate_ttl,
-            token_ttl,
-            backup_schedule,
-        })
+        Ok((certificate_ttl, token_ttl))
     }
 
     /// The template's lengths, as the schema bounds them (counted in characters, like the apiserver).
@@ -761,6 +776,10 @@ impl AgentSpec {
         p.dedup();
         p.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(" ")
     }
+}
+
+fn bad(field: &'static str, message: String) -> SpecError {
+    SpecError { field, message }
 }
 
 /// Checks an Agent's `metadata.name`, which `AgentSpec::validate` cannot see: it must be a

@@ -23,8 +23,7 @@ use super::rotation::{
 use super::store::{Ledger, StoreError};
 
 /// Labels on everything Agentry creates.
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "agentry");
-const KEY_CREATED_ANNOTATION: &str = "agentry.dev/key-created-at";
+use crate::keys::{KEY_CREATED_ANNOTATION, MANAGED_BY};
 /// The longest token TTL the CRD allows; a retired signing key stays published this long.
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 

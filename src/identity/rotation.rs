@@ -23,8 +23,7 @@ use k8s_openapi::api::core::v1::Secret;
 
 use super::ca::{CaError, CertificateAuthority};
 
-pub const ROTATE_ANNOTATION: &str = "agentry.dev/rotate";
-pub const PHASE_ANNOTATION: &str = "agentry.dev/rotation-phase";
+pub use crate::keys::{PHASE_ANNOTATION, ROTATE_ANNOTATION};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use crate::crd::Permission;
 
-pub const ALLOWED_PERMISSIONS_ANNOTATION: &str = "agentry.dev/allowed-permissions";
+pub use crate::keys::ALLOWED_PERMISSIONS_ANNOTATION;
 
 /// What a namespace without the annotation allows.
 pub const DEFAULT_ALLOWED: [Permission; 2] = [Permission::BackupWrite, Permission::MemoryRead];

@@ -22,9 +22,7 @@ use crate::crd::{Agent, AssignedResources, ValidatedSpec};
 
 pub mod policy;
 
-pub const AGENT_LABEL: &str = "agentry.dev/agent";
-pub const CAPABILITY_PREFIX: &str = "capability.agentry.dev/";
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "agentry");
+pub use crate::keys::{AGENT_LABEL, CAPABILITY_PREFIX, MANAGED_BY};
 /// Where the identity Secret (tls.crt, tls.key, ca.crt, token) appears in the agent's container.
 pub const IDENTITY_MOUNT: &str = "/var/run/agentry/identity";
 pub const AGENT_CONTAINER: &str = "agent";
