@@ -17,6 +17,12 @@ pub struct NameConflict {
     pub name: String,
 }
 
+/// The apiserver refused what we sent as invalid (400, 422): retrying the same request cannot
+/// help until someone changes the object.
+pub fn refused_as_invalid(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 400 || s.code == 422)
+}
+
 impl NameConflict {
     pub fn new(kind: &str, name: &str) -> Self {
         Self {
@@ -65,8 +71,7 @@ impl Error {
         match self {
             Error::Identity(e) => e.is_permanent(),
             Error::Workload(e) => e.is_permanent(),
-            Error::Status(kube::Error::Api(s)) => s.code == 400 || s.code == 422,
-            Error::Status(_) => false,
+            Error::Status(e) => refused_as_invalid(e),
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.is_permanent(),

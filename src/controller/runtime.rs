@@ -213,10 +213,7 @@ fn error_policy(guard: Arc<DeserializeGuard<Agent>>, error: &Error, ctx: Arc<Con
         .reconcile_errors
         .get_or_create(&ErrorLabels { kind: error.kind() })
         .inc();
-    let reference = events::reference(match &guard.0 {
-        Ok(a) => &a.metadata,
-        Err(invalid) => &invalid.metadata,
-    });
+    let reference = events::reference(guard_meta(&guard));
     let note = Note::warning(reasons::RECONCILE_FAILED, "Reconcile", error.to_string());
     let publisher = ctx.clone();
     tokio::spawn(async move { events::publish_on(&publisher, &reference, &note).await });
@@ -229,11 +226,16 @@ fn error_policy(guard: Arc<DeserializeGuard<Agent>>, error: &Error, ctx: Arc<Con
     Action::requeue(delay)
 }
 
-fn guard_key(guard: &DeserializeGuard<Agent>) -> String {
-    let meta = match &guard.0 {
+/// An Agent's metadata, whether or not it decodes.
+fn guard_meta(guard: &DeserializeGuard<Agent>) -> &kube::api::ObjectMeta {
+    match &guard.0 {
         Ok(a) => &a.metadata,
         Err(invalid) => &invalid.metadata,
-    };
+    }
+}
+
+fn guard_key(guard: &DeserializeGuard<Agent>) -> String {
+    let meta = guard_meta(guard);
     format!(
         "{}/{}",
         meta.namespace.as_deref().unwrap_or(""),
@@ -444,7 +446,7 @@ async fn run_agent_controller(
             Ok(ns) => {
                 let name = ns.metadata.name.unwrap_or_default();
                 for agent in agents_by_namespace.state() {
-                    if guard_namespace(&agent) == Some(name.as_str()) {
+                    if guard_meta(&agent).namespace.as_deref() == Some(name.as_str()) {
                         let _ = policy_changed.unbounded_send(ObjectRef::from_obj(agent.as_ref()));
                     }
                 }
@@ -483,11 +485,4 @@ async fn run_agent_controller(
         })
         .await;
     namespace_task.abort();
-}
-
-fn guard_namespace(guard: &DeserializeGuard<Agent>) -> Option<&str> {
-    match &guard.0 {
-        Ok(a) => a.metadata.namespace.as_deref(),
-        Err(invalid) => invalid.metadata.namespace.as_deref(),
-    }
 }

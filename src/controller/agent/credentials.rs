@@ -14,6 +14,7 @@ use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 
 use super::report::{Note, Report};
+use crate::controller::error::refused_as_invalid;
 use crate::controller::{Context, NameConflict};
 use crate::crd::{Agent, IdentityStatus, ValidatedSpec};
 use crate::identity::authority::{Authority, AuthorityError};
@@ -56,7 +57,7 @@ impl From<AuthorityError> for IdentityError {
 impl IdentityError {
     /// Retrying cannot help until something changes.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, IdentityError::Kube(kube::Error::Api(s)) if s.code == 400 || s.code == 422)
+        matches!(self, IdentityError::Kube(e) if refused_as_invalid(e))
     }
 
     /// The condition this failure leaves on the Agent.

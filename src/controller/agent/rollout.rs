@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::report::Report;
+use crate::controller::error::refused_as_invalid;
 use crate::controller::{Applied, Context, NameConflict, owned_by};
 use crate::crd::{Agent, ValidatedSpec};
 use crate::keys::conditions::WORKLOAD_READY;
@@ -30,7 +31,7 @@ pub enum WorkloadError {
 impl WorkloadError {
     /// Retrying cannot help until something changes (the apiserver refused what we built).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, WorkloadError::Kube(kube::Error::Api(s)) if s.code == 400 || s.code == 422)
+        matches!(self, WorkloadError::Kube(e) if refused_as_invalid(e))
     }
 
     /// The condition this failure leaves on the Agent (with the apiserver's message).
