@@ -58,4 +58,5 @@ pub mod reasons {
     pub const INVALID_OBJECT: &str = "InvalidObject";
     pub const CA_EXPIRED: &str = "CaExpired";
     pub const CLAMPED: &str = "LifetimeClamped";
+    pub const CA_DROPPED: &str = "CaDropped";
 }

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
 use kube::api::{ApiResource, DynamicObject, PartialObjectMeta, TypeMeta};
 use kube::runtime::WatchStreamExt;
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, controller::Action, watcher};
 use kube::{Api, Client, core::DeserializeGuard};
@@ -215,8 +215,8 @@ fn error_policy(guard: Arc<DeserializeGuard<Agent>>, error: &Error, ctx: Arc<Con
         .inc();
     let reference = events::reference(guard_meta(&guard));
     let note = Note::warning(reasons::RECONCILE_FAILED, "Reconcile", error.to_string());
-    let publisher = ctx.clone();
-    tokio::spawn(async move { events::publish_on(&publisher, &reference, &note).await });
+    let recorder = ctx.recorder.clone();
+    tokio::spawn(async move { events::publish_on(&recorder, &reference, &note).await });
     if error.is_permanent() {
         tracing::warn!(agent = %key, error = %error, "permanent error; waiting for a change to the Agent");
         return Action::await_change();
@@ -293,16 +293,8 @@ async fn maintain_authority(
     loop {
         // What the CA set dropped (an expired next or previous CA), once each, on the CA Secret.
         for note in authority.take_ca_notes() {
-            let event = kube::runtime::events::Event {
-                type_: EventType::Warning,
-                reason: "CaDropped".into(),
-                note: Some(note),
-                action: "Rotate".into(),
-                secondary: None,
-            };
-            if let Err(e) = recorder.publish(&event, &ca_secret).await {
-                tracing::warn!(error = %e, "could not publish an event on the CA Secret");
-            }
+            let note = Note::warning(reasons::CA_DROPPED, "Rotate", note);
+            events::publish_on(&recorder, &ca_secret, &note).await;
         }
         tokio::select! {
             _ = stop.cancelled() => return,

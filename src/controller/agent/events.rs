@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Resource;
 use kube::core::error_boundary::InvalidObject;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::{Event, EventType, Recorder};
 
 use super::report::Note;
 use crate::controller::Context;
@@ -13,11 +13,11 @@ use crate::keys::reasons;
 
 /// Publishes `note` as an Event on the Agent.
 pub async fn publish(ctx: &Context, agent: &Agent, note: &Note) {
-    publish_on(ctx, &agent.object_ref(&()), note).await;
+    publish_on(&ctx.recorder, &agent.object_ref(&()), note).await;
 }
 
 /// Publishes `note` as an Event on the object `reference` points at.
-pub async fn publish_on(ctx: &Context, reference: &ObjectReference, note: &Note) {
+pub async fn publish_on(recorder: &Recorder, reference: &ObjectReference, note: &Note) {
     let event = Event {
         type_: note.type_,
         reason: note.reason.into(),
@@ -25,7 +25,7 @@ pub async fn publish_on(ctx: &Context, reference: &ObjectReference, note: &Note)
         action: note.action.into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, reference).await {
+    if let Err(e) = recorder.publish(&event, reference).await {
         tracing::warn!(object = ?reference.name, error = %e, "could not publish event");
     }
 }
@@ -67,5 +67,5 @@ pub async fn report_undecodable(invalid: &InvalidObject, ctx: &Context) {
             invalid.error
         ),
     };
-    publish_on(ctx, &reference(meta), &note).await;
+    publish_on(&ctx.recorder, &reference(meta), &note).await;
 }
