@@ -17,12 +17,7 @@ use serde_json::json;
 
 use agentry::crd::Agent;
 use agentry::identity::authority::{CRL_PUBLISH_DELAY_ENV, crl_numbers};
-use agentry::identity::ca::{CertificateAuthority, hex, leaf_facts, pem_to_ders};
-
-fn identity_issued(a: &Agent) -> bool {
-    condition(a, "CertificateIssued").is_some_and(|c| c.status == "True")
-        && condition(a, "TokenIssued").is_some_and(|c| c.status == "True")
-}
+use agentry::identity::ca::{CertificateAuthority, leaf_facts, pem_to_ders};
 
 fn serial(a: &Agent) -> Option<String> {
     Some(a.status.as_ref()?.identity.as_ref()?.serial.clone())
@@ -36,19 +31,6 @@ async fn crl_pem(client: &Client, ns: &str) -> String {
         .flatten()
         .and_then(|cm| cm.data?.remove("crl.pem"))
         .unwrap_or_default()
-}
-
-fn crl_serials(pem: &str) -> HashSet<String> {
-    x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
-        .filter_map(Result::ok)
-        .filter(|p| p.label == "X509 CRL")
-        .flat_map(|p| {
-            let (_, crl) = x509_parser::parse_x509_crl(&p.contents).unwrap();
-            crl.iter_revoked_certificates()
-                .map(|r| hex(r.raw_serial()))
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }
 
 /// Eight Agents revoked at once, with a delay between signing and publishing widening any

@@ -16,13 +16,7 @@ use kube::{Api, Client};
 use serde_json::json;
 
 use agentry::crd::Agent;
-use agentry::identity::ca::hex;
 use agentry::identity::store::{CertState, Ledger};
-
-fn identity_issued(a: &Agent) -> bool {
-    condition(a, "CertificateIssued").is_some_and(|c| c.status == "True")
-        && condition(a, "TokenIssued").is_some_and(|c| c.status == "True")
-}
 
 fn serial_of(a: &Agent) -> String {
     a.status
@@ -72,7 +66,8 @@ async fn annotate(client: &Client, ns: &str, name: &str, key: &str, value: &str)
         .unwrap_or_else(|e| panic!("annotating {ns}/{name}: {e}"));
 }
 
-async fn crl_serials(client: &Client, ns: &str) -> HashSet<String> {
+/// The serials on the CRLs the controller publishes in `ns`.
+async fn published_crl_serials(client: &Client, ns: &str) -> HashSet<String> {
     let crl = Api::<ConfigMap>::namespaced(client.clone(), ns)
         .get("agentry-ca")
         .await
@@ -81,13 +76,7 @@ async fn crl_serials(client: &Client, ns: &str) -> HashSet<String> {
         .unwrap()
         .remove("crl.pem")
         .unwrap();
-    let mut out = HashSet::new();
-    for pem in x509_parser::pem::Pem::iter_from_buffer(crl.as_bytes()) {
-        let der = pem.unwrap().contents;
-        let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
-        out.extend(crl.iter_revoked_certificates().map(|r| hex(r.raw_serial())));
-    }
-    out
+    crl_serials(&crl)
 }
 
 /// A self-signed certificate carrying `serial` (hex): anyone can make one.
@@ -205,7 +194,7 @@ async fn a_planted_certificate_with_another_agents_serial_revokes_nothing() {
         "the victim's certificate must stay active; controller log:\n{}",
         controller.logs()
     );
-    let crl = crl_serials(&client, &home.name).await;
+    let crl = published_crl_serials(&client, &home.name).await;
     assert!(!crl.contains(&victim_serial), "victim revoked: {crl:?}");
     // What A really had is revoked; the forged certificate was not kept.
     assert!(crl.contains(&attacker_serial), "CRL: {crl:?}");
@@ -500,7 +489,7 @@ async fn key_compromise_revokes_superseded_certificates_too() {
     let third = serial_of(&third);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let crl = loop {
-        let crl = crl_serials(&client, &ns.name).await;
+        let crl = published_crl_serials(&client, &ns.name).await;
         if crl.contains(&first) && crl.contains(&second) {
             break crl;
         }

@@ -15,13 +15,8 @@ use kube::{Api, Client};
 use serde_json::json;
 
 use agentry::crd::Agent;
-use agentry::identity::ca::{hex, leaf_facts};
+use agentry::identity::ca::leaf_facts;
 use agentry::identity::store::{CertState, Ledger};
-
-fn identity_issued(a: &Agent) -> bool {
-    condition(a, "CertificateIssued").is_some_and(|c| c.status == "True")
-        && condition(a, "TokenIssued").is_some_and(|c| c.status == "True")
-}
 
 async fn secret_data(client: &Client, ns: &str, name: &str) -> Option<SecretData> {
     let s = Api::<Secret>::namespaced(client.clone(), ns)
@@ -100,17 +95,6 @@ fn run(cmd: &str, args: &[&str]) -> (bool, String) {
 /// The Python with PyJWT: `make test` sets AGENTRY_PYTHON to a venv it creates.
 fn python() -> String {
     std::env::var("AGENTRY_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-fn crl_serials(crl_pem: &str) -> HashSet<String> {
-    let der = x509_parser::pem::parse_x509_pem(crl_pem.as_bytes())
-        .unwrap()
-        .1
-        .contents;
-    let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
-    crl.iter_revoked_certificates()
-        .map(|r| hex(r.raw_serial()))
-        .collect()
 }
 
 #[tokio::test]

@@ -518,3 +518,23 @@ pub fn impersonating_kubeconfig(dir: &Path, user: &str, groups: &[&str]) -> Path
     std::fs::write(&out, serde_json::to_string(&config).unwrap()).unwrap();
     out
 }
+
+/// Identity issued: the certificate and the token conditions are True.
+pub fn identity_issued(a: &Agent) -> bool {
+    condition(a, "CertificateIssued").is_some_and(|c| c.status == "True")
+        && condition(a, "TokenIssued").is_some_and(|c| c.status == "True")
+}
+
+/// Every serial listed by the CRLs in `pem` (one per CA during a rotation), lowercase hex.
+pub fn crl_serials(pem: &str) -> std::collections::HashSet<String> {
+    x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .filter_map(Result::ok)
+        .filter(|p| p.label == "X509 CRL")
+        .flat_map(|p| {
+            let (_, crl) = x509_parser::parse_x509_crl(&p.contents).unwrap();
+            crl.iter_revoked_certificates()
+                .map(|r| agentry::identity::ca::hex(r.raw_serial()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
