@@ -198,9 +198,18 @@ mod tests {
         }
     }
 
-    /// (case, previous phase, reports) -> (phase, Ready, Reconciling, Stalled)
-    #[test]
-    fn health_follows_the_reports() {
+    /// (case, previous phase, reports) -> (phase, Ready, Reconciling reason, Stalled reason)
+    type Row = (
+        &'static str,
+        Option<Phase>,
+        Vec<Report>,
+        Phase,
+        (&'static str, &'static str),
+        Option<&'static str>,
+        Option<&'static str>,
+    );
+
+    fn health_table() -> Vec<Row> {
         let available = Report::ok(WORKLOAD_READY, reasons::AVAILABLE, "1/1");
         let rolling = Report::pending(WORKLOAD_READY, reasons::ROLLING_OUT, "0/1");
         let conflict = Report::stalled(Some(WORKLOAD_READY), reasons::NAME_CONFLICT, "Service foo");
@@ -213,16 +222,7 @@ mod tests {
             "later",
         );
         let with = |extra: Vec<Report>| issued().into_iter().chain(extra).collect::<Vec<_>>();
-        type Row = (
-            &'static str,
-            Option<Phase>,
-            Vec<Report>,
-            Phase,
-            (&'static str, &'static str),
-            Option<&'static str>,
-            Option<&'static str>,
-        );
-        let table: Vec<Row> = vec![
+        vec![
             (
                 "all good",
                 None,
@@ -286,8 +286,12 @@ mod tests {
                 None,
                 Some("InvalidSpec"),
             ),
-        ];
-        for (case, prev, reports, phase, ready, reconciling, stalled) in table {
+        ]
+    }
+
+    #[test]
+    fn health_follows_the_reports() {
+        for (case, prev, reports, phase, ready, reconciling, stalled) in health_table() {
             let prev = prev.map(previous);
             let s = compute(prev.as_ref(), Some(3), &reports, Facts::default());
             assert_eq!(s.phase, Some(phase), "{case}");
