@@ -477,11 +477,54 @@ mod tests {
     /// Item 2: with both CAs of a rotation trusted and both CRLs published, a verifier choosing
     /// the CRL by issuer name (rustls-webpki) accepts each CA's valid leaf and refuses each
     /// CA's revoked leaf.
+    /// Verifies a leaf for client auth with rustls-webpki, trusting every CA in `bundle` and
+    /// checking revocation (end entity, unknown status refused) against `crls` in this order.
+    fn webpki_verify(leaf: &[u8], bundle: &str, crls: &[&str]) -> Result<(), webpki::Error> {
+        use rustls::pki_types::{CertificateDer, UnixTime};
+        let anchor_ders: Vec<CertificateDer<'static>> = crate::identity::ca::pem_to_ders(bundle)
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let anchors: Vec<_> = anchor_ders
+            .iter()
+            .map(|d| webpki::anchor_from_trusted_cert(d).unwrap().to_owned())
+            .collect();
+        let owned: Vec<webpki::CertRevocationList<'static>> = crls
+            .iter()
+            .map(|pem| {
+                let der = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+                    .unwrap()
+                    .1
+                    .contents;
+                webpki::OwnedCertRevocationList::from_der(&der)
+                    .unwrap()
+                    .into()
+            })
+            .collect();
+        let refs: Vec<&webpki::CertRevocationList<'_>> = owned.iter().collect();
+        let der = CertificateDer::from(leaf);
+        let ee = webpki::EndEntityCert::try_from(&der).unwrap();
+        let revocation = webpki::RevocationOptionsBuilder::new(&refs)
+            .unwrap()
+            .with_depth(webpki::RevocationCheckDepth::EndEntity)
+            .with_status_policy(webpki::UnknownStatusPolicy::Deny)
+            .build();
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &[],
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            Some(revocation),
+            None,
+        )
+        .map(|_| ())
+    }
+
     #[test]
     fn a_verifier_picks_the_right_crl_for_each_ca_during_a_rotation() {
         use crate::identity::ca::{LeafRequest, pem_to_ders};
         use crate::identity::store::{Ledger, RevocationReason};
-        use rustls::pki_types::{CertificateDer, UnixTime};
 
         let gen_ca =
             || CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(86400));
@@ -524,48 +567,12 @@ mod tests {
             })
             .collect();
 
-        let anchor_ders: Vec<CertificateDer<'static>> = pem_to_ders(&set.bundle())
-            .into_iter()
-            .map(CertificateDer::from)
-            .collect();
-        assert_eq!(anchor_ders.len(), 2);
-        let anchors: Vec<_> = anchor_ders
-            .iter()
-            .map(|d| webpki::anchor_from_trusted_cert(d).unwrap().to_owned())
-            .collect();
+        assert_eq!(pem_to_ders(&set.bundle()).len(), 2);
         // Both orders of the CRL list: the first CRL with a matching issuer name is the one used.
         for order in [[0, 1], [1, 0]] {
-            let owned: Vec<webpki::CertRevocationList<'static>> = order
-                .iter()
-                .map(|&i| {
-                    let der = x509_parser::pem::parse_x509_pem(crls[i].as_bytes())
-                        .unwrap()
-                        .1
-                        .contents;
-                    webpki::OwnedCertRevocationList::from_der(&der)
-                        .unwrap()
-                        .into()
-                })
-                .collect();
-            let refs: Vec<&webpki::CertRevocationList<'_>> = owned.iter().collect();
+            let crls = [crls[order[0]].as_str(), crls[order[1]].as_str()];
             let verify = |leaf: &crate::identity::ca::IssuedLeaf| {
-                let der = CertificateDer::from(leaf.cert_der.as_slice());
-                let ee = webpki::EndEntityCert::try_from(&der).unwrap();
-                let revocation = webpki::RevocationOptionsBuilder::new(&refs)
-                    .unwrap()
-                    .with_depth(webpki::RevocationCheckDepth::EndEntity)
-                    .with_status_policy(webpki::UnknownStatusPolicy::Deny)
-                    .build();
-                ee.verify_for_usage(
-                    webpki::ALL_VERIFICATION_ALGS,
-                    &anchors,
-                    &[],
-                    UnixTime::now(),
-                    webpki::KeyUsage::client_auth(),
-                    Some(revocation),
-                    None,
-                )
-                .map(|_| ())
+                webpki_verify(&leaf.cert_der, &set.bundle(), &crls)
             };
             assert_eq!(verify(&old_valid), Ok(()), "old CA, valid leaf, {order:?}");
             assert_eq!(verify(&new_valid), Ok(()), "new CA, valid leaf, {order:?}");
