@@ -222,30 +222,34 @@ async fn memory_changes_roll_out_and_hand_edits_are_reverted() {
     )
     .await;
 
-    // Someone raises the Deployment's memory by hand (an update, as `kubectl edit` does).
-    let mut d = deployments.get("a").await.unwrap();
-    d.spec
-        .as_mut()
-        .unwrap()
-        .template
-        .spec
-        .as_mut()
-        .unwrap()
-        .containers[0]
-        .resources
-        .as_mut()
-        .unwrap()
-        .limits
-        .as_mut()
-        .unwrap()
-        .insert(
-            "memory".into(),
-            k8s_openapi::apimachinery::pkg::api::resource::Quantity("500Mi".into()),
-        );
-    deployments
-        .replace("a", &PostParams::default(), &d)
-        .await
-        .unwrap();
+    // Someone raises the Deployment's memory by hand (an update, as `kubectl edit` does; like
+    // kubectl, it retries when a status update moved the object under it: 409 Conflict).
+    for attempt in 1.. {
+        let mut d = deployments.get("a").await.unwrap();
+        d.spec
+            .as_mut()
+            .unwrap()
+            .template
+            .spec
+            .as_mut()
+            .unwrap()
+            .containers[0]
+            .resources
+            .as_mut()
+            .unwrap()
+            .limits
+            .as_mut()
+            .unwrap()
+            .insert(
+                "memory".into(),
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity("500Mi".into()),
+            );
+        match deployments.replace("a", &PostParams::default(), &d).await {
+            Ok(_) => break,
+            Err(kube::Error::Api(s)) if s.code == 409 && attempt < 10 => continue,
+            Err(e) => panic!("editing the Deployment by hand: {e}"),
+        }
+    }
     eventually_ok(
         Duration::from_secs(30),
         "memory reverted to 256Mi",
