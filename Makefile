@@ -48,9 +48,11 @@ PYTHON_VENV := $(AGENTRY_CACHE)/venv
 export AGENTRY_PYTHON ?= $(PYTHON_VENV)/bin/python3
 
 .PHONY: pyenv
-pyenv: ## Python venv for the independent checks in the tests (PyJWT)
-	@test -x $(PYTHON_VENV)/bin/python3 && $(PYTHON_VENV)/bin/python3 -c 'import jwt, cryptography' 2>/dev/null || \
-	  { python3 -m venv $(PYTHON_VENV) && $(PYTHON_VENV)/bin/python3 -m pip install -q 'pyjwt[crypto]==2.15.1'; }
+pyenv: ## Python venv for the tests' independent checks (PyJWT, a2a-sdk) and the example client (httpx)
+	@test -x $(PYTHON_VENV)/bin/python3 || python3 -m venv $(PYTHON_VENV)
+	@$(PYTHON_VENV)/bin/python3 -c 'import jwt, cryptography, a2a, httpx' 2>/dev/null || \
+	  $(PYTHON_VENV)/bin/python3 -m pip install -q 'pyjwt[crypto]==2.15.1' 'a2a-sdk[signing]==1.3.0' \
+	    -r examples/python/requirements.txt
 
 .PHONY: e2e
 e2e: cluster-up pyenv ## End-to-end tests against the local control plane

@@ -40,6 +40,8 @@ pub enum Command {
     /// Inspect or rotate the CA.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Print the agent API's OpenAPI 3.1 document (what openapi/agentry-api.json holds).
+    Openapi,
 }
 
 #[derive(Args)]
@@ -192,6 +194,24 @@ pub struct ControllerArgs {
     /// Testing only: divide every certificate and token lifetime by N, to watch renewals quickly.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     ttl_divisor: u32,
+    /// Address of the agent API (HTTPS, mTLS; served by the leader only). Empty: no API.
+    #[arg(long, default_value = "0.0.0.0:8443", env = "AGENTRY_API_ADDR")]
+    api_addr: String,
+    /// The URL agents reach the API at; card URLs are built on it
+    /// (default: https://<api-service>.<namespace>.svc:8443).
+    #[arg(long, env = "AGENTRY_API_URL")]
+    api_url: Option<String>,
+    /// The API's Service name: its DNS names go on the API's certificate.
+    #[arg(long, default_value = "agentry-api")]
+    api_service: String,
+    /// More names or IP addresses for the API's certificate (repeatable), e.g. 127.0.0.1 for a
+    /// port-forward.
+    #[arg(long = "api-san")]
+    api_sans: Vec<String>,
+    /// The audience a ServiceAccount token must carry for CSR bootstrap
+    /// (`POST /v1/agents/{ns}/{name}/csr`).
+    #[arg(long, default_value = "agentry")]
+    csr_audience: String,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -231,14 +251,35 @@ pub fn render_ca_status(set: &CaSet, dropped: &[String], now: i64) -> String {
 
 impl ControllerArgs {
     /// The controller's configuration from its flags.
-    pub fn into_config(self) -> agentry::controller::Config {
+    pub fn into_config(self) -> Result<agentry::controller::Config, String> {
         let replica = self.replica.unwrap_or_else(|| {
             let host = hostname::get()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_else(|_| "agentry".into());
             format!("{host}-{}", std::process::id())
         });
-        agentry::controller::Config {
+        let api = match self.api_addr.trim() {
+            "" => Ok(None),
+            addr => addr
+                .parse::<SocketAddr>()
+                .map(|addr| {
+                    Some(agentry::controller::ApiConfig {
+                        addr,
+                        public_url: self.api_url.clone().unwrap_or_else(|| {
+                            format!("https://{}.{}.svc:8443", self.api_service, self.namespace)
+                        }),
+                        sans: agentry::api::server::dns_names(
+                            &self.namespace,
+                            &self.api_service,
+                            &self.api_sans,
+                        ),
+                        csr_audience: self.csr_audience.clone(),
+                    })
+                })
+                .map_err(|e| format!("--api-addr {addr:?}: {e}; give host:port such as 0.0.0.0:8443, or \"\" for no API")),
+        }?;
+        Ok(agentry::controller::Config {
+            api,
             watch_namespace: self.watch_namespace.filter(|n| !n.is_empty()),
             agent_selector: self.agent_selector.filter(|s| !s.is_empty()),
             namespace: self.namespace.clone(),
@@ -266,6 +307,6 @@ impl ControllerArgs {
             },
             maintenance_interval: self.maintenance_interval,
             concurrency: self.concurrency,
-        }
+        })
     }
 }

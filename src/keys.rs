@@ -18,6 +18,11 @@ pub const CAPABILITY_PREFIX: &str = "capability.agentry.dev/";
 pub const REVOKE_ANNOTATION: &str = "agentry.dev/revoke";
 /// On a Namespace: the permissions its Agents may request (see `identity::scopes`).
 pub const ALLOWED_PERMISSIONS_ANNOTATION: &str = "agentry.dev/allowed-permissions";
+/// On a Namespace: which namespaces' agents may discover its Agents and read their cards
+/// (comma- or space-separated names, or `*`). Agents always discover their own namespace.
+pub const DISCOVERABLE_FROM_ANNOTATION: &str = "agentry.dev/discoverable-from";
+/// The field manager of the API's status writes (registration).
+pub const API_MANAGER: &str = "agentry-api";
 /// On the CA Secret: `agentry ca rotate` asks the leader to start a rotation.
 pub const ROTATE_ANNOTATION: &str = "agentry.dev/rotate";
 /// On the CA Secret: the rotation phase and since when (`prepared:<unix>`, `activated:<unix>`).
@@ -37,6 +42,8 @@ pub mod conditions {
     pub const WORKLOAD_READY: &str = "WorkloadReady";
     pub const MESSAGING_READY: &str = "MessagingReady";
     pub const BACKUP_HEALTHY: &str = "BackupHealthy";
+    /// Written by the API when the agent registers.
+    pub const REGISTERED: &str = "Registered";
 }
 
 /// Condition reasons (and Event reasons) on an Agent.

@@ -35,8 +35,18 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Openapi => {
+            print!("{}", agentry::api::openapi::document());
+            ExitCode::SUCCESS
+        }
         Command::Controller(args) => {
-            let config = args.into_config();
+            let config = match args.into_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -1,4 +1,20 @@
-//! HTTP surfaces. `ops` serves /metrics, /healthz and /readyz on a plain-HTTP port for Prometheus
-//! and kubelet probes; the mTLS agent API (register, token, discovery, backups) joins it later.
+//! HTTP surfaces. `ops` serves /metrics, /healthz and /readyz on a plain-HTTP port for
+//! Prometheus and kubelet probes. The agent API (mTLS + bound JWT) is served by the leader:
+//! `server` (TLS, limits), `auth` (who is calling), `agents` (register, token, own record,
+//! discovery), `card` (A2A cards), `csr` (bootstrap), `public` (JWKS, CRL, trust bundle),
+//! `model` + `openapi` (the contract), `body` + `error` (input and errors), `cluster` (status
+//! writes and TokenReview), `state`.
 
+pub mod agents;
+pub mod auth;
+pub mod body;
+pub mod card;
+pub mod cluster;
+pub mod csr;
+pub mod error;
+pub mod model;
+pub mod openapi;
 pub mod ops;
+pub mod public;
+pub mod server;
+pub mod state;

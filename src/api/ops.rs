@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use axum::{
     Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get,
@@ -14,8 +14,24 @@ use crate::telemetry::Metrics;
 #[derive(Clone)]
 pub struct OpsState {
     pub metrics: Arc<Metrics>,
-    /// False until the replica has joined leader election (standby replicas are ready too).
+    /// False until the replica has joined leader election.
     pub ready: Arc<AtomicBool>,
+    /// The agent API's state on this replica (see [`ApiRole`]).
+    pub api: Arc<AtomicU8>,
+}
+
+/// Which replicas serve the agent API: only the leader (it alone holds the CA key and the
+/// ledger). A standby is live but not ready, so the `agentry-api` Service sends API traffic
+/// to the leader only; when the API is off, every replica that joined the election is ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ApiRole {
+    /// `--api-addr ""`: no API.
+    Off = 0,
+    /// Not leading (or the leader is still starting the API).
+    Standby = 1,
+    /// Leading and serving the API.
+    Serving = 2,
 }
 
 pub fn router(state: OpsState) -> Router {
@@ -37,10 +53,16 @@ async fn metrics(State(s): State<OpsState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    if !s.ready.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting");
+    }
+    match s.api.load(Ordering::Relaxed) {
+        1 => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standby: the agent API is served by the leader only",
+        ),
+        2 => (StatusCode::OK, "leader: serving the agent API"),
+        _ => (StatusCode::OK, "ok"),
     }
 }
 

@@ -36,6 +36,20 @@ pub struct Config {
     pub concurrency: u16,
     /// The CA, ledger, token keys and what they publish.
     pub authority: AuthorityConfig,
+    /// The agent API, served by the leader (None: not served).
+    pub api: Option<ApiConfig>,
+}
+
+/// Where and as what the agent API is served.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    pub addr: SocketAddr,
+    /// The URL agents reach it at.
+    pub public_url: String,
+    /// Names and addresses on its certificate.
+    pub sans: Vec<String>,
+    /// The audience of ServiceAccount tokens for CSR bootstrap.
+    pub csr_audience: String,
 }
 
 /// Whether an object belongs to the Agent with `uid` (a controller owner reference to it).

@@ -27,7 +27,9 @@ use super::{ChildStores, Config, Context, Error};
 use crate::api::ops;
 use crate::crd::Agent;
 use crate::identity::authority::Authority;
-use crate::keys::{ALLOWED_PERMISSIONS_ANNOTATION, MANAGED_BY, MANAGER, reasons};
+use crate::keys::{
+    ALLOWED_PERMISSIONS_ANNOTATION, DISCOVERABLE_FROM_ANNOTATION, MANAGED_BY, MANAGER, reasons,
+};
 use crate::telemetry::{ErrorLabels, Metrics};
 
 /// Why the controller stopped leading.
@@ -53,9 +55,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
     let ready = Arc::new(AtomicBool::new(false));
+    let api_role = Arc::new(std::sync::atomic::AtomicU8::new(if config.api.is_some() {
+        ops::ApiRole::Standby
+    } else {
+        ops::ApiRole::Off
+    } as u8));
     let state = ops::OpsState {
         metrics: metrics.clone(),
         ready: ready.clone(),
+        api: api_role.clone(),
     };
     let (ops_addr, ops_task) = ops::serve(config.ops_addr, state, shutdown.clone())
         .await
@@ -80,7 +88,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ready.store(true, Ordering::Relaxed);
     tracing::info!(replica = %config.replica, lease = %config.lease_name, "waiting to become leader");
 
-    let outcome = lead(client, config, metrics.clone(), leading, shutdown.clone()).await;
+    let outcome = lead(
+        client,
+        config,
+        metrics.clone(),
+        leading,
+        shutdown.clone(),
+        api_role,
+    )
+    .await;
 
     // The one shutdown path. `lead` dropped its receiver, so the lease task releases the Lease
     // and a standby takes over at once.
@@ -107,6 +123,7 @@ async fn lead(
     metrics: Arc<Metrics>,
     mut leading: watch::Receiver<bool>,
     shutdown: CancellationToken,
+    api_role: Arc<std::sync::atomic::AtomicU8>,
 ) -> anyhow::Result<Stopped> {
     let became_leader = tokio::select! {
         _ = shutdown.cancelled() => false,
@@ -156,8 +173,20 @@ async fn lead(
         config.maintenance_interval,
         stop.clone(),
     ));
-    reconcile_agents(client, config, metrics, authority, trust_changed, stop).await;
+    let result = reconcile_agents(
+        client,
+        config,
+        metrics,
+        authority,
+        trust_changed,
+        stop.clone(),
+        api_role.clone(),
+    )
+    .await;
+    api_role.store(ops::ApiRole::Standby as u8, Ordering::Relaxed);
+    stop.cancel();
     maintenance.abort();
+    result?;
     Ok(stopped())
 }
 
@@ -169,7 +198,8 @@ async fn reconcile_agents(
     authority: Arc<Authority>,
     trust_changed: futures::channel::mpsc::UnboundedReceiver<()>,
     stop: CancellationToken,
-) {
+    api_role: Arc<std::sync::atomic::AtomicU8>,
+) -> anyhow::Result<()> {
     let ns = &config.watch_namespace;
     // The caches keep what the reconcile reads (metadata versions, rollout status), not the pod
     // templates: a fleet's worth of full Deployments would be most of our memory.
@@ -202,7 +232,84 @@ async fn reconcile_agents(
         service_events,
         service_account_events,
     ];
-    run_agent_controller(ctx, children, namespace_events, trust_changed, stop).await;
+    // Agents as the reconcile (and the API) need them.
+    let (agents, writer) = reflector::store();
+    let api = match ctx.config.api.clone() {
+        Some(api) => Some(start_api(&ctx, api, agents.clone(), stop.clone(), api_role).await?),
+        None => None,
+    };
+    run_agent_controller(
+        ctx,
+        (agents, writer),
+        children,
+        namespace_events,
+        trust_changed,
+        stop,
+    )
+    .await;
+    if let Some(api) = api {
+        let _ = api.await;
+    }
+    Ok(())
+}
+
+/// Starts the agent API once the Agent cache is filled (its answers come from it), and keeps
+/// its certificate renewed. The listener is bound at once, so a port in use fails the leader.
+async fn start_api(
+    ctx: &Arc<Context>,
+    api: super::ApiConfig,
+    agents: Store<DeserializeGuard<Agent>>,
+    stop: CancellationToken,
+    role: Arc<std::sync::atomic::AtomicU8>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use crate::api::{cluster, server, state};
+    let identity = server::ServerIdentity::issue(&ctx.authority, api.sans.clone())
+        .await
+        .context("issuing the API's certificate")?;
+    let state = Arc::new(state::ApiState::new(
+        ctx.authority.clone(),
+        agents.clone(),
+        ctx.stores.namespaces.clone(),
+        Arc::new(cluster::KubeRegistrar(ctx.client.clone())),
+        Arc::new(cluster::KubeTokenReviewer(ctx.client.clone())),
+        state::ApiSettings {
+            public_url: api.public_url.clone(),
+            csr_audience: api.csr_audience.clone(),
+        },
+    ));
+    let tls = server::tls_config(identity.clone())?;
+    let listener = tokio::net::TcpListener::bind(api.addr)
+        .await
+        .with_context(|| format!("binding the agent API on {}", api.addr))?;
+    let authority = ctx.authority.clone();
+    Ok(tokio::spawn(async move {
+        tokio::select! {
+            _ = agents.wait_until_ready() => {},
+            _ = stop.cancelled() => return,
+        }
+        let (addr, task) = match server::serve_on(listener, server::router(state), tls, stop.clone()) {
+            Ok(served) => served,
+            Err(e) => {
+                tracing::error!(error = %e, "the agent API failed to start");
+                return;
+            }
+        };
+        role.store(ops::ApiRole::Serving as u8, Ordering::Relaxed);
+        tracing::info!(%addr, url = %api.public_url, "serving the agent API (mTLS)");
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => match identity.renew_if_due(&authority).await {
+                    Ok(true) => tracing::info!("renewed the agent API's certificate"),
+                    Ok(false) => {},
+                    Err(e) => tracing::warn!(error = %e, "renewing the agent API's certificate failed; retrying"),
+                },
+            }
+        }
+        role.store(ops::ApiRole::Standby as u8, Ordering::Relaxed);
+        let _ = task.await;
+    }))
 }
 
 /// Permanent errors wait for a change to the Agent; others retry with backoff. Either way the
@@ -385,15 +492,20 @@ fn namespace_watch(client: &Client, ns: &Option<String>) -> (NamespaceStore, Nam
     let stream = watcher::watcher(namespaces, config)
         .default_backoff()
         .modify(|m: &mut PartialObjectMeta<Namespace>| {
-            let policy = m
+            // Only the policies: what scopes its Agents may hold, and who may discover them.
+            let kept: std::collections::BTreeMap<String, String> = m
                 .metadata
                 .annotations
-                .as_ref()
-                .and_then(|a| a.get(ALLOWED_PERMISSIONS_ANNOTATION).cloned());
+                .take()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(k, _)| {
+                    k == ALLOWED_PERMISSIONS_ANNOTATION || k == DISCOVERABLE_FROM_ANNOTATION
+                })
+                .collect();
             m.metadata.managed_fields = None;
             m.metadata.labels = None;
-            m.metadata.annotations =
-                policy.map(|p| [(ALLOWED_PERMISSIONS_ANNOTATION.to_string(), p)].into());
+            m.metadata.annotations = (!kept.is_empty()).then_some(kept);
         })
         .reflect(writer)
         .touched_objects()
@@ -406,6 +518,10 @@ fn namespace_watch(client: &Client, ns: &Option<String>) -> (NamespaceStore, Nam
 /// stream) and the children it owns, until `stop` fires.
 async fn run_agent_controller(
     ctx: Arc<Context>,
+    (reader, writer): (
+        Store<DeserializeGuard<Agent>>,
+        reflector::store::Writer<DeserializeGuard<Agent>>,
+    ),
     children: [BoxStream<'static, Result<PartialObjectMeta<DynamicObject>, watcher::Error>>; 4],
     namespace_events: NamespaceEvents,
     trust_changed: futures::channel::mpsc::UnboundedReceiver<()>,
@@ -416,7 +532,6 @@ async fn run_agent_controller(
     let secrets: Api<Secret> = scoped(&client, &ctx.config.watch_namespace);
     let [deployments, statefulsets, services, service_accounts] = children;
     // Agents as the reconcile needs them: without managedFields, which nothing here reads.
-    let (reader, writer) = reflector::store();
     let mut agent_watch = watcher::Config::default().any_semantic();
     if let Some(selector) = &ctx.config.agent_selector {
         agent_watch = agent_watch.labels(selector);

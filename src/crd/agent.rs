@@ -90,6 +90,49 @@ pub struct AgentSpec {
     /// Persistent state: run as a StatefulSet with a volume (needed for backups of local files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<StateSpec>,
+
+    /// What the agent's A2A agent card says about it (description and skills). Its
+    /// capabilities become skill tags; the card is served by the registry API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card: Option<CardSpec>,
+}
+
+/// The agent's A2A card content.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CardSpec {
+    /// What the agent does, for people and other agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub description: Option<String>,
+    /// The agent's version as its card reports it (default: the image tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub version: Option<String>,
+    /// What the agent can do, as A2A skills.
+    #[serde(default)]
+    #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
+    pub skills: Vec<CardSkill>,
+}
+
+/// One A2A skill.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CardSkill {
+    /// Unique within the agent, e.g. `summarize-text`.
+    #[schemars(length(min = 1, max = 63))]
+    pub id: String,
+    #[schemars(length(min = 1, max = 128))]
+    pub name: String,
+    #[serde(default)]
+    #[schemars(length(max = 1024))]
+    pub description: String,
+    #[serde(default)]
+    #[schemars(length(max = 16), inner(length(max = 63)))]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    #[schemars(length(max = 8), inner(length(max = 512)))]
+    pub examples: Vec<String>,
 }
 
 /// An Agent's name becomes its Service's name (a DNS-1035 label), a label value, a path segment of
@@ -349,6 +392,63 @@ pub struct BackupSpec {
     pub location: String,
 }
 
+impl BackupSpec {
+    /// The one backup validator, shared by the controller (`spec.backup`) and the API
+    /// (`backup_prefs`): it repeats the schema's rules. Errors name the field under the spec
+    /// (`schedule`, `paths`, `retention.keepLast`, ...) and the fix.
+    pub fn validate(&self) -> Result<croner::Cron, (&'static str, String)> {
+        if self.paths.is_empty() || self.paths.len() > 16 {
+            return Err(("paths", "give 1 to 16 absolute paths".into()));
+        }
+        if let Some(p) = self
+            .paths
+            .iter()
+            .find(|p| !p.starts_with('/') || p.contains("..") || p.len() > 4096)
+        {
+            return Err((
+                "paths",
+                format!("{p:?} must be absolute (start with /), must not contain '..' and be at most 4096 bytes"),
+            ));
+        }
+        if !(1..=1000).contains(&self.retention.keep_last) {
+            return Err((
+                "retention.keepLast",
+                format!("{} is out of range; keep 1 to 1000 backups", self.retention.keep_last),
+            ));
+        }
+        if !(0..=3650).contains(&self.retention.keep_daily) {
+            return Err((
+                "retention.keepDaily",
+                format!("{} is out of range; keep 0 to 3650 daily backups", self.retention.keep_daily),
+            ));
+        }
+        if self.location.is_empty() || self.location.len() > 253 {
+            return Err(("location", "name a BackupLocation (1 to 253 characters)".into()));
+        }
+        if self.schedule.len() > 128 {
+            return Err(("schedule", "at most 128 characters".into()));
+        }
+        parse_cron(&self.schedule).map_err(|e| ("schedule", e))
+    }
+}
+
+/// `prefix.field` for the fields [`BackupSpec::validate`] names.
+pub fn backup_field(prefix: &'static str, field: &'static str) -> &'static str {
+    match (prefix, field) {
+        ("spec.backup", "schedule") => "spec.backup.schedule",
+        ("spec.backup", "paths") => "spec.backup.paths",
+        ("spec.backup", "retention.keepLast") => "spec.backup.retention.keepLast",
+        ("spec.backup", "retention.keepDaily") => "spec.backup.retention.keepDaily",
+        ("spec.backup", "location") => "spec.backup.location",
+        ("backup_prefs", "schedule") => "backup_prefs.schedule",
+        ("backup_prefs", "paths") => "backup_prefs.paths",
+        ("backup_prefs", "retention.keepLast") => "backup_prefs.retention.keepLast",
+        ("backup_prefs", "retention.keepDaily") => "backup_prefs.retention.keepDaily",
+        ("backup_prefs", "location") => "backup_prefs.location",
+        _ => prefix,
+    }
+}
+
 fn default_location() -> String {
     "default".into()
 }
@@ -465,6 +565,26 @@ pub struct AgentStatus {
     pub messaging: Option<MessagingStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupStatus>,
+    /// The agent's last registration (`POST /v1/agents/register`), written by the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration: Option<RegistrationStatus>,
+    /// Where the agent's signed A2A card is served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_card_url: Option<String>,
+}
+
+/// What the agent said when it last registered.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationStatus {
+    /// RFC 3339.
+    pub registered_at: String,
+    /// The capabilities it registered (a subset of spec.capabilities).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// The client's User-Agent, e.g. `agentry-sidecar/0.1.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_version: Option<String>,
 }
 
 /// The agent's lifecycle phase; the Ready condition carries the reason.
@@ -573,19 +693,10 @@ impl AgentSpec {
         let (certificate_ttl, token_ttl) = self.validate_lifetimes()?;
         let backup_schedule = match &self.backup {
             None => None,
-            Some(b) => {
-                if b.paths.is_empty()
-                    || b.paths
-                        .iter()
-                        .any(|p| !p.starts_with('/') || p.contains(".."))
-                {
-                    return Err(bad(
-                        "spec.backup.paths",
-                        "give at least one absolute path without '..'".into(),
-                    ));
-                }
-                Some(parse_cron(&b.schedule).map_err(|e| bad("spec.backup.schedule", e))?)
-            }
+            Some(b) => Some(b.validate().map_err(|(field, message)| SpecError {
+                field: backup_field("spec.backup", field),
+                message,
+            })?),
         };
         Ok(ValidatedSpec {
             memory_bytes,

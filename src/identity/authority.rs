@@ -140,6 +140,22 @@ impl Authority {
             keys,
         )?
         .with_propagation(config.jwks_propagation);
+        let (authority, receiver) = Self::standalone(config, cas, tokens, ledger);
+        authority.note(notes);
+        authority.report_ca_health();
+        authority.publish_trust(client).await?;
+        authority.publish_jwks(client).await?;
+        Ok((authority, receiver))
+    }
+
+    /// An authority over a CA set, a token issuer and a ledger, publishing nothing until asked
+    /// (`bootstrap` loads these from the cluster; benchmarks and unit tests build them).
+    pub fn standalone(
+        config: AuthorityConfig,
+        cas: CaSet,
+        tokens: TokenIssuer,
+        ledger: Arc<Ledger>,
+    ) -> (Self, futures::channel::mpsc::UnboundedReceiver<()>) {
         let (changed, receiver) = futures::channel::mpsc::unbounded();
         let delay = std::env::var(CRL_PUBLISH_DELAY_ENV)
             .ok()
@@ -156,11 +172,12 @@ impl Authority {
             crl: CrlPublisher::new().with_delay(delay),
             ca_notes: Default::default(),
         };
-        authority.note(notes);
-        authority.report_ca_health();
-        authority.publish_trust(client).await?;
-        authority.publish_jwks(client).await?;
-        Ok((authority, receiver))
+        (authority, receiver)
+    }
+
+    /// The CRLs last published (PEM, the signing CA's first), for `/v1/crl`.
+    pub fn latest_crl(&self) -> Option<Arc<str>> {
+        self.crl.latest()
     }
 
     fn cas(&self) -> CaSet {
@@ -538,6 +555,8 @@ pub struct CrlPublisher {
     requested: AtomicU64,
     state: tokio::sync::Mutex<PublishState>,
     delay: Duration,
+    /// The CRLs of the last publish, served by the API.
+    latest: std::sync::RwLock<Option<Arc<str>>>,
 }
 
 #[derive(Default)]
@@ -559,7 +578,16 @@ impl CrlPublisher {
             requested: AtomicU64::new(0),
             state: Default::default(),
             delay: Duration::ZERO,
+            latest: Default::default(),
         }
+    }
+
+    /// The CRLs of the last completed publish.
+    pub fn latest(&self) -> Option<Arc<str>> {
+        self.latest
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Test hook: waits this long between signing and publishing (see `CRL_PUBLISH_DELAY_ENV`).
@@ -616,7 +644,9 @@ impl CrlPublisher {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
+        let latest: Arc<str> = Arc::from(crl.as_str());
         sink.publish(bundle, crl).await?;
+        *self.latest.write().unwrap_or_else(|p| p.into_inner()) = Some(latest);
         state.last_number = Some(number);
         state.covered = covers;
         Ok(Some(number))

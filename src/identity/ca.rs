@@ -236,17 +236,31 @@ impl CertificateAuthority {
     /// A leaf never outlives its CA: its notAfter is clamped to the CA's, and
     /// `IssuedLeaf::clamped_to` says so. An expired CA issues nothing.
     pub fn issue(&self, ledger: &Ledger, req: &LeafRequest) -> Result<IssuedLeaf, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut leaf = self.issue_for_key(ledger, req, &key)?;
+        leaf.key_pem = key.serialize_pem();
+        Ok(leaf)
+    }
+
+    /// Issues a leaf for a public key the requester holds the private half of (a CSR): the
+    /// same parameters as [`Self::issue`], decided here, none copied from the request. The
+    /// returned `key_pem` is empty.
+    pub fn issue_for_key(
+        &self,
+        ledger: &Ledger,
+        req: &LeafRequest,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<IssuedLeaf, CaError> {
         let now = OffsetDateTime::now_utc();
         if self.is_expired_at(now.unix_timestamp()) {
             return Err(CaError::SigningCaExpired(self.not_after.to_string()));
         }
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = leaf_params(req, now)?;
         let clamped_to = (params.not_after > self.not_after).then(|| {
             params.not_after = self.not_after;
             self.not_after.unix_timestamp()
         });
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = params.signed_by(public_key, &self.issuer)?;
         let der = cert.der().to_vec();
         let serial = hex(params
             .serial_number
@@ -271,7 +285,7 @@ impl CertificateAuthority {
         ledger.record_issued(&record, now.unix_timestamp())?;
         Ok(IssuedLeaf {
             cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            key_pem: String::new(),
             cert_der: der,
             record,
             clamped_to,
@@ -395,11 +409,14 @@ pub fn leaf_params(req: &LeafRequest, now: OffsetDateTime) -> Result<Certificate
         .try_into()
         .map_err(|e: rcgen::Error| CaError::InvalidName(format!("SPIFFE ID: {e}")))?;
     params.subject_alt_names = std::iter::once(Ok(SanType::URI(uri)))
-        .chain(req.dns_names.iter().map(|d| {
-            d.clone()
+        .chain(req.dns_names.iter().map(|d| match d.parse::<std::net::IpAddr>() {
+            // The API server's certificate also names loopback addresses.
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => d
+                .clone()
                 .try_into()
                 .map(SanType::DnsName)
-                .map_err(|e: rcgen::Error| CaError::InvalidName(format!("DNS name {d}: {e}")))
+                .map_err(|e: rcgen::Error| CaError::InvalidName(format!("DNS name {d}: {e}"))),
         }))
         .collect::<Result<_, _>>()?;
     params.is_ca = IsCa::ExplicitNoCa;

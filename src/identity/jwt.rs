@@ -245,6 +245,32 @@ impl TokenIssuer {
         Ok((self.sign(&claims)?, claims))
     }
 
+    /// A detached JWS over `payload` with the active key (RFC 7515 §7.2 general form without
+    /// the payload, as A2A card signatures are): returns (`protected`, `signature`), both
+    /// base64url. The protected header is `{alg: ES256, kid, typ: JOSE}` plus `extra`.
+    pub fn sign_detached(
+        &self,
+        payload: &[u8],
+        extra: &[(&str, &str)],
+    ) -> Result<(String, String), JwtError> {
+        let key = self.active_key();
+        let mut header = serde_json::Map::new();
+        header.insert("alg".into(), "ES256".into());
+        header.insert("kid".into(), key.kid.clone().into());
+        header.insert("typ".into(), "JOSE".into());
+        for (k, v) in extra {
+            header.insert((*k).into(), (*v).into());
+        }
+        let protected = URL_SAFE_NO_PAD.encode(
+            serde_json::to_vec(&header).map_err(|e| JwtError::Key(e.to_string()))?,
+        );
+        let input = format!("{protected}.{}", URL_SAFE_NO_PAD.encode(payload));
+        let signature =
+            jsonwebtoken::crypto::sign(input.as_bytes(), &key.encoding, Algorithm::ES256)
+                .map_err(JwtError::Encode)?;
+        Ok((protected, signature))
+    }
+
     /// A verifier for exactly the keys this issuer publishes.
     pub fn verifier(&self) -> &Verifier {
         &self.verifier

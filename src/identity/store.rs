@@ -122,6 +122,18 @@ fn migrations() -> Migrations<'static> {
         CREATE INDEX certificates_by_state ON certificates (state, not_after);
         CREATE TABLE crl_number (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL) STRICT;
         INSERT INTO crl_number VALUES (1, 0);",
+    ),
+    // Tokens revoked before their expiry (by jti): a token whose scopes were narrowed stops
+    // working at once, not at exp. Rows are dropped once the token would have expired anyway.
+    M::up(
+        "CREATE TABLE revoked_tokens (
+            jti TEXT PRIMARY KEY NOT NULL,
+            serial TEXT NOT NULL,
+            expires_at INTEGER NOT NULL,
+            revoked_at INTEGER NOT NULL,
+            reason TEXT NOT NULL
+        ) STRICT;
+        CREATE INDEX revoked_tokens_by_expiry ON revoked_tokens (expires_at);",
     )])
 }
 
@@ -317,12 +329,43 @@ impl Ledger {
 
     pub fn get(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
         self.conn()
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM certificates WHERE serial = ?1"),
-                params![serial],
-                row_to_record,
-            )
-            .optional()
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM certificates WHERE serial = ?1"
+            ))
+            .and_then(|mut s| s.query_row(params![serial], row_to_record).optional())
+            .map_err(self.sql())
+    }
+
+    /// Revokes one token by its `jti` until `expires_at` (its exp). Idempotent; expired rows
+    /// are pruned on the way.
+    pub fn revoke_token(
+        &self,
+        jti: &str,
+        serial: &str,
+        expires_at: i64,
+        reason: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "DELETE FROM revoked_tokens WHERE expires_at < ?1",
+            params![now],
+        )
+        .map_err(self.sql())?;
+        conn.execute(
+            "INSERT OR IGNORE INTO revoked_tokens (jti, serial, expires_at, revoked_at, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![jti, serial, expires_at, now, reason],
+        )
+        .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// Whether a token was revoked by its `jti`.
+    pub fn is_token_revoked(&self, jti: &str) -> Result<bool, StoreError> {
+        self.conn()
+            .prepare_cached("SELECT 1 FROM revoked_tokens WHERE jti = ?1")
+            .and_then(|mut s| s.exists(params![jti]))
             .map_err(self.sql())
     }
 
@@ -385,8 +428,9 @@ impl Ledger {
             .map(|s| s.len())
     }
 
-    /// Revokes every unexpired certificate of an agent, superseded ones included (on deletion,
-    /// or `keyCompromise`). Returns the serials revoked now.
+    /// Revokes every unexpired certificate of an agent, superseded ones included, and those
+    /// issued to it through a CSR (on deletion, or `keyCompromise`). Returns the serials
+    /// revoked now.
     pub fn revoke_agent_serials(
         &self,
         agent_uid: &str,
@@ -397,7 +441,7 @@ impl Ledger {
         let mut stmt = conn
             .prepare_cached(
                 "UPDATE certificates SET state = 'revoked', revocation_reason = ?2, revoked_at = ?3
-                 WHERE agent_uid = ?1 AND state != 'revoked' AND not_after > ?3
+                 WHERE (agent_uid = ?1 OR agent_uid = ?1 || '/csr') AND state != 'revoked' AND not_after > ?3
                  RETURNING serial",
             )
             .map_err(self.sql())?;

@@ -158,7 +158,7 @@ pub async fn write(ctx: &Context, agent: &Agent, status: AgentStatus) -> Result<
     let patch = serde_json::json!({
         "apiVersion": Agent::api_version(&()),
         "kind": Agent::kind(&()),
-        "status": status,
+        "status": reconciler_owned(status),
     });
     api.patch_status(
         &agent.name_any(),
@@ -168,6 +168,17 @@ pub async fn write(ctx: &Context, agent: &Agent, status: AgentStatus) -> Result<
     .await
     .map_err(Error::Status)?;
     Ok(())
+}
+
+/// The status without what the API owns (`registration` and the `Registered` condition,
+/// written under the `agentry-api` field manager): the reconciler never applies them, so it
+/// can neither take them over nor write back a stale copy.
+pub fn reconciler_owned(mut status: AgentStatus) -> AgentStatus {
+    status.registration = None;
+    status
+        .conditions
+        .retain(|c| c.type_ != crate::keys::conditions::REGISTERED);
+    status
 }
 
 #[cfg(test)]

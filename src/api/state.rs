@@ -1,0 +1,127 @@
+//! What the API handlers share: the identity authority (CA, ledger, token keys), the
+//! controller's watch caches (no apiserver round trip per request), and the two places the API
+//! writes to or asks the cluster: registration status and TokenReview.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::PartialObjectMeta;
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use crate::crd::{Agent, RegistrationStatus};
+use crate::identity::authority::Authority;
+
+/// Writes an Agent's `status.registration` and its `Registered` condition.
+pub trait Registrar: Send + Sync {
+    fn record<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        registration: &'a RegistrationStatus,
+    ) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// Who a Kubernetes ServiceAccount token belongs to, per the apiserver (TokenReview).
+pub trait TokenReviewer: Send + Sync {
+    /// `Ok(Some(username))` when the token is valid for `audience`, `Ok(None)` when it is not.
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+        audience: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, String>>;
+}
+
+/// How the API describes itself.
+#[derive(Clone, Debug)]
+pub struct ApiSettings {
+    /// The URL agents reach the API at, e.g. `https://agentry-api.agentry-system.svc:8443`;
+    /// card URLs are built on it.
+    pub public_url: String,
+    /// The audience a ServiceAccount token must carry for `POST .../csr`.
+    pub csr_audience: String,
+}
+
+pub struct ApiState {
+    pub authority: Arc<Authority>,
+    pub agents: Store<DeserializeGuard<Agent>>,
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    pub registrar: Arc<dyn Registrar>,
+    pub reviewer: Arc<dyn TokenReviewer>,
+    pub settings: ApiSettings,
+    /// The last registration written per Agent uid, so a repeat writes nothing.
+    pub(crate) registrations: Mutex<HashMap<String, RegistrationStatus>>,
+    /// Verified client certificates by SHA-256, per trust bundle.
+    pub(crate) certs: super::auth::CertCache,
+    /// Signed cards by Agent uid + generation + signing key.
+    pub(crate) cards: Mutex<HashMap<String, Arc<[u8]>>>,
+}
+
+impl ApiState {
+    pub fn new(
+        authority: Arc<Authority>,
+        agents: Store<DeserializeGuard<Agent>>,
+        namespaces: Store<PartialObjectMeta<Namespace>>,
+        registrar: Arc<dyn Registrar>,
+        reviewer: Arc<dyn TokenReviewer>,
+        settings: ApiSettings,
+    ) -> Self {
+        Self {
+            authority,
+            agents,
+            namespaces,
+            registrar,
+            reviewer,
+            settings,
+            registrations: Default::default(),
+            certs: Default::default(),
+            cards: Default::default(),
+        }
+    }
+
+    /// An Agent from the watch cache (None when absent or undecodable).
+    pub fn agent(&self, namespace: &str, name: &str) -> Option<CachedAgent> {
+        CachedAgent::new(self.agents.get(&ObjectRef::new(name).within(namespace))?)
+    }
+
+    /// The annotation `key` of a namespace, from the namespace cache.
+    pub fn namespace_annotation(&self, namespace: &str, key: &str) -> Option<String> {
+        self.namespaces
+            .get(&ObjectRef::new(namespace))?
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(key)
+            .cloned()
+    }
+
+    pub fn card_url(&self, namespace: &str, name: &str) -> String {
+        format!(
+            "{}/a2a/{namespace}/{name}/.well-known/agent-card.json",
+            self.settings.public_url.trim_end_matches('/')
+        )
+    }
+}
+
+/// An Agent in the watch cache that decoded (shared, not copied).
+#[derive(Clone)]
+pub struct CachedAgent(Arc<DeserializeGuard<Agent>>);
+
+impl CachedAgent {
+    pub fn new(guard: Arc<DeserializeGuard<Agent>>) -> Option<Self> {
+        guard.0.is_ok().then_some(Self(guard))
+    }
+}
+
+impl std::ops::Deref for CachedAgent {
+    type Target = Agent;
+    fn deref(&self) -> &Agent {
+        match &self.0.0 {
+            Ok(agent) => agent,
+            // `new` admits only decoded Agents.
+            Err(_) => unreachable!("CachedAgent holds only decoded Agents"),
+        }
+    }
+}
