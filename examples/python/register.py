@@ -127,15 +127,16 @@ def cpu_millicores(quantity: str) -> int:
     return int(q[:-1]) if q.endswith("m") else int(float(q) * 1000)
 
 
-def allocate_resources(assigned: dict[str, Any], max_mem: str = "512Mi") -> dict[str, int]:
+def allocate_resources(assigned: dict[str, Any], max_mem: str = "512Mi") -> dict[str, int | None]:
     """The seed's allocate step: check the assignment against its ceilings, say what would be allocated."""
     memory = memory_bytes(assigned["memory"])
     ceiling = min(memory_bytes(assigned.get("max_memory", max_mem)), memory_bytes(max_mem))
     if memory > ceiling:
         raise Failure(EXIT_REFUSED, f"assigned memory {assigned['memory']} exceeds the ceiling ({ceiling} bytes)")
-    plan = {"memory_bytes": memory, "max_memory_bytes": ceiling, "cpu_millicores": cpu_millicores(assigned["cpu"])}
+    cpu = assigned.get("cpu")  # null when the Agent sets no resources.cpu (no CPU request)
+    plan = {"memory_bytes": memory, "max_memory_bytes": ceiling, "cpu_millicores": cpu_millicores(cpu) if cpu else None}
     print(
-        f"would allocate memory={assigned['memory']} ({memory} bytes, ceiling {ceiling}), cpu={assigned['cpu']}",
+        f"would allocate memory={assigned['memory']} ({memory} bytes, ceiling {ceiling}), cpu={cpu or 'unset'}",
         file=sys.stderr,
     )
     return plan

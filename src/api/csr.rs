@@ -42,7 +42,7 @@ pub fn check_csr(pem: &str, allowed_sans: &[String]) -> Result<Vec<u8>, ApiError
     if pem.len() > MAX_CSR_PEM {
         return Err(bad("the CSR is larger than 8 KiB"));
     }
-    let der = ca::pem_to_ders(pem);
+    let der = ca::pem_blocks(pem, "CERTIFICATE REQUEST");
     let [der] = der.as_slice() else {
         return Err(bad("send exactly one PEM block: -----BEGIN CERTIFICATE REQUEST-----"));
     };

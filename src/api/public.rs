@@ -48,7 +48,7 @@ pub async fn crl(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Resu
         .authority
         .latest_crl()
         .ok_or_else(|| ApiError::unavailable("no CRL has been published yet; retry shortly"))?;
-    let der = ca::pem_to_ders(&pem)
+    let der = ca::pem_blocks(&pem, "X509 CRL")
         .into_iter()
         .next()
         .ok_or_else(|| ApiError::internal("the published CRL has no PEM block"))?;

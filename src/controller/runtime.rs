@@ -283,9 +283,15 @@ async fn start_api(
         .with_context(|| format!("binding the agent API on {}", api.addr))?;
     let authority = ctx.authority.clone();
     Ok(tokio::spawn(async move {
-        tokio::select! {
-            _ = agents.wait_until_ready() => {},
-            _ = stop.cancelled() => return,
+        // Polled again and again: the store's readiness wakes only its last waiter, and the
+        // controller waits on it too.
+        loop {
+            tokio::select! {
+                ready = tokio::time::timeout(Duration::from_millis(200), agents.wait_until_ready()) => {
+                    if ready.is_ok() { break; }
+                },
+                _ = stop.cancelled() => return,
+            }
         }
         let (addr, task) = match server::serve_on(listener, server::router(state), tls, stop.clone()) {
             Ok(served) => served,

@@ -468,9 +468,14 @@ pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
 
 /// Every CERTIFICATE block in `pem`, as DER.
 pub fn pem_to_ders(pem: &str) -> Vec<Vec<u8>> {
+    pem_blocks(pem, "CERTIFICATE")
+}
+
+/// The DER contents of every PEM block labelled `label` (`X509 CRL`, `CERTIFICATE REQUEST`...).
+pub fn pem_blocks(pem: &str, label: &str) -> Vec<Vec<u8>> {
     x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
         .filter_map(Result::ok)
-        .filter(|p| p.label == "CERTIFICATE")
+        .filter(|p| p.label == label)
         .map(|p| p.contents)
         .collect()
 }

@@ -152,6 +152,8 @@ pub fn free_port() -> u16 {
 pub struct ControllerProcess {
     pub child: Child,
     pub ops_port: u16,
+    /// The agent API's port (HTTPS on 127.0.0.1; its certificate names 127.0.0.1).
+    pub api_port: u16,
     pub log: PathBuf,
     pub replica: String,
     data_dir: PathBuf,
@@ -195,6 +197,7 @@ impl ControllerProcess {
     pub fn start_with_env(opts: ControllerOptions<'_>, env: &[(&str, &str)]) -> Self {
         let data = tempfile::tempdir().unwrap();
         let ops_port = free_port();
+        let api_port = free_port();
         let log = data.path().join("controller.log");
         let data_dir = opts
             .data_dir
@@ -225,6 +228,18 @@ impl ControllerProcess {
                 "--data-dir",
                 data_dir.to_str().unwrap(),
             ])
+            .args(if opts.extra_args.iter().any(|a| a == "--api-addr") {
+                vec![]
+            } else {
+                vec![
+                    "--api-addr".to_string(),
+                    format!("127.0.0.1:{api_port}"),
+                    "--api-san".to_string(),
+                    "127.0.0.1".to_string(),
+                    "--api-url".to_string(),
+                    format!("https://127.0.0.1:{api_port}"),
+                ]
+            })
             .args(&opts.extra_args)
             .env("RUST_LOG", "info,agentry=debug")
             .stdin(Stdio::null())
@@ -236,6 +251,7 @@ impl ControllerProcess {
         Self {
             child,
             ops_port,
+            api_port,
             log,
             replica: opts.replica.to_string(),
             data_dir,
@@ -245,6 +261,20 @@ impl ControllerProcess {
 
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone()
+    }
+
+    /// `https://127.0.0.1:<api port>`.
+    pub fn api_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.api_port)
+    }
+
+    /// `/readyz` on the ops port: (status, body); None while it is not up.
+    pub async fn readyz(&self) -> Option<(u16, String)> {
+        let r = reqwest::get(format!("http://127.0.0.1:{}/readyz", self.ops_port))
+            .await
+            .ok()?;
+        let status = r.status().as_u16();
+        Some((status, r.text().await.ok()?))
     }
 
     /// The controller's log so far (for assertion messages).
@@ -537,4 +567,64 @@ pub fn crl_serials(pem: &str) -> std::collections::HashSet<String> {
                 .collect::<Vec<_>>()
         })
         .collect()
+}
+
+/// What an agent holds: its identity Secret's files.
+#[derive(Clone, Debug)]
+pub struct AgentFiles {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+    pub token: String,
+}
+
+/// Reads an Agent's `<name>-identity` Secret (as the pod would mount it).
+pub async fn agent_files(client: &Client, ns: &str, name: &str) -> AgentFiles {
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client.clone(), ns);
+    let s = secrets.get(&format!("{name}-identity")).await.unwrap();
+    let data = s.data.unwrap_or_default();
+    let get = |k: &str| {
+        String::from_utf8(data.get(k).map(|b| b.0.clone()).unwrap_or_default()).unwrap()
+    };
+    AgentFiles {
+        cert_pem: get("tls.crt"),
+        key_pem: get("tls.key"),
+        ca_pem: get("ca.crt"),
+        token: get("token"),
+    }
+}
+
+/// An HTTPS client for the agent API trusting only `ca_pem`, presenting `identity` (PEM
+/// certificate + key) when given.
+pub fn api_client(ca_pem: &str, identity: Option<(&str, &str)>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).unwrap())
+        .timeout(Duration::from_secs(20));
+    if let Some((cert, key)) = identity {
+        builder = builder.identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
+    }
+    builder.build().unwrap()
+}
+
+/// The API's trust bundle: what the `agentry-ca` ConfigMap publishes.
+pub async fn api_ca(client: &Client, controller_ns: &str) -> String {
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(client.clone(), controller_ns);
+    cms.get("agentry-ca")
+        .await
+        .unwrap()
+        .data
+        .unwrap_or_default()
+        .get("ca.crt")
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits until the controller's `/readyz` says it serves the API.
+pub async fn wait_api(c: &ControllerProcess) {
+    eventually(Duration::from_secs(60), "the agent API to be served", || async {
+        matches!(c.readyz().await, Some((200, body)) if body.contains("serving"))
+    })
+    .await;
 }

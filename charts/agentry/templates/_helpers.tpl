@@ -15,7 +15,9 @@ Rules on Agents and the objects the controller creates for them, each verb trace
 src/ (see tests/fixtures/rbac-*.yaml for the rendered result):
 - agents: list/watch (the Agent watcher), patch (finalizer JSON patch, discovery labels by
   server-side apply, clearing the revoke annotation). No get, no update.
-- agents/status: patch (status by server-side apply). No get, no update.
+- agents/status: patch (status by server-side apply: the reconciler's, and the agent API's
+  status.registration and Registered condition under field manager agentry-api). No get, no
+  update.
 - secrets: get (the identity Secret is read before it is rewritten); the rest below.
 - secrets, services, serviceaccounts, deployments, statefulsets: list/watch (watch caches,
   label-selected to what the controller manages), create + patch (server-side apply; an apply

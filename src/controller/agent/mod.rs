@@ -165,7 +165,15 @@ impl<'a> Pass<'a> {
             events::publish(self.ctx, self.agent, note).await;
         }
         let generation = self.agent.metadata.generation;
-        let facts = std::mem::take(&mut self.facts);
+        let mut facts = std::mem::take(&mut self.facts);
+        facts.agent_card_url = self.ctx.config.api.as_ref().map(|api| {
+            format!(
+                "{}/a2a/{}/{}/.well-known/agent-card.json",
+                api.public_url.trim_end_matches('/'),
+                self.agent.namespace().unwrap_or_default(),
+                self.agent.name_any()
+            )
+        });
         let status = status::compute(self.agent.status.as_ref(), generation, &self.reports, facts);
         status::write(self.ctx, self.agent, status).await
     }

@@ -23,6 +23,8 @@ pub struct Facts {
     pub identity: Option<IdentityStatus>,
     pub assigned_resources: Option<AssignedResources>,
     pub endpoint: Option<String>,
+    /// Where the API serves the agent's card (None: no API).
+    pub agent_card_url: Option<String>,
 }
 
 /// The status after a pass (pure): `previous` as stored, this pass's `reports` in pipeline order.
@@ -54,6 +56,9 @@ pub fn compute(
     }
     if let Some(endpoint) = facts.endpoint {
         s.endpoint = Some(endpoint);
+    }
+    if facts.agent_card_url.is_some() {
+        s.agent_card_url = facts.agent_card_url;
     }
     if !reports.is_empty() {
         health(&mut s, reports, generation);
