@@ -289,28 +289,42 @@ fn assert_namespaced_mode_has_only_the_namespace_reader(
     watched: &str,
 ) {
     let reader = format!("agentry-{release_ns}-namespaces");
+    let reviewer = format!("agentry-{release_ns}-tokenreviews");
     let cluster_roles: Vec<&Value> = docs.iter().filter(|d| kind(d) == "ClusterRole").collect();
-    let names: Vec<&str> = cluster_roles
+    let mut names: Vec<&str> = cluster_roles
         .iter()
         .map(|d| d["metadata"]["name"].as_str().unwrap())
         .collect();
+    names.sort();
     assert_eq!(
         names,
-        [reader.as_str()],
-        "namespaced mode: the only ClusterRole may be the read-only namespaces one"
+        [reader.as_str(), reviewer.as_str()],
+        "namespaced mode: the only ClusterRoles may be the read-only namespaces one and TokenReview"
     );
-    for rule in cluster_roles[0]["rules"].as_array().unwrap() {
-        assert_eq!(strings(&rule["apiGroups"]), [""], "{rule}");
-        assert_eq!(strings(&rule["resources"]), ["namespaces"], "{rule}");
-        assert_eq!(strings(&rule["resourceNames"]), [watched], "{rule}");
-        assert_eq!(strings(&rule["verbs"]), ["get", "list", "watch"], "{rule}");
+    for role in &cluster_roles {
+        let name = role["metadata"]["name"].as_str().unwrap();
+        for rule in role["rules"].as_array().unwrap() {
+            if name == reader {
+                assert_eq!(strings(&rule["apiGroups"]), [""], "{rule}");
+                assert_eq!(strings(&rule["resources"]), ["namespaces"], "{rule}");
+                assert_eq!(strings(&rule["resourceNames"]), [watched], "{rule}");
+                assert_eq!(strings(&rule["verbs"]), ["get", "list", "watch"], "{rule}");
+            } else {
+                // CSR bootstrap asks the apiserver who a ServiceAccount token belongs to.
+                assert_eq!(strings(&rule["apiGroups"]), ["authentication.k8s.io"], "{rule}");
+                assert_eq!(strings(&rule["resources"]), ["tokenreviews"], "{rule}");
+                assert_eq!(strings(&rule["verbs"]), ["create"], "{rule}");
+                assert!(rule.get("resourceNames").is_none(), "{rule}");
+            }
+        }
     }
-    let bindings: Vec<String> = docs
+    let mut bindings: Vec<String> = docs
         .iter()
         .filter(|d| kind(d) == "ClusterRoleBinding")
         .map(|d| d["roleRef"]["name"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(bindings, [reader], "namespaced mode: ClusterRoleBindings");
+    bindings.sort();
+    assert_eq!(bindings, [reader, reviewer], "namespaced mode: ClusterRoleBindings");
     for d in docs {
         if matches!(kind(d), "Role" | "RoleBinding") {
             let ns = d["metadata"]["namespace"].as_str().unwrap();
@@ -450,6 +464,7 @@ impl Controller {
             .args(["--watch-namespace", watched])
             .args(["--replica", "replica-a", "--lease-duration", "4s"])
             .args(["--ops-addr", &format!("127.0.0.1:{ops_port}")])
+            .args(["--api-addr", &format!("127.0.0.1:{}", common::free_port())])
             .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
             .args(["--log-format", "json"])
             .args(["--maintenance-interval", "1s"])
