@@ -20,11 +20,12 @@ build: ## Build the agentry binary (debug)
 	cargo build --bin agentry
 
 .PHONY: crds
-crds: ## Regenerate crds/ and the chart's CRDs and policy from the Rust types
+crds: ## Regenerate crds/, the chart's CRDs and policy, and the OpenAPI document from the Rust types
 	cargo build --quiet --bin agentry
 	$(BIN) crd > crds/agentry.dev_crds.yaml
 	$(BIN) crd --only crds > charts/agentry/crds/agentry.dev_crds.yaml
 	$(BIN) crd --only chart-policy > charts/agentry/templates/admission-policy.yaml
+	$(BIN) openapi > openapi/agentry-api.json
 
 .PHONY: lint
 lint: ## cargo fmt --check and clippy with warnings as errors

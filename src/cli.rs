@@ -42,6 +42,194 @@ pub enum Command {
     Ca(CaCommand),
     /// Print the agent API's OpenAPI 3.1 document (what openapi/agentry-api.json holds).
     Openapi,
+    /// Register an agent with the API once (`POST /v1/agents/register`) and print the answer.
+    Register(RegisterArgs),
+    /// Run beside an agent: register at start and whenever the mounted identity changes, keep
+    /// a fresh token, and serve the agent on localhost (/token, /status, /card, /agents).
+    Sidecar(SidecarArgs),
+}
+
+/// Where an agent's credentials are.
+#[derive(Args, Clone)]
+pub struct CredentialArgs {
+    /// The agent API, e.g. https://agentry-api.agentry-system.svc:8443.
+    #[arg(long, env = "AGENTRY_API_URL")]
+    pub api: String,
+    /// The mounted identity Secret (tls.crt, tls.key, ca.crt, token).
+    #[arg(long, env = "AGENTRY_IDENTITY_DIR", conflicts_with_all = ["cert", "key", "cacert"])]
+    pub identity_dir: Option<PathBuf>,
+    /// The client certificate (PEM), instead of --identity-dir.
+    #[arg(long, requires_all = ["key", "cacert"])]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// The CA bundle to trust the API with (PEM).
+    #[arg(long)]
+    pub cacert: Option<PathBuf>,
+    /// The agent's token (default: the identity dir's `token`, else one from POST /v1/token).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// The agent, as namespace/name.
+    #[arg(long, env = "AGENTRY_AGENT_ID")]
+    pub id: String,
+    /// The capabilities to register (comma-separated; a subset of the Agent's spec.capabilities).
+    #[arg(long, value_delimiter = ',')]
+    pub capabilities: Vec<String>,
+    /// Backup preferences as JSON, e.g. '{"schedule":"0 */6 * * *","paths":["/data"]}'.
+    #[arg(long)]
+    pub backup_prefs: Option<String>,
+}
+
+impl CredentialArgs {
+    pub fn files(&self) -> Result<agentry::sidecar::IdentityFiles, String> {
+        let mut files = match (&self.identity_dir, &self.cert, &self.key, &self.cacert) {
+            (Some(dir), ..) => agentry::sidecar::IdentityFiles::in_dir(dir),
+            (None, Some(cert), Some(key), Some(ca)) => agentry::sidecar::IdentityFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                token: None,
+            },
+            _ => return Err("give --identity-dir, or --cert, --key and --cacert".into()),
+        };
+        if let Some(t) = &self.token_file {
+            files.token = Some(t.clone());
+        }
+        Ok(files)
+    }
+
+    pub fn backup_prefs(&self) -> Result<Option<serde_json::Value>, String> {
+        self.backup_prefs
+            .as_deref()
+            .map(|s| {
+                serde_json::from_str(s).map_err(|e| format!("--backup-prefs is not JSON: {e}"))
+            })
+            .transpose()
+    }
+}
+
+#[derive(Args)]
+pub struct RegisterArgs {
+    #[command(flatten)]
+    pub creds: CredentialArgs,
+}
+
+#[derive(Args)]
+pub struct SidecarArgs {
+    #[command(flatten)]
+    pub creds: CredentialArgs,
+    /// Where the agent reaches the sidecar (localhost only).
+    #[arg(long, default_value = "127.0.0.1:8181", env = "AGENTRY_SIDECAR_ADDR")]
+    pub listen: SocketAddr,
+    /// How often the identity files are checked for rotation.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub poll: Duration,
+}
+
+/// `agentry register`: exit 0 with the answer on stdout; 2 when the API refuses (its error on
+/// stderr); 1 on local problems.
+pub fn run_register(args: RegisterArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let creds = &args.creds;
+        let prepared = creds.files().and_then(|f| f.load()).and_then(|loaded| {
+            let client = agentry::sidecar::ApiClient::new(&creds.api, &loaded)?;
+            Ok((loaded, client, creds.backup_prefs()?))
+        });
+        let (loaded, client, prefs) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let token = match loaded.token {
+            Some(t) => Ok(t),
+            None => client
+                .token()
+                .await
+                .map(|v| v["token"].as_str().unwrap_or_default().to_string()),
+        };
+        let request = agentry::sidecar::register_request(&creds.id, &creds.capabilities, prefs);
+        let answer = match token {
+            Ok(t) => client.register(&t, &request).await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(v) => {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(agentry::sidecar::ClientError::Refused { status, body }) => {
+                eprintln!("error: the API refused ({status}): {body}");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// `agentry sidecar`: runs until SIGTERM.
+pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let creds = args.creds;
+        let (files, prefs) = match creds.files().and_then(|f| Ok((f, creds.backup_prefs()?))) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: binding {}: {e}", args.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let state = std::sync::Arc::new(tokio::sync::RwLock::new(Default::default()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let app = agentry::sidecar::local_router(state.clone(), creds.api.clone(), files.clone(), creds.id.clone());
+        let sidecar = agentry::sidecar::Sidecar {
+            api: creds.api,
+            files,
+            id: creds.id,
+            capabilities: creds.capabilities,
+            backup_prefs: prefs,
+            poll: args.poll,
+        };
+        tracing::info!(addr = %args.listen, "sidecar serving /token, /status, /card and /agents on localhost");
+        let worker = tokio::spawn(sidecar.run(state, stop.clone()));
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(agentry::controller::runtime::shutdown_signal())
+            .await;
+        stop.cancel();
+        let _ = worker.await;
+        match served {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 #[derive(Args)]

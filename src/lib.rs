@@ -7,5 +7,6 @@ pub mod controller;
 pub mod crd;
 pub mod identity;
 pub mod keys;
+pub mod sidecar;
 pub mod telemetry;
 pub mod workload;

@@ -35,6 +35,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Register(args) => cli::run_register(args),
+        Command::Sidecar(args) => cli::run_sidecar(args),
         Command::Openapi => {
             print!("{}", agentry::api::openapi::document());
             ExitCode::SUCCESS

@@ -38,17 +38,26 @@ async fn post_json(
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
-    let r = req.send().await.unwrap_or_else(|e| panic!("POST {url}: {e:?}"));
+    let r = req
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e:?}"));
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
 fn agent_with(name: &str, caps: &[&str], perms: &[&str]) -> Value {
-    agent_manifest(name, json!({"spec": {"capabilities": caps, "permissions": perms}}))
+    agent_manifest(
+        name,
+        json!({"spec": {"capabilities": caps, "permissions": perms}}),
+    )
 }
 
 async fn registration(client: &Client, ns: &str, name: &str) -> Option<Value> {
-    let a = Api::<Agent>::namespaced(client.clone(), ns).get(name).await.unwrap();
+    let a = Api::<Agent>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap();
     a.status
         .and_then(|s| s.registration)
         .map(|r| serde_json::to_value(r).unwrap())
@@ -78,7 +87,9 @@ fn foreign_identity(spiffe: &str) -> (String, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Agentry CA");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Agentry CA");
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
@@ -92,7 +103,10 @@ fn foreign_identity(spiffe: &str) -> (String, String) {
 /// An expired leaf signed by OUR CA key (read from the CA Secret, as an attacker with a stolen
 /// old certificate would hold one).
 async fn expired_identity(client: &Client, ns: &str, spiffe: &str) -> (String, String) {
-    let secret = Api::<Secret>::namespaced(client.clone(), ns).get("agentry-ca").await.unwrap();
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get("agentry-ca")
+        .await
+        .unwrap();
     let data = secret.data.unwrap();
     let text = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
     let ca_key = rcgen::KeyPair::from_pem(&text("tls.key")).unwrap();
@@ -122,13 +136,28 @@ async fn registration_succeeds_only_with_the_agents_own_certificate_and_token() 
     let (client, ns) = setup("api-reg").await;
     let ns = ns.name.clone();
     let controller = ControllerProcess::start(ControllerOptions::new(&ns));
-    for (name, caps) in [("alpha", vec!["summarize", "translate"]), ("beta", vec!["search"])] {
-        create_agent(&client, &ns, agent_with(name, &caps, &["backup:write", "memory:read"]))
-            .await
-            .unwrap();
+    for (name, caps) in [
+        ("alpha", vec!["summarize", "translate"]),
+        ("beta", vec!["search"]),
+    ] {
+        create_agent(
+            &client,
+            &ns,
+            agent_with(name, &caps, &["backup:write", "memory:read"]),
+        )
+        .await
+        .unwrap();
     }
     for name in ["alpha", "beta"] {
-        wait_agent(&client, &ns, name, Duration::from_secs(90), "identity", identity_issued).await;
+        wait_agent(
+            &client,
+            &ns,
+            name,
+            Duration::from_secs(90),
+            "identity",
+            identity_issued,
+        )
+        .await;
     }
     wait_api(&controller).await;
     let ca = api_ca(&client, &ns).await;
@@ -151,7 +180,10 @@ async fn registration_succeeds_only_with_the_agents_own_certificate_and_token() 
     assert_eq!(r.status(), 200);
     let answer: Value = r.json().await.unwrap();
     assert_eq!(answer["id"], format!("{ns}/alpha"));
-    assert_eq!(answer["spiffe_id"], format!("spiffe://cluster.local/ns/{ns}/agent/alpha"));
+    assert_eq!(
+        answer["spiffe_id"],
+        format!("spiffe://cluster.local/ns/{ns}/agent/alpha")
+    );
     assert_eq!(answer["assigned_resources"]["max_memory"], "512Mi");
     assert_eq!(answer["assigned_resources"]["memory"], "384Mi");
     assert!(answer["token"]["expires_at"].is_string(), "{answer}");
@@ -159,9 +191,14 @@ async fn registration_succeeds_only_with_the_agents_own_certificate_and_token() 
         answer["agent_card_url"],
         format!("{api}/a2a/{ns}/alpha/.well-known/agent-card.json")
     );
-    let agent = wait_agent(&client, &ns, "alpha", Duration::from_secs(30), "Registered", |a| {
-        condition(a, "Registered").is_some_and(|c| c.status == "True")
-    })
+    let agent = wait_agent(
+        &client,
+        &ns,
+        "alpha",
+        Duration::from_secs(30),
+        "Registered",
+        |a| condition(a, "Registered").is_some_and(|c| c.status == "True"),
+    )
     .await;
     let reg = agent.status.as_ref().unwrap().registration.clone().unwrap();
     assert_eq!(reg.capabilities, vec!["summarize".to_string()]);
@@ -170,7 +207,10 @@ async fn registration_succeeds_only_with_the_agents_own_certificate_and_token() 
 
     // Repeating it is harmless: the same answer and no status write.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = Api::<Agent>::namespaced(client.clone(), &ns).get("alpha").await.unwrap();
+    let before = Api::<Agent>::namespaced(client.clone(), &ns)
+        .get("alpha")
+        .await
+        .unwrap();
     for _ in 0..5 {
         let again = http_a
             .post(&register)
@@ -184,7 +224,10 @@ async fn registration_succeeds_only_with_the_agents_own_certificate_and_token() 
         assert_eq!(again.json::<Value>().await.unwrap(), answer);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = Api::<Agent>::namespaced(client.clone(), &ns).get("alpha").await.unwrap();
+    let after = Api::<Agent>::namespaced(client.clone(), &ns)
+        .get("alpha")
+        .await
+        .unwrap();
     assert_eq!(
         before.metadata.resource_version, after.metadata.resource_version,
         "a repeated registration writes nothing"
@@ -193,20 +236,41 @@ async fn registration_succeeds_only_with_the_agents_own_certificate_and_token() 
     // Every wrong credential or claim: 401/403, and nothing changes.
     let spiffe_a = format!("spiffe://cluster.local/ns/{ns}/agent/alpha");
     let no_cert = api_client(&ca, None);
-    let (s, body) = post_json(&no_cert, &register, Some(&a.token), &register_body(&ns, "alpha", &[])).await;
+    let (s, body) = post_json(
+        &no_cert,
+        &register,
+        Some(&a.token),
+        &register_body(&ns, "alpha", &[]),
+    )
+    .await;
     assert_refused("no client certificate", s, &body, &[401]);
     assert_eq!(body["field"], "client_certificate");
 
     let (fc, fk) = foreign_identity(&spiffe_a);
     let foreign = api_client(&ca, Some((&fc, &fk)));
-    let (s, body) = post_json(&foreign, &register, Some(&a.token), &register_body(&ns, "alpha", &[])).await;
+    let (s, body) = post_json(
+        &foreign,
+        &register,
+        Some(&a.token),
+        &register_body(&ns, "alpha", &[]),
+    )
+    .await;
     assert_refused("a certificate from another CA", s, &body, &[401]);
 
     let (ec, ek) = expired_identity(&client, &ns, &spiffe_a).await;
     let expired = api_client(&ca, Some((&ec, &ek)));
-    let (s, body) = post_json(&expired, &register, Some(&a.token), &register_body(&ns, "alpha", &[])).await;
+    let (s, body) = post_json(
+        &expired,
+        &register,
+        Some(&a.token),
+        &register_body(&ns, "alpha", &[]),
+    )
+    .await;
     assert_refused("an expired certificate", s, &body, &[401]);
-    assert!(body["message"].as_str().unwrap().contains("expired"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("expired"),
+        "{body}"
+    );
 
     let mut claims = peek_claims(&a.token).unwrap();
     let now = jsonwebtoken::get_current_timestamp();
@@ -214,30 +278,61 @@ async fn registration_succeeds_only_with_the_agents_own_certificate_and_token() 
     claims.nbf = now - 7200;
     claims.exp = now - 3600;
     let old = forge(&client, &ns, &claims).await;
-    let (s, body) = post_json(&http_a, &register, Some(&old), &register_body(&ns, "alpha", &[])).await;
+    let (s, body) = post_json(
+        &http_a,
+        &register,
+        Some(&old),
+        &register_body(&ns, "alpha", &[]),
+    )
+    .await;
     assert_refused("an expired token", s, &body, &[401]);
 
     let mut claims = peek_claims(&a.token).unwrap();
     claims.aud = "someone-else".into();
     let other_aud = forge(&client, &ns, &claims).await;
-    let (s, body) = post_json(&http_a, &register, Some(&other_aud), &register_body(&ns, "alpha", &[])).await;
+    let (s, body) = post_json(
+        &http_a,
+        &register,
+        Some(&other_aud),
+        &register_body(&ns, "alpha", &[]),
+    )
+    .await;
     assert_refused("a token for another audience", s, &body, &[401]);
 
     let (s, body) = post_json(&http_a, &register, None, &register_body(&ns, "alpha", &[])).await;
     assert_refused("no token", s, &body, &[401]);
 
-    let (s, body) = post_json(&http_a, &register, Some(&a.token), &register_body(&ns, "beta", &[])).await;
+    let (s, body) = post_json(
+        &http_a,
+        &register,
+        Some(&a.token),
+        &register_body(&ns, "beta", &[]),
+    )
+    .await;
     assert_refused("the id of another agent", s, &body, &[403]);
     assert_eq!(body["field"], "id");
 
-    let (s, body) =
-        post_json(&http_a, &register, Some(&a.token), &register_body(&ns, "alpha", &["search"])).await;
+    let (s, body) = post_json(
+        &http_a,
+        &register,
+        Some(&a.token),
+        &register_body(&ns, "alpha", &["search"]),
+    )
+    .await;
     assert_refused("undeclared capabilities", s, &body, &[403]);
     assert_eq!(body["field"], "capabilities");
-    assert!(body["message"].as_str().unwrap().contains("\"search\""), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("\"search\""),
+        "{body}"
+    );
 
     let discover = format!("{api}/v1/agents?capability=search");
-    let r = http_a.get(&discover).bearer_auth(&a.token).send().await.unwrap();
+    let r = http_a
+        .get(&discover)
+        .bearer_auth(&a.token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403, "a token without agents:discover");
     assert_eq!(r.json::<Value>().await.unwrap()["field"], "scope");
 
@@ -257,13 +352,21 @@ async fn registration_succeeds_only_with_the_agents_own_certificate_and_token() 
         .json()
         .await
         .unwrap();
-    assert_eq!(own["registered_capabilities"], json!(["summarize"]), "{own}");
+    assert_eq!(
+        own["registered_capabilities"],
+        json!(["summarize"]),
+        "{own}"
+    );
 
     // 1,000 replays of beta's token over alpha's connection: all refused (cnf binding).
     let refused = futures::stream::iter(0..1000)
         .map(|_| {
-            let (http, url, token, body) =
-                (http_a.clone(), register.clone(), b.token.clone(), register_body(&ns, "beta", &[]));
+            let (http, url, token, body) = (
+                http_a.clone(),
+                register.clone(),
+                b.token.clone(),
+                register_body(&ns, "beta", &[]),
+            );
             async move { post_json(&http, &url, Some(&token), &body).await }
         })
         .buffer_unordered(32)
@@ -271,9 +374,17 @@ async fn registration_succeeds_only_with_the_agents_own_certificate_and_token() 
         .count()
         .await;
     assert_eq!(refused, 1000, "every replayed token is refused");
-    assert_eq!(registration(&client, &ns, "beta").await, None, "beta never registered");
+    assert_eq!(
+        registration(&client, &ns, "beta").await,
+        None,
+        "beta never registered"
+    );
     let now_reg = registration(&client, &ns, "alpha").await.unwrap();
-    assert_eq!(now_reg["capabilities"], json!(["summarize"]), "alpha's registration unchanged");
+    assert_eq!(
+        now_reg["capabilities"],
+        json!(["summarize"]),
+        "alpha's registration unchanged"
+    );
 
     // A fresh token from /v1/token (mTLS only), with the Agent's scopes whatever is asked.
     let r = http_a.post(format!("{api}/v1/token")).send().await.unwrap();
@@ -288,46 +399,109 @@ async fn registration_succeeds_only_with_the_agents_own_certificate_and_token() 
     )
     .await;
     assert_eq!(s, 200, "the minted token works");
-    let (s, body) = post_json(&http_a, &format!("{api}/v1/token"), None, &json!({"scope": "agents:discover"})).await;
+    let (s, body) = post_json(
+        &http_a,
+        &format!("{api}/v1/token"),
+        None,
+        &json!({"scope": "agents:discover"}),
+    )
+    .await;
     assert_refused("asking /v1/token for scopes", s, &body, &[400]);
     assert_eq!(body["field"], "scope");
-    let r = no_cert.post(format!("{api}/v1/token")).send().await.unwrap();
+    let r = no_cert
+        .post(format!("{api}/v1/token"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
 
     // The example client registers with the files the pod would mount.
     let dir = tempfile::tempdir().unwrap();
-    for (file, content) in [("tls.crt", &a.cert_pem), ("tls.key", &a.key_pem), ("ca.crt", &ca), ("token", &a.token)] {
+    for (file, content) in [
+        ("tls.crt", &a.cert_pem),
+        ("tls.key", &a.key_pem),
+        ("ca.crt", &ca),
+        ("token", &a.token),
+    ] {
         std::fs::write(dir.path().join(file), content).unwrap();
     }
-    let out = std::process::Command::new(std::env::var("AGENTRY_PYTHON").unwrap_or("python3".into()))
-        .args(["examples/python/register.py", "--api", &api, "--identity-dir"])
-        .arg(dir.path())
-        .args(["--id", &format!("{ns}/alpha"), "--capabilities", "summarize,translate"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "register.py: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let printed: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let out =
+        std::process::Command::new(std::env::var("AGENTRY_PYTHON").unwrap_or("python3".into()))
+            .args([
+                "examples/python/register.py",
+                "--api",
+                &api,
+                "--identity-dir",
+            ])
+            .arg(dir.path())
+            .args([
+                "--id",
+                &format!("{ns}/alpha"),
+                "--capabilities",
+                "summarize,translate",
+            ])
+            .output()
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "register.py: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     assert_eq!(printed["memory"], "384Mi");
     assert_eq!(printed["max_memory"], "512Mi");
 
     // Revocation takes effect at once: the revoked certificate's still-unexpired token stops.
-    let before_serial = agent.status.as_ref().unwrap().identity.as_ref().unwrap().serial.clone();
+    let before_serial = agent
+        .status
+        .as_ref()
+        .unwrap()
+        .identity
+        .as_ref()
+        .unwrap()
+        .serial
+        .clone();
     Api::<Agent>::namespaced(client.clone(), &ns)
         .patch(
             "alpha",
             &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"agentry.dev/revoke": "keyCompromise"}}})),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"agentry.dev/revoke": "keyCompromise"}}}),
+            ),
         )
         .await
         .unwrap();
     let ledger = Ledger::open(&controller.data_dir()).unwrap();
-    eventually(Duration::from_secs(30), "the ledger to revoke alpha's certificate", || async {
-        ledger.get(&before_serial).unwrap().is_some_and(|r| r.state == agentry::identity::store::CertState::Revoked)
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the ledger to revoke alpha's certificate",
+        || async {
+            ledger
+                .get(&before_serial)
+                .unwrap()
+                .is_some_and(|r| r.state == agentry::identity::store::CertState::Revoked)
+        },
+    )
     .await;
-    let (s, body) = post_json(&http_a, &register, Some(&a.token), &register_body(&ns, "alpha", &[])).await;
-    assert_refused("a revoked certificate right after revocation", s, &body, &[401]);
-    assert!(body["message"].as_str().unwrap().contains("revoked"), "{body}");
+    let (s, body) = post_json(
+        &http_a,
+        &register,
+        Some(&a.token),
+        &register_body(&ns, "alpha", &[]),
+    )
+    .await;
+    assert_refused(
+        "a revoked certificate right after revocation",
+        s,
+        &body,
+        &[401],
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
     let _ = CONTROLLER_NS_NOTE;
 }
 
@@ -336,7 +510,15 @@ async fn bad_input_gets_a_json_error_and_changes_nothing() {
     let (client, ns) = setup("api-bad").await;
     let ns = ns.name.clone();
     let controller = ControllerProcess::start(ControllerOptions::new(&ns));
-    create_and_wait(&client, &ns, "gamma", Duration::from_secs(90), "identity", identity_issued).await;
+    create_and_wait(
+        &client,
+        &ns,
+        "gamma",
+        Duration::from_secs(90),
+        "identity",
+        identity_issued,
+    )
+    .await;
     wait_api(&controller).await;
     let ca = api_ca(&client, &ns).await;
     let g = agent_files(&client, &ns, "gamma").await;
@@ -354,12 +536,19 @@ async fn bad_input_gets_a_json_error_and_changes_nothing() {
                 .send()
                 .await
                 .unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
         }
     };
     let (s, b) = send(b"{\"id\": ".to_vec(), "application/json").await;
     assert_refused("malformed JSON", s, &b, &[400]);
-    let (s, b) = send(br#"{"id":"x/gamma","extra":true}"#.to_vec(), "application/json").await;
+    let (s, b) = send(
+        br#"{"id":"x/gamma","extra":true}"#.to_vec(),
+        "application/json",
+    )
+    .await;
     assert_refused("an unknown field", s, &b, &[400]);
     assert_eq!(b["field"], "extra");
     let (s, b) = send(
@@ -382,7 +571,10 @@ async fn bad_input_gets_a_json_error_and_changes_nothing() {
     assert_refused("the wrong content type", s, &b, &[415]);
     let r = http.get(&register).send().await.unwrap();
     assert_eq!(r.status(), 405);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"], "method_not_allowed");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "method_not_allowed"
+    );
     let r = http.get(format!("{api}/v1/nothing")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     let r = http
@@ -393,38 +585,85 @@ async fn bad_input_gets_a_json_error_and_changes_nothing() {
         .send()
         .await;
     match r {
-        Ok(r) => assert!(r.status().is_client_error(), "oversized headers: {}", r.status()),
-        Err(e) => assert!(e.is_request() || e.is_connect() || e.to_string().contains("error"), "{e:?}"),
+        Ok(r) => assert!(
+            r.status().is_client_error(),
+            "oversized headers: {}",
+            r.status()
+        ),
+        Err(e) => assert!(
+            e.is_request() || e.is_connect() || e.to_string().contains("error"),
+            "{e:?}"
+        ),
     }
-    assert_eq!(registration(&client, &ns, "gamma").await, None, "nothing was registered");
+    assert_eq!(
+        registration(&client, &ns, "gamma").await,
+        None,
+        "nothing was registered"
+    );
 
     // The unauthenticated trust endpoints, with caching headers.
     let anon = api_client(&ca, None);
     let r = anon.get(format!("{api}/v1/ca.crt")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let etag = r.headers()["etag"].to_str().unwrap().to_string();
-    assert!(r.headers()["cache-control"].to_str().unwrap().contains("max-age"));
+    assert!(
+        r.headers()["cache-control"]
+            .to_str()
+            .unwrap()
+            .contains("max-age")
+    );
     assert_eq!(r.text().await.unwrap(), ca);
-    let r = anon.get(format!("{api}/v1/ca.crt")).header("if-none-match", &etag).send().await.unwrap();
+    let r = anon
+        .get(format!("{api}/v1/ca.crt"))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 304);
     let r = anon.get(format!("{api}/v1/crl")).send().await.unwrap();
     assert_eq!(r.headers()["content-type"], "application/pkix-crl");
     let der = r.bytes().await.unwrap();
     assert!(x509_parser::parse_x509_crl(&der).is_ok(), "the CRL is DER");
-    let jwks: Value = anon.get(format!("{api}/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+    let jwks: Value = anon
+        .get(format!("{api}/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let kid = jsonwebtoken::decode_header(&g.token).unwrap().kid.unwrap();
-    assert!(jwks["keys"].as_array().unwrap().iter().any(|k| k["kid"] == kid), "{jwks}");
-    let openapi: Value = anon.get(format!("{api}/v1/openapi.json")).send().await.unwrap().json().await.unwrap();
+    assert!(
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["kid"] == kid),
+        "{jwks}"
+    );
+    let openapi: Value = anon
+        .get(format!("{api}/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(openapi["openapi"].as_str().unwrap().starts_with("3.1"));
 }
 
 async fn allow_discovery(client: &Client, ns: &str, discoverable_from: Option<&str>) {
-    let mut annotations = json!({"agentry.dev/allowed-permissions": "agents:discover backup:write memory:read"});
+    let mut annotations =
+        json!({"agentry.dev/allowed-permissions": "agents:discover backup:write memory:read"});
     if let Some(from) = discoverable_from {
         annotations["agentry.dev/discoverable-from"] = json!(from);
     }
     Api::<Namespace>::all(client.clone())
-        .patch(ns, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": annotations}})))
+        .patch(
+            ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": annotations}})),
+        )
         .await
         .unwrap();
 }
@@ -443,18 +682,47 @@ async fn discovery_and_signed_cards_follow_the_namespace_policy() {
     let controller = ControllerProcess::start(opts);
     let labelled = |name: &str, caps: &[&str], perms: &[&str]| {
         let mut m = agent_with(name, caps, perms);
-        merge(&mut m, json!({"metadata": {"labels": {"test": home.clone()}}}));
+        merge(
+            &mut m,
+            json!({"metadata": {"labels": {"test": home.clone()}}}),
+        );
         m
     };
-    create_agent(&client, &home, labelled("finder", &["search"], &["agents:discover"])).await.unwrap();
+    create_agent(
+        &client,
+        &home,
+        labelled("finder", &["search"], &["agents:discover"]),
+    )
+    .await
+    .unwrap();
     let mut summ = labelled("summ", &["summarize"], &["memory:read"]);
-    merge(&mut summ, json!({"spec": {"card": {"description": "Summarises long documents", "skills": [
-        {"id": "summarize-text", "name": "Summarize text", "description": "Short summaries", "tags": ["nlp"], "examples": ["summarize this"]}
-    ]}}}));
+    merge(
+        &mut summ,
+        json!({"spec": {"card": {"description": "Summarises long documents", "skills": [
+            {"id": "summarize-text", "name": "Summarize text", "description": "Short summaries", "tags": ["nlp"], "examples": ["summarize this"]}
+        ]}}}),
+    );
     create_agent(&client, &home, summ).await.unwrap();
-    create_agent(&client, &home, labelled("both", &["summarize", "translate"], &["memory:read"])).await.unwrap();
-    create_agent(&client, &away, labelled("remote", &["summarize"], &["memory:read"])).await.unwrap();
-    for (ns, name) in [(&home, "finder"), (&home, "summ"), (&home, "both"), (&away, "remote")] {
+    create_agent(
+        &client,
+        &home,
+        labelled("both", &["summarize", "translate"], &["memory:read"]),
+    )
+    .await
+    .unwrap();
+    create_agent(
+        &client,
+        &away,
+        labelled("remote", &["summarize"], &["memory:read"]),
+    )
+    .await
+    .unwrap();
+    for (ns, name) in [
+        (&home, "finder"),
+        (&home, "summ"),
+        (&home, "both"),
+        (&away, "remote"),
+    ] {
         wait_agent(&client, ns, name, Duration::from_secs(120), "Ready", |a| {
             condition(a, "Ready").is_some_and(|c| c.status == "True")
         })
@@ -466,36 +734,77 @@ async fn discovery_and_signed_cards_follow_the_namespace_policy() {
     let http = api_client(&ca, Some((&f.cert_pem, &f.key_pem)));
     let api = controller.api_url();
     let ids = |v: Value| -> Vec<String> {
-        v["agents"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap().to_string()).collect()
+        v["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["id"].as_str().unwrap().to_string())
+            .collect()
     };
     let query = |q: &'static str| {
-        let (http, url, token) = (http.clone(), format!("{api}/v1/agents?{q}"), f.token.clone());
+        let (http, url, token) = (
+            http.clone(),
+            format!("{api}/v1/agents?{q}"),
+            f.token.clone(),
+        );
         async move {
             let r = http.get(url).bearer_auth(token).send().await.unwrap();
             assert_eq!(r.status(), 200);
             r.json::<Value>().await.unwrap()
         }
     };
-    assert_eq!(ids(query("capability=summarize").await), vec![format!("{home}/both"), format!("{home}/summ")]);
-    assert_eq!(ids(query("capability=summarize&capability=translate").await), vec![format!("{home}/both")]);
+    assert_eq!(
+        ids(query("capability=summarize").await),
+        vec![format!("{home}/both"), format!("{home}/summ")]
+    );
+    assert_eq!(
+        ids(query("capability=summarize&capability=translate").await),
+        vec![format!("{home}/both")]
+    );
     let summ_entry = query("capability=summarize").await["agents"][1].clone();
-    assert_eq!(summ_entry["spiffe_id"], format!("spiffe://cluster.local/ns/{home}/agent/summ"));
-    assert!(summ_entry["endpoint"].as_str().unwrap().starts_with(&format!("summ.{home}.svc")), "{summ_entry}");
-    let r = http.get(format!("{api}/v1/agents?capability=Bad_Cap")).bearer_auth(&f.token).send().await.unwrap();
+    assert_eq!(
+        summ_entry["spiffe_id"],
+        format!("spiffe://cluster.local/ns/{home}/agent/summ")
+    );
+    assert!(
+        summ_entry["endpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("summ.{home}.svc")),
+        "{summ_entry}"
+    );
+    let r = http
+        .get(format!("{api}/v1/agents?capability=Bad_Cap"))
+        .bearer_auth(&f.token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
 
     // Another namespace's agents and cards stay hidden until it lists this namespace.
     let card_path = |ns: &str, name: &str| format!("/a2a/{ns}/{name}/.well-known/agent-card.json");
-    let r = http.get(format!("{api}{}", card_path(&away, "remote"))).send().await.unwrap();
+    let r = http
+        .get(format!("{api}{}", card_path(&away, "remote")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
     allow_discovery(&client, &away, Some(&home)).await;
-    eventually(Duration::from_secs(30), "the away namespace to become discoverable", || {
-        let q = query("capability=summarize");
-        let expected = format!("{away}/remote");
-        async move { ids(q.await).contains(&expected) }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the away namespace to become discoverable",
+        || {
+            let q = query("capability=summarize");
+            let expected = format!("{away}/remote");
+            async move { ids(q.await).contains(&expected) }
+        },
+    )
     .await;
-    let r = http.get(format!("{api}{}", card_path(&away, "remote"))).send().await.unwrap();
+    let r = http
+        .get(format!("{api}{}", card_path(&away, "remote")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
     // The card validates with the A2A SDK and its signature with the published key.
@@ -505,22 +814,66 @@ async fn discovery_and_signed_cards_follow_the_namespace_policy() {
         std::fs::write(&p, c).unwrap();
         p.display().to_string()
     };
-    let jwks = api_client(&ca, None).get(format!("{api}/.well-known/jwks.json")).send().await.unwrap().text().await.unwrap();
-    let (cacert, cert, key, jwks) = (write("ca.crt", &ca), write("tls.crt", &f.cert_pem), write("tls.key", &f.key_pem), write("jwks.json", &jwks));
+    let jwks = api_client(&ca, None)
+        .get(format!("{api}/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (cacert, cert, key, jwks) = (
+        write("ca.crt", &ca),
+        write("tls.crt", &f.cert_pem),
+        write("tls.key", &f.key_pem),
+        write("jwks.json", &jwks),
+    );
     let python = std::env::var("AGENTRY_PYTHON").unwrap_or("python3".into());
     let check = |path: String, extra: &[&str]| {
         std::process::Command::new(&python)
-            .args(["tests/python/check_agent_card.py", "--base-url", &api, "--card-path", &path, "--cacert", &cacert, "--cert", &cert, "--key", &key, "--jwks", &jwks])
+            .args([
+                "tests/python/check_agent_card.py",
+                "--base-url",
+                &api,
+                "--card-path",
+                &path,
+                "--cacert",
+                &cacert,
+                "--cert",
+                &cert,
+                "--key",
+                &key,
+                "--jwks",
+                &jwks,
+            ])
             .args(extra)
             .output()
             .unwrap()
     };
-    let out = check(card_path(&home, "summ"), &["--expect-name", "summ", "--expect-skill-tag", "summarize"]);
-    assert!(out.status.success(), "A2A card check: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let card: Value = http.get(format!("{api}{}", card_path(&home, "summ"))).send().await.unwrap().json().await.unwrap();
+    let out = check(
+        card_path(&home, "summ"),
+        &["--expect-name", "summ", "--expect-skill-tag", "summarize"],
+    );
+    assert!(
+        out.status.success(),
+        "A2A card check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let card: Value = http
+        .get(format!("{api}{}", card_path(&home, "summ")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(card["skills"][0]["id"], "summarize-text");
     assert_eq!(card["description"], "Summarises long documents");
-    let summ = Api::<Agent>::namespaced(client.clone(), &home).get("summ").await.unwrap();
+    let summ = Api::<Agent>::namespaced(client.clone(), &home)
+        .get("summ")
+        .await
+        .unwrap();
     assert_eq!(
         summ.status.unwrap().agent_card_url.as_deref(),
         Some(format!("{api}{}", card_path(&home, "summ")).as_str()),
@@ -531,10 +884,20 @@ async fn discovery_and_signed_cards_follow_the_namespace_policy() {
     tampered["description"] = json!("Summarises long documents!");
     let tampered_file = write("tampered.json", &tampered.to_string());
     let out = std::process::Command::new(&python)
-        .args(["tests/python/check_agent_card.py", "--card-file", &tampered_file, "--jwks", &jwks])
+        .args([
+            "tests/python/check_agent_card.py",
+            "--card-file",
+            &tampered_file,
+            "--jwks",
+            &jwks,
+        ])
         .output()
         .unwrap();
-    assert!(!out.status.success(), "a tampered card must fail: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "a tampered card must fail: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 fn csr_pem(key: &rcgen::KeyPair, sans: &[&str], ca: bool) -> String {
@@ -574,8 +937,24 @@ async fn csr_bootstrap_issues_only_what_the_ca_decides() {
     let (client, ns) = setup("api-csr").await;
     let ns = ns.name.clone();
     let controller = ControllerProcess::start(ControllerOptions::new(&ns));
-    create_and_wait(&client, &ns, "outside", Duration::from_secs(90), "identity", identity_issued).await;
-    create_and_wait(&client, &ns, "other", Duration::from_secs(90), "identity", identity_issued).await;
+    create_and_wait(
+        &client,
+        &ns,
+        "outside",
+        Duration::from_secs(90),
+        "identity",
+        identity_issued,
+    )
+    .await;
+    create_and_wait(
+        &client,
+        &ns,
+        "other",
+        Duration::from_secs(90),
+        "identity",
+        identity_issued,
+    )
+    .await;
     wait_api(&controller).await;
     let ca = api_ca(&client, &ns).await;
     let api = controller.api_url();
@@ -595,11 +974,31 @@ async fn csr_bootstrap_issues_only_what_the_ca_decides() {
     let flipped = pem_block("CERTIFICATE REQUEST", &flipped);
     let cases: Vec<(&str, String, String, u16)> = vec![
         ("a bad signature", flipped, token.clone(), 400),
-        ("a P-384 key", csr_pem(&p384, &[], false), token.clone(), 400),
-        ("an extra SAN", csr_pem(&p256, &[&spiffe, "evil.example.com"], false), token.clone(), 400),
+        (
+            "a P-384 key",
+            csr_pem(&p384, &[], false),
+            token.clone(),
+            400,
+        ),
+        (
+            "an extra SAN",
+            csr_pem(&p256, &[&spiffe, "evil.example.com"], false),
+            token.clone(),
+            400,
+        ),
         ("CA:true", csr_pem(&p256, &[], true), token.clone(), 400),
-        ("another audience", good.clone(), sa_token(&client, &ns, "outside", "kubernetes").await, 401),
-        ("another agent's ServiceAccount", good.clone(), sa_token(&client, &ns, "other", "agentry").await, 403),
+        (
+            "another audience",
+            good.clone(),
+            sa_token(&client, &ns, "outside", "kubernetes").await,
+            401,
+        ),
+        (
+            "another agent's ServiceAccount",
+            good.clone(),
+            sa_token(&client, &ns, "other", "agentry").await,
+            403,
+        ),
         ("a garbage token", good.clone(), "not-a-token".into(), 401),
     ];
     for (what, csr, token, code) in cases {
@@ -615,7 +1014,11 @@ async fn csr_bootstrap_issues_only_what_the_ca_decides() {
         .await
         .unwrap();
     assert_eq!(r.status(), 413, "an oversized CSR");
-    assert_eq!(ledger.count().unwrap(), rows, "refused CSRs are recorded nowhere");
+    assert_eq!(
+        ledger.count().unwrap(),
+        rows,
+        "refused CSRs are recorded nowhere"
+    );
 
     let (s, issued) = post_json(&anon, &url, Some(&token), &json!({"csr": good})).await;
     assert_eq!(s, 200, "{issued}");
@@ -637,15 +1040,28 @@ async fn csr_bootstrap_issues_only_what_the_ca_decides() {
     // The Deployment's own certificate was not superseded by it.
     let a = agent_files(&client, &ns, "outside").await;
     let http_pod = api_client(&ca, Some((&a.cert_pem, &a.key_pem)));
-    let (s, body) = post_json(&http_pod, &format!("{api}/v1/agents/register"), Some(&a.token), &register_body(&ns, "outside", &[])).await;
+    let (s, body) = post_json(
+        &http_pod,
+        &format!("{api}/v1/agents/register"),
+        Some(&a.token),
+        &register_body(&ns, "outside", &[]),
+    )
+    .await;
     assert_eq!(s, 200, "{body}");
 }
 
 fn pem_block(label: &str, der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
-    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
 }
 
 #[tokio::test]
@@ -657,15 +1073,25 @@ async fn only_the_leader_serves_the_api_and_a_standby_takes_over_under_load() {
     let mut first = ControllerOptions::new(&ns);
     first.data_dir = Some(data.path());
     let mut a = ControllerProcess::start(first);
-    create_and_wait(&client, &ns, "steady", Duration::from_secs(90), "identity", identity_issued).await;
+    create_and_wait(
+        &client,
+        &ns,
+        "steady",
+        Duration::from_secs(90),
+        "identity",
+        identity_issued,
+    )
+    .await;
     wait_api(&a).await;
     let mut second = ControllerOptions::new(&ns);
     second.replica = "replica-b";
     second.data_dir = Some(data.path());
     let b = ControllerProcess::start(second);
-    eventually(Duration::from_secs(30), "the standby to report itself", || async {
-        matches!(b.readyz().await, Some((503, body)) if body.contains("standby"))
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the standby to report itself",
+        || async { matches!(b.readyz().await, Some((503, body)) if body.contains("standby")) },
+    )
     .await;
     assert!(matches!(a.readyz().await, Some((200, body)) if body.contains("leader")));
     let ca = api_ca(&client, &ns).await;
@@ -677,7 +1103,12 @@ async fn only_the_leader_serves_the_api_and_a_standby_takes_over_under_load() {
         let (http, token, body) = (http.clone(), token.clone(), body.clone());
         async move {
             for url in urls {
-                if let Ok(r) = http.post(format!("{url}/v1/agents/register")).bearer_auth(&token).json(&body).send().await
+                if let Ok(r) = http
+                    .post(format!("{url}/v1/agents/register"))
+                    .bearer_auth(&token)
+                    .json(&body)
+                    .send()
+                    .await
                     && r.status() == 200
                 {
                     return Some(url);
@@ -700,7 +1131,14 @@ async fn only_the_leader_serves_the_api_and_a_standby_takes_over_under_load() {
                     served_by.push(url);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                if served_by.iter().rev().take(20).filter(|u| **u == urls[1]).count() == 20 {
+                if served_by
+                    .iter()
+                    .rev()
+                    .take(20)
+                    .filter(|u| **u == urls[1])
+                    .count()
+                    == 20
+                {
                     break;
                 }
             }
@@ -710,11 +1148,258 @@ async fn only_the_leader_serves_the_api_and_a_standby_takes_over_under_load() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     a.kill();
     let served_by = load.await.unwrap();
-    assert!(served_by.contains(&urls[0]), "the leader served before it died");
+    assert!(
+        served_by.contains(&urls[0]),
+        "the leader served before it died"
+    );
     assert!(
         served_by.iter().filter(|u| **u == urls[1]).count() >= 20,
         "the standby took over the API with the same credentials: {served_by:?}\n{}",
         b.logs()
     );
     assert!(matches!(b.readyz().await, Some((200, body)) if body.contains("leader")));
+}
+
+/// Writes the identity files as the kubelet updates a Secret volume: a new timestamped
+/// directory, then an atomic swap of the `..data` symlink the file links point through.
+fn kubelet_write(dir: &std::path::Path, files: &AgentFiles, ca: &str, generation: u32) {
+    let version = format!("..2026_{generation:04}");
+    let target = dir.join(&version);
+    std::fs::create_dir_all(&target).unwrap();
+    for (name, content) in [
+        ("tls.crt", &files.cert_pem),
+        ("tls.key", &files.key_pem),
+        ("ca.crt", &ca.to_string()),
+        ("token", &files.token),
+    ] {
+        std::fs::write(target.join(name), content).unwrap();
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link).unwrap();
+        }
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&version, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+}
+
+async fn sidecar_status(port: u16) -> Option<Value> {
+    reqwest::get(format!("http://127.0.0.1:{port}/status"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+#[tokio::test]
+async fn the_cli_and_sidecar_register_keep_a_token_and_follow_rotation() {
+    let (client, ns) = setup("api-side").await;
+    let ns = ns.name.clone();
+    let controller = ControllerProcess::start(ControllerOptions::new(&ns));
+    let agent = create_and_wait(
+        &client,
+        &ns,
+        "side",
+        Duration::from_secs(90),
+        "identity",
+        identity_issued,
+    )
+    .await;
+    wait_api(&controller).await;
+    let ca = api_ca(&client, &ns).await;
+    let api = controller.api_url();
+    let id = format!("{ns}/side");
+    let dir = tempfile::tempdir().unwrap();
+    let first = agent_files(&client, &ns, "side").await;
+    kubelet_write(dir.path(), &first, &ca, 1);
+    let agentry = env!("CARGO_BIN_EXE_agentry");
+
+    // `agentry register` from a shell.
+    let out = std::process::Command::new(agentry)
+        .args(["register", "--api", &api, "--identity-dir"])
+        .arg(dir.path())
+        .args(["--id", &id, "--capabilities", "summarize"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["id"], id);
+    let out = std::process::Command::new(agentry)
+        .args(["register", "--api", &api, "--identity-dir"])
+        .arg(dir.path())
+        .args(["--id", &id, "--capabilities", "fly"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "a refusal exits 2");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("capabilities"));
+
+    // The sidecar, run as a local process over the same files (pods do not run on kwok).
+    let port = free_port();
+    let log = dir.path().join("sidecar.log");
+    let mut sidecar = std::process::Command::new(agentry)
+        .args(["sidecar", "--api", &api, "--identity-dir"])
+        .arg(dir.path())
+        .args([
+            "--id",
+            &id,
+            "--capabilities",
+            "summarize",
+            "--poll",
+            "1s",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("sidecar.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let serial = agent
+        .status
+        .as_ref()
+        .unwrap()
+        .identity
+        .as_ref()
+        .unwrap()
+        .serial
+        .clone();
+    eventually(
+        Duration::from_secs(30),
+        "the sidecar to register",
+        || async {
+            sidecar_status(port).await.is_some_and(|s| {
+                s["registrations"] == 1 && s["certificate_serial"] == serial.as_str()
+            })
+        },
+    )
+    .await;
+    let token: Value = reqwest::get(format!("http://127.0.0.1:{port}/token"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let http = api_client(&ca, Some((&first.cert_pem, &first.key_pem)));
+    let (s, _) = post_json(
+        &http,
+        &format!("{api}/v1/agents/register"),
+        token["token"].as_str(),
+        &register_body(&ns, "side", &["summarize"]),
+    )
+    .await;
+    assert_eq!(s, 200, "the sidecar's token works");
+    let r = reqwest::get(format!("http://127.0.0.1:{port}/card"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the sidecar serves the agent its card");
+    let r = reqwest::get(format!(
+        "http://127.0.0.1:{port}/agents?capability=summarize"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        r.status(),
+        403,
+        "discovery needs agents:discover, which this agent lacks"
+    );
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", sidecar.id())) {
+        let rss = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS"))
+            .unwrap_or("");
+        println!("sidecar {rss}");
+    }
+
+    // Rotation: a new certificate arrives through the kubelet's symlink swap; the sidecar
+    // re-registers with it.
+    Api::<Agent>::namespaced(client.clone(), &ns)
+        .patch(
+            "side",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"agentry.dev/revoke": "superseded"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let rotated = wait_agent(
+        &client,
+        &ns,
+        "side",
+        Duration::from_secs(60),
+        "a new certificate",
+        |a| {
+            a.status
+                .as_ref()
+                .and_then(|s| s.identity.as_ref())
+                .is_some_and(|i| i.serial != serial)
+        },
+    )
+    .await;
+    let new_serial = rotated.status.unwrap().identity.unwrap().serial;
+    let second = agent_files(&client, &ns, "side").await;
+    kubelet_write(dir.path(), &second, &ca, 2);
+    eventually(
+        Duration::from_secs(30),
+        "the sidecar to re-register with the new certificate",
+        || async {
+            sidecar_status(port).await.is_some_and(|s| {
+                s["registrations"] == 2 && s["certificate_serial"] == new_serial.as_str()
+            })
+        },
+    )
+    .await;
+    let _ = sidecar.kill();
+    let _ = sidecar.wait();
+
+    // Narrowed scopes revoke the old token by jti: refused at once, the new one works.
+    let http = api_client(&ca, Some((&second.cert_pem, &second.key_pem)));
+    Api::<Agent>::namespaced(client.clone(), &ns)
+        .patch(
+            "side",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"permissions": ["backup:write"]}})),
+        )
+        .await
+        .unwrap();
+    eventually_ok(
+        Duration::from_secs(30),
+        "a token with the narrowed scope",
+        || {
+            let client = client.clone();
+            let ns = ns.clone();
+            async move {
+                let f = agent_files(&client, &ns, "side").await;
+                let c = peek_claims(&f.token).ok_or("no token")?;
+                Ok::<_, &str>(c.scope == "backup:write")
+            }
+        },
+    )
+    .await;
+    let narrowed = agent_files(&client, &ns, "side").await;
+    let (s, body) = post_json(
+        &http,
+        &format!("{api}/v1/agents/register"),
+        Some(&second.token),
+        &register_body(&ns, "side", &[]),
+    )
+    .await;
+    assert_refused("a token whose scopes were narrowed", s, &body, &[401]);
+    assert!(
+        body["message"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
+    let (s, body) = post_json(
+        &http,
+        &format!("{api}/v1/agents/register"),
+        Some(&narrowed.token),
+        &register_body(&ns, "side", &[]),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
 }

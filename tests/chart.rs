@@ -311,7 +311,11 @@ fn assert_namespaced_mode_has_only_the_namespace_reader(
                 assert_eq!(strings(&rule["verbs"]), ["get", "list", "watch"], "{rule}");
             } else {
                 // CSR bootstrap asks the apiserver who a ServiceAccount token belongs to.
-                assert_eq!(strings(&rule["apiGroups"]), ["authentication.k8s.io"], "{rule}");
+                assert_eq!(
+                    strings(&rule["apiGroups"]),
+                    ["authentication.k8s.io"],
+                    "{rule}"
+                );
                 assert_eq!(strings(&rule["resources"]), ["tokenreviews"], "{rule}");
                 assert_eq!(strings(&rule["verbs"]), ["create"], "{rule}");
                 assert!(rule.get("resourceNames").is_none(), "{rule}");
@@ -324,7 +328,11 @@ fn assert_namespaced_mode_has_only_the_namespace_reader(
         .map(|d| d["roleRef"]["name"].as_str().unwrap().to_string())
         .collect();
     bindings.sort();
-    assert_eq!(bindings, [reader, reviewer], "namespaced mode: ClusterRoleBindings");
+    assert_eq!(
+        bindings,
+        [reader, reviewer],
+        "namespaced mode: ClusterRoleBindings"
+    );
     for d in docs {
         if matches!(kind(d), "Role" | "RoleBinding") {
             let ns = d["metadata"]["namespace"].as_str().unwrap();

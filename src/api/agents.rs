@@ -31,7 +31,9 @@ const MAX_QUERY_CAPABILITIES: usize = 8;
 const MAX_DISCOVERED: usize = 1000;
 
 fn rfc3339_now() -> String {
-    jiff::Timestamp::now().round(jiff::Unit::Second).map_or_else(|_| jiff::Timestamp::now().to_string(), |t| t.to_string())
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .map_or_else(|_| jiff::Timestamp::now().to_string(), |t| t.to_string())
 }
 
 #[utoipa::path(
@@ -58,14 +60,12 @@ pub async fn register(
     check_id(&req.id, cert)?;
     let capabilities = check_capabilities(&req.capabilities, &cert.agent.spec.capabilities)?;
     if let Some(prefs) = &req.backup_prefs {
-        prefs
-            .to_spec()
-            .validate()
-            .map_err(|(field, message)| {
-                ApiError::invalid(Some(backup_field("backup_prefs", field)), message)
-            })?;
+        prefs.to_spec().validate().map_err(|(field, message)| {
+            ApiError::invalid(Some(backup_field("backup_prefs", field)), message)
+        })?;
     }
-    let registration = record_registration(&state, cert, capabilities, user_agent(&headers)).await?;
+    let registration =
+        record_registration(&state, cert, capabilities, user_agent(&headers)).await?;
     Ok(Json(register_response(&state, cert, &registration)))
 }
 
@@ -105,7 +105,11 @@ fn check_capabilities(requested: &[String], declared: &[String]) -> Result<Vec<S
         .filter(|c| !declared.iter().any(|d| d == c))
         .collect();
     if !undeclared.is_empty() {
-        let shown: Vec<String> = undeclared.iter().take(8).map(|c| format!("{c:?}")).collect();
+        let shown: Vec<String> = undeclared
+            .iter()
+            .take(8)
+            .map(|c| format!("{c:?}"))
+            .collect();
         return Err(ApiError::forbidden(
             "capabilities",
             format!(
@@ -137,14 +141,24 @@ async fn record_registration(
     client_version: Option<String>,
 ) -> Result<RegistrationStatus, ApiError> {
     let uid = cert.agent.uid().unwrap_or_default();
-    let same = |r: &RegistrationStatus| r.capabilities == capabilities && r.client_version == client_version;
+    let same = |r: &RegistrationStatus| {
+        r.capabilities == capabilities && r.client_version == client_version
+    };
     {
         let mut known = state
             .registrations
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let stored = cert.agent.status.as_ref().and_then(|s| s.registration.as_ref());
-        if let Some(r) = known.get(&uid).filter(|r| same(r)).or(stored.filter(|r| same(r))) {
+        let stored = cert
+            .agent
+            .status
+            .as_ref()
+            .and_then(|s| s.registration.as_ref());
+        if let Some(r) = known
+            .get(&uid)
+            .filter(|r| same(r))
+            .or(stored.filter(|r| same(r)))
+        {
             let r = r.clone();
             known.insert(uid, r.clone());
             return Ok(r);
@@ -309,7 +323,12 @@ pub async fn get_own(
             .and_then(|p| serde_json::to_value(p).ok())
             .and_then(|v| v.as_str().map(str::to_string)),
         capabilities: agent.spec.capabilities.clone(),
-        permissions: agent.spec.permissions.iter().map(|p| p.as_str().to_string()).collect(),
+        permissions: agent
+            .spec
+            .permissions
+            .iter()
+            .map(|p| p.as_str().to_string())
+            .collect(),
         assigned_resources: assigned(agent),
         endpoint: status.and_then(|s| s.endpoint.clone()),
         certificate_serial: cert.record.serial.clone(),
@@ -317,7 +336,9 @@ pub async fn get_own(
             .and_then(|s| s.identity.as_ref())
             .and_then(|i| i.token_expires_at.clone()),
         registered_at: registration.map(|r| r.registered_at.clone()),
-        registered_capabilities: registration.map(|r| r.capabilities.clone()).unwrap_or_default(),
+        registered_capabilities: registration
+            .map(|r| r.capabilities.clone())
+            .unwrap_or_default(),
         agent_card_url: state.card_url(cert.namespace(), cert.name()),
     }))
 }
@@ -371,10 +392,11 @@ pub fn parse_discovery_query(query: Option<&str>) -> Result<Vec<String>, ApiErro
 }
 
 fn is_ready(agent: &Agent) -> bool {
-    agent
-        .status
-        .as_ref()
-        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    agent.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
 }
 
 #[utoipa::path(

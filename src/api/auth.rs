@@ -187,7 +187,8 @@ pub async fn certificate(state: &ApiState, peer: &PeerCertificate) -> Result<Cer
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?
         .filter(|r| {
-            r.fingerprint == chained.fingerprint && r.issuer_fingerprint == chained.issuer_fingerprint
+            r.fingerprint == chained.fingerprint
+                && r.issuer_fingerprint == chained.issuer_fingerprint
         })
         .ok_or_else(|| {
             ApiError::unauthenticated(
@@ -244,7 +245,9 @@ pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
         .to_str()
         .map_err(|_| ApiError::unauthenticated("authorization", "the header is not ASCII"))?;
     match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
             Ok(token.trim())
         }
         _ => Err(ApiError::unauthenticated(

@@ -123,7 +123,10 @@ mod tests {
     #[test]
     fn names_the_field() {
         let e = parse_json::<Req>(JSON, br#"{"id": 3}"#).unwrap_err();
-        assert_eq!((e.status, e.body.field.as_deref()), (StatusCode::BAD_REQUEST, Some("id")));
+        assert_eq!(
+            (e.status, e.body.field.as_deref()),
+            (StatusCode::BAD_REQUEST, Some("id"))
+        );
         let e = parse_json::<Req>(JSON, br#"{"id": "a", "extra": 1}"#).unwrap_err();
         assert_eq!(e.body.field.as_deref(), Some("extra"));
         assert!(e.body.message.contains("remove it"), "{}", e.body.message);
@@ -134,7 +137,11 @@ mod tests {
         let e = parse_json::<Req>(JSON, br#"{"id": "#).unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         let e = parse_json::<Req>(JSON, b"{}").unwrap_err();
-        assert!(e.body.message.contains("missing field `id`"), "{}", e.body.message);
+        assert!(
+            e.body.message.contains("missing field `id`"),
+            "{}",
+            e.body.message
+        );
     }
 
     #[test]
@@ -143,7 +150,9 @@ mod tests {
             let e = parse_json::<Req>(ct, br#"{"id":"a"}"#).unwrap_err();
             assert_eq!(e.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
         }
-        assert!(parse_json::<Req>(Some("Application/JSON; charset=utf-8"), br#"{"id":"a"}"#).is_ok());
+        assert!(
+            parse_json::<Req>(Some("Application/JSON; charset=utf-8"), br#"{"id":"a"}"#).is_ok()
+        );
         let big = format!(r#"{{"id":"{}"}}"#, "a".repeat(MAX_BODY));
         let e = parse_json::<Req>(JSON, big.as_bytes()).unwrap_err();
         assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);

@@ -49,7 +49,8 @@ pub fn card(agent: &Agent, public_url: &str) -> Value {
             } else {
                 s.description.clone()
             };
-            let mut skill = json!({"id": s.id, "name": s.name, "description": description, "tags": tags});
+            let mut skill =
+                json!({"id": s.id, "name": s.name, "description": description, "tags": tags});
             if !s.examples.is_empty() {
                 skill["examples"] = json!(s.examples);
             }
@@ -64,7 +65,8 @@ pub fn card(agent: &Agent, public_url: &str) -> Value {
             .collect();
     }
     if skills.is_empty() {
-        skills.push(json!({"id": name, "name": name, "description": description, "tags": ["agent"]}));
+        skills
+            .push(json!({"id": name, "name": name, "description": description, "tags": ["agent"]}));
     }
     let port = agent.spec.template.port;
     json!({
@@ -231,7 +233,9 @@ pub async fn get_card(
             let public = state.settings.public_url.trim_end_matches('/');
             let jku = format!("{public}/.well-known/jwks.json");
             let signed = sign(card(&agent, public), &tokens, &jku)?;
-            let body: Arc<[u8]> = serde_json::to_vec(&signed).map_err(ApiError::internal)?.into();
+            let body: Arc<[u8]> = serde_json::to_vec(&signed)
+                .map_err(ApiError::internal)?
+                .into();
             let mut cards = state.cards.lock().unwrap_or_else(|p| p.into_inner());
             if cards.len() > 20_000 {
                 cards.clear();

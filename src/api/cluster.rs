@@ -44,10 +44,14 @@ impl Registrar for KubeRegistrar {
                 "kind": Agent::kind(&()),
                 "status": {"registration": registration, "conditions": [condition]},
             });
-            api.patch_status(name, &PatchParams::apply(API_MANAGER).force(), &Patch::Apply(&patch))
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            api.patch_status(
+                name,
+                &PatchParams::apply(API_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
         })
     }
 }

@@ -44,7 +44,9 @@ pub fn check_csr(pem: &str, allowed_sans: &[String]) -> Result<Vec<u8>, ApiError
     }
     let der = ca::pem_blocks(pem, "CERTIFICATE REQUEST");
     let [der] = der.as_slice() else {
-        return Err(bad("send exactly one PEM block: -----BEGIN CERTIFICATE REQUEST-----"));
+        return Err(bad(
+            "send exactly one PEM block: -----BEGIN CERTIFICATE REQUEST-----",
+        ));
     };
     let (rest, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der)
         .map_err(|_| bad("the CSR is not a PKCS#10 certification request"))?;
@@ -66,7 +68,9 @@ pub fn check_csr(pem: &str, allowed_sans: &[String]) -> Result<Vec<u8>, ApiError
     for ext in csr.requested_extensions().into_iter().flatten() {
         match ext {
             ParsedExtension::BasicConstraints(bc) if bc.ca => {
-                return Err(bad("the CSR asks for CA:true; agents get leaf certificates only"));
+                return Err(bad(
+                    "the CSR asks for CA:true; agents get leaf certificates only",
+                ));
             }
             ParsedExtension::SubjectAlternativeName(san) => {
                 for name in &san.general_names {
@@ -126,7 +130,9 @@ pub async fn sign_csr(
     if user != expected {
         return Err(ApiError::forbidden(
             "authorization",
-            format!("the token is for {user}; an Agent's CSR needs a token of its own ServiceAccount {expected}"),
+            format!(
+                "the token is for {user}; an Agent's CSR needs a token of its own ServiceAccount {expected}"
+            ),
         ));
     }
     let agent = state
@@ -138,7 +144,9 @@ pub async fn sign_csr(
     let trust_domain = authority.config.trust_domain.clone();
     let spiffe = ca::spiffe_id(&trust_domain, &namespace, &name);
     let dns_names = ca::service_dns_names(&namespace, &name);
-    let allowed: Vec<String> = std::iter::once(spiffe.clone()).chain(dns_names.clone()).collect();
+    let allowed: Vec<String> = std::iter::once(spiffe.clone())
+        .chain(dns_names.clone())
+        .collect();
     let spki = check_csr(&req.csr, &allowed)?;
     let policy = state.namespace_annotation(&namespace, ALLOWED_PERMISSIONS_ANNOTATION);
     scopes::check(&namespace, policy.as_deref(), &agent.spec.permissions)
@@ -150,7 +158,10 @@ pub async fn sign_csr(
     let public_key = rcgen::SubjectPublicKeyInfo::from_der(&spki)
         .map_err(|_| ApiError::invalid(Some("csr"), "the CSR's public key does not parse"))?;
     let request = LeafRequest {
-        agent_uid: format!("{}{CSR_UID_SUFFIX}", agent.metadata.uid.clone().unwrap_or_default()),
+        agent_uid: format!(
+            "{}{CSR_UID_SUFFIX}",
+            agent.metadata.uid.clone().unwrap_or_default()
+        ),
         namespace: namespace.clone(),
         name: name.clone(),
         trust_domain,
@@ -159,7 +170,9 @@ pub async fn sign_csr(
     };
     let signer = authority.clone();
     let leaf = tokio::task::spawn_blocking(move || {
-        signer.ca().issue_for_key(&signer.ledger, &request, &public_key)
+        signer
+            .ca()
+            .issue_for_key(&signer.ledger, &request, &public_key)
     })
     .await
     .map_err(ApiError::internal)?
@@ -167,9 +180,19 @@ pub async fn sign_csr(
     let now = jsonwebtoken::get_current_timestamp();
     let (token, claims) = authority
         .tokens()
-        .mint(&spiffe, &agent.spec.scope(), authority.scaled(validated.token_ttl), &leaf.cert_der, now)
+        .mint(
+            &spiffe,
+            &agent.spec.scope(),
+            authority.scaled(validated.token_ttl),
+            &leaf.cert_der,
+            now,
+        )
         .map_err(ApiError::internal)?;
-    let ts = |t: i64| jiff::Timestamp::from_second(t).map(|t| t.to_string()).unwrap_or_default();
+    let ts = |t: i64| {
+        jiff::Timestamp::from_second(t)
+            .map(|t| t.to_string())
+            .unwrap_or_default()
+    };
     tracing::info!(agent = %format!("{namespace}/{name}"), serial = %leaf.record.serial, "issued a certificate for a CSR");
     Ok(Json(CsrResponse {
         certificate: leaf.cert_pem,

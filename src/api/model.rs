@@ -122,7 +122,7 @@ pub struct TokenResponse {
 pub struct AgentRecord {
     pub id: String,
     pub spiffe_id: String,
-    /// Pending, Running, Degraded or Failed.
+    /// Pending, Provisioning, Ready, Degraded, Failed or Terminating.
     pub phase: Option<String>,
     pub capabilities: Vec<String>,
     pub permissions: Vec<String>,

@@ -58,7 +58,9 @@ impl Modify for Security {
                 utoipa::openapi::security::HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .bearer_format("JWT")
-                    .description(Some("The agent's ES256 token, bound to its client certificate"))
+                    .description(Some(
+                        "The agent's ES256 token, bound to its client certificate",
+                    ))
                     .build(),
             ),
         );
@@ -76,4 +78,42 @@ pub fn document() -> String {
     let mut out = doc.to_pretty_json().unwrap_or_default();
     out.push('\n');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    /// The committed document is what the types generate (`make crds` refreshes it).
+    #[test]
+    fn committed_openapi_does_not_drift() {
+        let committed = include_str!("../../openapi/agentry-api.json");
+        assert!(
+            committed == super::document(),
+            "openapi/agentry-api.json is stale: run `make crds` and commit the result"
+        );
+    }
+
+    #[test]
+    fn it_is_openapi_3_1_with_every_route_and_scheme() {
+        let doc: serde_json::Value = serde_json::from_str(&super::document()).unwrap();
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+        for path in [
+            "/v1/agents/register",
+            "/v1/token",
+            "/v1/agents",
+            "/v1/agents/{namespace}/{name}",
+            "/v1/agents/{namespace}/{name}/csr",
+            "/a2a/{namespace}/{name}/.well-known/agent-card.json",
+            "/.well-known/jwks.json",
+            "/v1/crl",
+            "/v1/ca.crt",
+        ] {
+            assert!(doc["paths"][path].is_object(), "{path} missing");
+        }
+        for scheme in ["mtls", "bearer", "serviceAccountToken"] {
+            assert!(
+                doc["components"]["securitySchemes"][scheme].is_object(),
+                "{scheme}"
+            );
+        }
+    }
 }

@@ -11,7 +11,12 @@ use super::error::ApiError;
 use super::state::ApiState;
 use crate::identity::ca;
 
-fn cached(headers: &HeaderMap, content_type: &'static str, max_age: u32, body: Vec<u8>) -> Response {
+fn cached(
+    headers: &HeaderMap,
+    content_type: &'static str,
+    max_age: u32,
+    body: Vec<u8>,
+) -> Response {
     let etag = format!("\"{}\"", &ca::sha256_hex(&body)[..32]);
     let matches = headers
         .get(header::IF_NONE_MATCH)
@@ -35,7 +40,10 @@ fn cached(headers: &HeaderMap, content_type: &'static str, max_age: u32, body: V
 
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "trust",
     responses((status = 200, content_type = "application/json", description = "The token signing keys (ES256), including keys not yet signing and retired keys still valid")))]
-pub async fn jwks(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn jwks(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let body = serde_json::to_vec(&state.authority.tokens().jwks()).map_err(ApiError::internal)?;
     Ok(cached(&headers, "application/json", 300, body))
 }
@@ -43,7 +51,10 @@ pub async fn jwks(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Res
 #[utoipa::path(get, path = "/v1/crl", tag = "trust",
     responses((status = 200, content_type = "application/pkix-crl", description = "The signing CA's CRL (DER)"),
               (status = 503, body = super::error::ErrorBody, description = "No CRL published yet")))]
-pub async fn crl(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn crl(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let pem = state
         .authority
         .latest_crl()
@@ -58,9 +69,19 @@ pub async fn crl(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Resu
 #[utoipa::path(get, path = "/v1/ca.crt", tag = "trust",
     responses((status = 200, content_type = "application/x-pem-file", description = "The trust bundle: the signing CA and any CA in a rotation overlap (PEM)")))]
 pub async fn ca_bundle(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
-    cached(&headers, "application/x-pem-file", 300, state.authority.bundle().into_bytes())
+    cached(
+        &headers,
+        "application/x-pem-file",
+        300,
+        state.authority.bundle().into_bytes(),
+    )
 }
 
 pub async fn openapi(headers: HeaderMap) -> Response {
-    cached(&headers, "application/json", 3600, super::openapi::document().into_bytes())
+    cached(
+        &headers,
+        "application/json",
+        3600,
+        super::openapi::document().into_bytes(),
+    )
 }

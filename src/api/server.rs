@@ -47,7 +47,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/agents", get(agents::discover))
         .route("/v1/agents/{namespace}/{name}", get(agents::get_own))
         .route("/v1/agents/{namespace}/{name}/csr", post(csr::sign_csr))
-        .route("/a2a/{namespace}/{name}/.well-known/agent-card.json", get(card::get_card))
+        .route(
+            "/a2a/{namespace}/{name}/.well-known/agent-card.json",
+            get(card::get_card),
+        )
         .route("/.well-known/jwks.json", get(public::jwks))
         .route("/v1/crl", get(public::crl))
         .route("/v1/ca.crt", get(public::ca_bundle))
@@ -137,7 +140,13 @@ struct IssuedFacts {
 
 impl ResolvesServerCert for ServerIdentity {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|p| p.into_inner()).0.clone())
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .0
+                .clone(),
+        )
     }
 }
 
@@ -180,7 +189,10 @@ async fn issue_server_cert(
 }
 
 impl ServerIdentity {
-    pub async fn issue(authority: &Arc<Authority>, dns_names: Vec<String>) -> anyhow::Result<Arc<Self>> {
+    pub async fn issue(
+        authority: &Arc<Authority>,
+        dns_names: Vec<String>,
+    ) -> anyhow::Result<Arc<Self>> {
         let current = issue_server_cert(authority, &dns_names).await?;
         Ok(Arc::new(Self {
             current: RwLock::new(current),
@@ -190,7 +202,12 @@ impl ServerIdentity {
 
     /// Renews at 2/3 of the certificate's life, or at once when the signing CA changed.
     pub async fn renew_if_due(&self, authority: &Arc<Authority>) -> anyhow::Result<bool> {
-        let facts = self.current.read().unwrap_or_else(|p| p.into_inner()).1.clone();
+        let facts = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         if now < facts.renew_at && facts.issuer_fingerprint == authority.ca().fingerprint() {
             return Ok(false);
@@ -202,7 +219,12 @@ impl ServerIdentity {
 
     /// The certificate served now (DER), for tests.
     pub fn certificate_der(&self) -> Vec<u8> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).0.cert[0].to_vec()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .cert[0]
+            .to_vec()
     }
 }
 
@@ -225,7 +247,12 @@ pub async fn serve(
     tls: rustls::ServerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    serve_on(tokio::net::TcpListener::bind(addr).await?, app, tls, shutdown)
+    serve_on(
+        tokio::net::TcpListener::bind(addr).await?,
+        app,
+        tls,
+        shutdown,
+    )
 }
 
 /// Serves `app` over TLS on `listener` until `shutdown`; in-flight requests finish (bounded
@@ -255,7 +282,8 @@ pub fn serve_on(
             let _ = tcp.set_nodelay(true);
             let (acceptor, app, watcher) = (acceptor.clone(), app.clone(), graceful.watcher());
             tokio::spawn(async move {
-                let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                let Ok(Ok(stream)) =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 else {
                     return;
                 };
@@ -267,25 +295,31 @@ pub fn serve_on(
                         .and_then(|c| c.first())
                         .map(|c| Arc::from(c.as_ref())),
                 );
-                let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(peer.clone());
-                    let app = app.clone();
-                    async move {
-                        let answer = tokio::time::timeout(REQUEST_TIMEOUT, app.oneshot(req.map(Body::new))).await;
-                        Ok::<Response, std::convert::Infallible>(match answer {
-                            Ok(Ok(response)) => response,
-                            Ok(Err(never)) => match never {},
-                            Err(_) => ApiError::new(
-                                StatusCode::REQUEST_TIMEOUT,
-                                "timeout",
-                                None,
-                                "the request took too long; send it faster",
+                let service =
+                    hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(peer.clone());
+                        let app = app.clone();
+                        async move {
+                            let answer = tokio::time::timeout(
+                                REQUEST_TIMEOUT,
+                                app.oneshot(req.map(Body::new)),
                             )
-                            .into_response(),
-                        })
-                    }
-                });
-                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                            .await;
+                            Ok::<Response, std::convert::Infallible>(match answer {
+                                Ok(Ok(response)) => response,
+                                Ok(Err(never)) => match never {},
+                                Err(_) => ApiError::new(
+                                    StatusCode::REQUEST_TIMEOUT,
+                                    "timeout",
+                                    None,
+                                    "the request took too long; send it faster",
+                                )
+                                .into_response(),
+                            })
+                        }
+                    });
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 builder
                     .http1()
                     .timer(TokioTimer::new())

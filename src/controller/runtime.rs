@@ -293,13 +293,14 @@ async fn start_api(
                 _ = stop.cancelled() => return,
             }
         }
-        let (addr, task) = match server::serve_on(listener, server::router(state), tls, stop.clone()) {
-            Ok(served) => served,
-            Err(e) => {
-                tracing::error!(error = %e, "the agent API failed to start");
-                return;
-            }
-        };
+        let (addr, task) =
+            match server::serve_on(listener, server::router(state), tls, stop.clone()) {
+                Ok(served) => served,
+                Err(e) => {
+                    tracing::error!(error = %e, "the agent API failed to start");
+                    return;
+                }
+            };
         role.store(ops::ApiRole::Serving as u8, Ordering::Relaxed);
         tracing::info!(%addr, url = %api.public_url, "serving the agent API (mTLS)");
         let mut tick = tokio::time::interval(Duration::from_secs(30));
@@ -357,7 +358,7 @@ fn guard_key(guard: &DeserializeGuard<Agent>) -> String {
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -407,23 +407,34 @@ impl BackupSpec {
         {
             return Err((
                 "paths",
-                format!("{p:?} must be absolute (start with /), must not contain '..' and be at most 4096 bytes"),
+                format!(
+                    "{p:?} must be absolute (start with /), must not contain '..' and be at most 4096 bytes"
+                ),
             ));
         }
         if !(1..=1000).contains(&self.retention.keep_last) {
             return Err((
                 "retention.keepLast",
-                format!("{} is out of range; keep 1 to 1000 backups", self.retention.keep_last),
+                format!(
+                    "{} is out of range; keep 1 to 1000 backups",
+                    self.retention.keep_last
+                ),
             ));
         }
         if !(0..=3650).contains(&self.retention.keep_daily) {
             return Err((
                 "retention.keepDaily",
-                format!("{} is out of range; keep 0 to 3650 daily backups", self.retention.keep_daily),
+                format!(
+                    "{} is out of range; keep 0 to 3650 daily backups",
+                    self.retention.keep_daily
+                ),
             ));
         }
         if self.location.is_empty() || self.location.len() > 253 {
-            return Err(("location", "name a BackupLocation (1 to 253 characters)".into()));
+            return Err((
+                "location",
+                "name a BackupLocation (1 to 253 characters)".into(),
+            ));
         }
         if self.schedule.len() > 128 {
             return Err(("schedule", "at most 128 characters".into()));

@@ -409,14 +409,16 @@ pub fn leaf_params(req: &LeafRequest, now: OffsetDateTime) -> Result<Certificate
         .try_into()
         .map_err(|e: rcgen::Error| CaError::InvalidName(format!("SPIFFE ID: {e}")))?;
     params.subject_alt_names = std::iter::once(Ok(SanType::URI(uri)))
-        .chain(req.dns_names.iter().map(|d| match d.parse::<std::net::IpAddr>() {
-            // The API server's certificate also names loopback addresses.
-            Ok(ip) => Ok(SanType::IpAddress(ip)),
-            Err(_) => d
-                .clone()
-                .try_into()
-                .map(SanType::DnsName)
-                .map_err(|e: rcgen::Error| CaError::InvalidName(format!("DNS name {d}: {e}"))),
+        .chain(req.dns_names.iter().map(|d| {
+            match d.parse::<std::net::IpAddr>() {
+                // The API server's certificate also names loopback addresses.
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => d
+                    .clone()
+                    .try_into()
+                    .map(SanType::DnsName)
+                    .map_err(|e: rcgen::Error| CaError::InvalidName(format!("DNS name {d}: {e}"))),
+            }
         }))
         .collect::<Result<_, _>>()?;
     params.is_ca = IsCa::ExplicitNoCa;

@@ -261,9 +261,8 @@ impl TokenIssuer {
         for (k, v) in extra {
             header.insert((*k).into(), (*v).into());
         }
-        let protected = URL_SAFE_NO_PAD.encode(
-            serde_json::to_vec(&header).map_err(|e| JwtError::Key(e.to_string()))?,
-        );
+        let protected = URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(&header).map_err(|e| JwtError::Key(e.to_string()))?);
         let input = format!("{protected}.{}", URL_SAFE_NO_PAD.encode(payload));
         let signature =
             jsonwebtoken::crypto::sign(input.as_bytes(), &key.encoding, Algorithm::ES256)

@@ -584,9 +584,8 @@ pub async fn agent_files(client: &Client, ns: &str, name: &str) -> AgentFiles {
         kube::Api::namespaced(client.clone(), ns);
     let s = secrets.get(&format!("{name}-identity")).await.unwrap();
     let data = s.data.unwrap_or_default();
-    let get = |k: &str| {
-        String::from_utf8(data.get(k).map(|b| b.0.clone()).unwrap_or_default()).unwrap()
-    };
+    let get =
+        |k: &str| String::from_utf8(data.get(k).map(|b| b.0.clone()).unwrap_or_default()).unwrap();
     AgentFiles {
         cert_pem: get("tls.crt"),
         key_pem: get("tls.key"),
@@ -602,7 +601,8 @@ pub fn api_client(ca_pem: &str, identity: Option<(&str, &str)>) -> reqwest::Clie
         .tls_certs_only(reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).unwrap())
         .timeout(Duration::from_secs(20));
     if let Some((cert, key)) = identity {
-        builder = builder.identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
+        builder = builder
+            .identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
     }
     builder.build().unwrap()
 }
@@ -623,8 +623,10 @@ pub async fn api_ca(client: &Client, controller_ns: &str) -> String {
 
 /// Waits until the controller's `/readyz` says it serves the API.
 pub async fn wait_api(c: &ControllerProcess) {
-    eventually(Duration::from_secs(60), "the agent API to be served", || async {
-        matches!(c.readyz().await, Some((200, body)) if body.contains("serving"))
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the agent API to be served",
+        || async { matches!(c.readyz().await, Some((200, body)) if body.contains("serving")) },
+    )
     .await;
 }

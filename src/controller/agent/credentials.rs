@@ -617,8 +617,20 @@ fn token(
         ttl,
         t.now,
     );
-    if let (None, Some(token), Some(Ok(claims))) = (refresh, stored, verified) {
+    if let (None, Some(token), Some(Ok(claims))) = (refresh, stored, verified.clone()) {
         return Ok((token, claims));
+    }
+    // Scopes changed (e.g. the namespace narrowed what its agents may hold): the old token is
+    // revoked by jti, so the API refuses it at once rather than at its expiry.
+    if let (Some(TokenRefresh::ClaimsChanged), Some(Ok(old))) = (refresh, verified) {
+        ctx.authority.ledger.revoke_token(
+            &old.jti,
+            &leaf.facts.serial,
+            old.exp.min(i64::MAX as u64) as i64,
+            "claimsChanged",
+            t.now,
+        )?;
+        tracing::info!(agent = %format!("{}/{}", t.ns, t.name), jti = %old.jti, "revoked the token whose scopes changed");
     }
     let minted = tokens.mint(&t.spiffe, &scope, ttl, &leaf.der, t.now.max(0) as u64)?;
     tracing::debug!(agent = %format!("{}/{}", t.ns, t.name), reason = refresh.map_or("NoToken", TokenRefresh::reason), "token minted");

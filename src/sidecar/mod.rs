@@ -1,0 +1,346 @@
+//! What runs beside an agent: `agentry register` (one registration from a shell) and
+//! `agentry sidecar` (registers at start and whenever the mounted identity changes, keeps a
+//! fresh token, and serves the agent on localhost: its token, its card and discovery).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::RwLock;
+
+/// The client's User-Agent (recorded as the registration's clientVersion).
+pub const USER_AGENT: &str = concat!("agentry-sidecar/", env!("CARGO_PKG_VERSION"));
+
+/// An agent's credentials, as files (the mounted identity Secret, or given one by one).
+#[derive(Clone, Debug)]
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// None: ask `POST /v1/token` for one.
+    pub token: Option<PathBuf>,
+}
+
+impl IdentityFiles {
+    /// `tls.crt`, `tls.key`, `ca.crt` and `token` in `dir` (the kubelet's Secret volume).
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            ca: dir.join("ca.crt"),
+            token: Some(dir.join("token")),
+        }
+    }
+
+    fn read(path: &Path) -> Result<String, String> {
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+    }
+
+    /// The files' contents now.
+    pub fn load(&self) -> Result<Loaded, String> {
+        Ok(Loaded {
+            cert: Self::read(&self.cert)?,
+            key: Self::read(&self.key)?,
+            ca: Self::read(&self.ca)?,
+            token: match &self.token {
+                Some(p) if p.exists() => Some(Self::read(p)?.trim().to_string()),
+                _ => None,
+            },
+        })
+    }
+}
+
+/// Credentials read from disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loaded {
+    pub cert: String,
+    pub key: String,
+    pub ca: String,
+    pub token: Option<String>,
+}
+
+/// Why a call failed: the API's `{error, field, message}` or a transport problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the API refused ({status}): {body}")]
+    Refused { status: u16, body: Value },
+    #[error("{0}")]
+    Transport(String),
+}
+
+/// An mTLS client for the agent API.
+#[derive(Clone)]
+pub struct ApiClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    pub fn new(base: &str, creds: &Loaded) -> Result<Self, String> {
+        let roots = reqwest::Certificate::from_pem_bundle(creds.ca.as_bytes())
+            .map_err(|e| format!("the CA bundle does not parse: {e}"))?;
+        let identity =
+            reqwest::Identity::from_pem(format!("{}\n{}", creds.cert, creds.key).as_bytes())
+                .map_err(|e| format!("the certificate and key do not parse: {e}"))?;
+        let http = reqwest::Client::builder()
+            .tls_certs_only(roots)
+            .identity(identity)
+            .user_agent(USER_AGENT)
+            .timeout(Duration::from_secs(15))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
+    async fn answer(r: Result<reqwest::Response, reqwest::Error>) -> Result<Value, ClientError> {
+        let r = r.map_err(|e| {
+            ClientError::Transport(format!("{e}: {:?}", std::error::Error::source(&e)))
+        })?;
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if status == 200 {
+            Ok(body)
+        } else {
+            Err(ClientError::Refused { status, body })
+        }
+    }
+
+    pub async fn register(&self, token: &str, request: &Value) -> Result<Value, ClientError> {
+        Self::answer(
+            self.http
+                .post(format!("{}/v1/agents/register", self.base))
+                .bearer_auth(token)
+                .json(request)
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    /// A fresh token bound to this client's certificate.
+    pub async fn token(&self) -> Result<Value, ClientError> {
+        Self::answer(
+            self.http
+                .post(format!("{}/v1/token", self.base))
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    /// A GET with the token (discovery, cards, the agent's own record).
+    pub async fn get(&self, path_and_query: &str, token: &str) -> Result<Value, ClientError> {
+        Self::answer(
+            self.http
+                .get(format!("{}{path_and_query}", self.base))
+                .bearer_auth(token)
+                .send()
+                .await,
+        )
+        .await
+    }
+}
+
+/// The registration request body.
+pub fn register_request(id: &str, capabilities: &[String], backup_prefs: Option<Value>) -> Value {
+    let mut body = serde_json::json!({"id": id, "capabilities": capabilities});
+    if let Some(prefs) = backup_prefs {
+        body["backup_prefs"] = prefs;
+    }
+    body
+}
+
+/// What the sidecar knows, served on localhost.
+#[derive(Default, Clone, serde::Serialize)]
+pub struct SidecarState {
+    pub token: Option<String>,
+    pub token_expires_at: Option<String>,
+    /// The last registration's answer.
+    pub registration: Option<Value>,
+    /// The serial of the certificate last registered with (changes on rotation).
+    pub certificate_serial: Option<String>,
+    pub registrations: u64,
+    pub last_error: Option<String>,
+}
+
+pub struct Sidecar {
+    pub api: String,
+    pub files: IdentityFiles,
+    pub id: String,
+    pub capabilities: Vec<String>,
+    pub backup_prefs: Option<Value>,
+    pub poll: Duration,
+}
+
+fn serial_of(cert_pem: &str) -> Option<String> {
+    crate::identity::ca::leaf_facts(cert_pem).map(|f| f.serial)
+}
+
+/// Seconds until `token` should be refreshed (80% of its life), from its unverified claims.
+fn refresh_in(token: &str) -> Option<u64> {
+    let c = crate::identity::jwt::peek_claims(token)?;
+    let now = jsonwebtoken::get_current_timestamp();
+    let due = c.iat + (c.exp.saturating_sub(c.iat)) * 4 / 5;
+    Some(due.saturating_sub(now))
+}
+
+impl Sidecar {
+    /// Runs until `stop`: watches the identity files (the kubelet swaps them atomically through
+    /// a symlink; reading them whole each poll sees either the old or the new set), registers
+    /// when they change, refreshes the token at 80% of its life.
+    pub async fn run(
+        self,
+        state: Arc<RwLock<SidecarState>>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut current: Option<(Loaded, ApiClient)> = None;
+        let mut tick = tokio::time::interval(self.poll);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {},
+            }
+            let loaded = match self.files.load() {
+                Ok(l) => l,
+                Err(e) => {
+                    state.write().await.last_error = Some(e);
+                    continue;
+                }
+            };
+            let changed = current.as_ref().is_none_or(|(l, _)| *l != loaded);
+            if changed {
+                match ApiClient::new(&self.api, &loaded) {
+                    Ok(client) => current = Some((loaded.clone(), client)),
+                    Err(e) => {
+                        state.write().await.last_error = Some(e);
+                        continue;
+                    }
+                }
+            }
+            let Some((loaded, client)) = &current else {
+                continue;
+            };
+            if let Err(e) = self.step(client, loaded, changed, &state).await {
+                tracing::warn!(error = %e, "sidecar step failed; retrying");
+                state.write().await.last_error = Some(e.to_string());
+            }
+        }
+    }
+
+    async fn step(
+        &self,
+        client: &ApiClient,
+        loaded: &Loaded,
+        changed: bool,
+        state: &Arc<RwLock<SidecarState>>,
+    ) -> Result<(), ClientError> {
+        // After a change, the mounted token (bound to the mounted certificate); otherwise ours.
+        // Either is replaced by a fresh one from the API once 80% of its life has passed.
+        let kept = if changed {
+            loaded.token.clone()
+        } else {
+            state.read().await.token.clone()
+        };
+        let token = match kept.filter(|t| refresh_in(t).is_some_and(|s| s > 0)) {
+            Some(t) => t,
+            None => client.token().await?["token"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        };
+        let expires = crate::identity::jwt::peek_claims(&token)
+            .and_then(|c| jiff::Timestamp::from_second(c.exp as i64).ok())
+            .map(|t| t.to_string());
+        if changed {
+            let answer = client
+                .register(
+                    &token,
+                    &register_request(&self.id, &self.capabilities, self.backup_prefs.clone()),
+                )
+                .await?;
+            let mut s = state.write().await;
+            s.registration = Some(answer);
+            s.certificate_serial = serial_of(&loaded.cert);
+            s.registrations += 1;
+            tracing::info!(serial = ?s.certificate_serial, "registered");
+        }
+        let mut s = state.write().await;
+        s.token = Some(token);
+        s.token_expires_at = expires;
+        s.last_error = None;
+        Ok(())
+    }
+}
+
+/// The sidecar's localhost endpoint: `GET /token`, `/status`, `/card`,
+/// `/agents?capability=...` (discovery with the current token), `/healthz`.
+pub fn local_router(
+    state: Arc<RwLock<SidecarState>>,
+    api: String,
+    files: IdentityFiles,
+    id: String,
+) -> axum::Router {
+    use axum::extract::{RawQuery, State};
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    use axum::{Json, Router};
+    type Shared = (Arc<RwLock<SidecarState>>, String, IdentityFiles, String);
+    async fn proxied(s: &Shared, path: String) -> (StatusCode, Json<Value>) {
+        let token = s.0.read().await.token.clone().unwrap_or_default();
+        let client = match s.2.load().and_then(|l| ApiClient::new(&s.1, &l)) {
+            Ok(c) => c,
+            Err(e) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(serde_json::json!({"error": "unavailable", "field": null, "message": e})),
+                );
+            }
+        };
+        match client.get(&path, &token).await {
+            Ok(v) => (StatusCode::OK, Json(v)),
+            Err(ClientError::Refused { status, body }) => (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                Json(body),
+            ),
+            Err(ClientError::Transport(e)) => (
+                StatusCode::BAD_GATEWAY,
+                Json(serde_json::json!({"error": "unavailable", "field": null, "message": e})),
+            ),
+        }
+    }
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/status",
+            get(|State(s): State<Shared>| async move { Json(s.0.read().await.clone()) }),
+        )
+        .route(
+            "/token",
+            get(|State(s): State<Shared>| async move {
+                let st = s.0.read().await;
+                match &st.token {
+                    Some(t) => (StatusCode::OK, Json(serde_json::json!({"token": t, "expires_at": st.token_expires_at}))),
+                    None => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "unavailable", "field": null, "message": "no token yet"}))),
+                }
+            }),
+        )
+        .route(
+            "/card",
+            get(|State(s): State<Shared>| async move {
+                let (ns, name) = s.3.split_once('/').unwrap_or(("", ""));
+                let path = format!("/a2a/{ns}/{name}/.well-known/agent-card.json");
+                proxied(&s, path).await
+            }),
+        )
+        .route(
+            "/agents",
+            get(|State(s): State<Shared>, RawQuery(q): RawQuery| async move {
+                proxied(&s, format!("/v1/agents?{}", q.unwrap_or_default())).await
+            }),
+        )
+        .with_state((state, api, files, id))
+}
