@@ -263,9 +263,6 @@ async fn start_api(
     role: Arc<std::sync::atomic::AtomicU8>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use crate::api::{cluster, server, state};
-    let identity = server::ServerIdentity::issue(&ctx.authority, api.sans.clone())
-        .await
-        .context("issuing the API's certificate")?;
     let state = Arc::new(state::ApiState::new(
         ctx.authority.clone(),
         agents.clone(),
@@ -277,7 +274,6 @@ async fn start_api(
             csr_audience: api.csr_audience.clone(),
         },
     ));
-    let tls = server::tls_config(identity.clone())?;
     let listener = tokio::net::TcpListener::bind(api.addr)
         .await
         .with_context(|| format!("binding the agent API on {}", api.addr))?;
@@ -293,6 +289,27 @@ async fn start_api(
                 _ = stop.cancelled() => return,
             }
         }
+        // The API's certificate; while the CA cannot issue (e.g. it expired and awaits
+        // `agentry ca rotate`) the controller runs on without the API and keeps trying.
+        let identity = loop {
+            match server::ServerIdentity::issue(&authority, api.sans.clone()).await {
+                Ok(identity) => break identity,
+                Err(e) => {
+                    tracing::error!(error = %e, "issuing the agent API's certificate failed; the API is not served until it succeeds (retrying every 10s)")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {},
+                _ = stop.cancelled() => return,
+            }
+        };
+        let tls = match server::tls_config(identity.clone()) {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::error!(error = %e, "the agent API's TLS configuration failed");
+                return;
+            }
+        };
         let (addr, task) =
             match server::serve_on(listener, server::router(state), tls, stop.clone()) {
                 Ok(served) => served,
