@@ -248,7 +248,8 @@ async fn reconcile_agents(
     )
     .await;
     if let Some(api) = api {
-        let _ = api.await;
+        // In-flight API requests get a bounded grace period.
+        let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
     }
     Ok(())
 }
@@ -283,8 +284,11 @@ async fn start_api(
         // controller waits on it too.
         loop {
             tokio::select! {
-                ready = tokio::time::timeout(Duration::from_millis(200), agents.wait_until_ready()) => {
-                    if ready.is_ok() { break; }
+                ready = tokio::time::timeout(Duration::from_millis(200), agents.wait_until_ready()) => match ready {
+                    Ok(Ok(())) => break,
+                    // The controller stopped before the cache filled.
+                    Ok(Err(_)) => return,
+                    Err(_) => {},
                 },
                 _ = stop.cancelled() => return,
             }
@@ -292,7 +296,11 @@ async fn start_api(
         // The API's certificate; while the CA cannot issue (e.g. it expired and awaits
         // `agentry ca rotate`) the controller runs on without the API and keeps trying.
         let identity = loop {
-            match server::ServerIdentity::issue(&authority, api.sans.clone()).await {
+            let issued = tokio::select! {
+                issued = server::ServerIdentity::issue(&authority, api.sans.clone()) => issued,
+                _ = stop.cancelled() => return,
+            };
+            match issued {
                 Ok(identity) => break identity,
                 Err(e) => {
                     tracing::error!(error = %e, "issuing the agent API's certificate failed; the API is not served until it succeeds (retrying every 10s)")
