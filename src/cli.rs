@@ -400,6 +400,11 @@ pub struct ControllerArgs {
     /// (`POST /v1/agents/{ns}/{name}/csr`).
     #[arg(long, default_value = "agentry")]
     csr_audience: String,
+    /// The image of the `agentry sidecar` container added to every agent pod (registers the
+    /// agent, keeps its token fresh, serves it on localhost). Empty: no sidecar. Ignored
+    /// without the API.
+    #[arg(long, env = "AGENTRY_SIDECAR_IMAGE", default_value = concat!("ghcr.io/agentry-dev/agentry:", env!("CARGO_PKG_VERSION")))]
+    sidecar_image: String,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -466,8 +471,16 @@ impl ControllerArgs {
                 })
                 .map_err(|e| format!("--api-addr {addr:?}: {e}; give host:port such as 0.0.0.0:8443, or \"\" for no API")),
         }?;
+        let sidecar = api
+            .as_ref()
+            .filter(|_| !self.sidecar_image.trim().is_empty())
+            .map(|api| agentry::workload::SidecarSpec {
+                image: self.sidecar_image.clone(),
+                api_url: api.public_url.clone(),
+            });
         Ok(agentry::controller::Config {
             api,
+            sidecar,
             watch_namespace: self.watch_namespace.filter(|n| !n.is_empty()),
             agent_selector: self.agent_selector.filter(|s| !s.is_empty()),
             namespace: self.namespace.clone(),

@@ -38,6 +38,8 @@ pub struct Config {
     pub authority: AuthorityConfig,
     /// The agent API, served by the leader (None: not served).
     pub api: Option<ApiConfig>,
+    /// The sidecar added to every agent pod (None: no sidecar; always None without the API).
+    pub sidecar: Option<crate::workload::SidecarSpec>,
 }
 
 /// Where and as what the agent API is served.

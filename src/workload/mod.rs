@@ -26,6 +26,21 @@ pub use crate::keys::{AGENT_LABEL, CAPABILITY_PREFIX, MANAGED_BY};
 /// Where the identity Secret (tls.crt, tls.key, ca.crt, token) appears in the agent's container.
 pub const IDENTITY_MOUNT: &str = "/var/run/agentry/identity";
 pub const AGENT_CONTAINER: &str = "agent";
+pub const SIDECAR_CONTAINER: &str = "agentry-sidecar";
+/// The sidecar's memory (limit = request). Measured: about 26 MiB RSS for a debug build
+/// registering, refreshing its token and serving its endpoint (tests/api.rs prints it); the
+/// release build needs less.
+pub const SIDECAR_MEMORY_BYTES: u64 = 32 * 1024 * 1024;
+/// Where the agent reaches its sidecar (same pod, loopback).
+pub const SIDECAR_ADDR: &str = "127.0.0.1:8181";
+
+/// The `agentry sidecar` container every agent pod gets when the API is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SidecarSpec {
+    pub image: String,
+    /// The API as agents reach it.
+    pub api_url: String,
+}
 /// The non-root user agent containers run as when the image does not say.
 pub const DEFAULT_UID: i64 = 65532;
 
@@ -170,12 +185,65 @@ pub fn restricted_container_security() -> SecurityContext {
     }
 }
 
+fn sidecar_container(agent: &Agent, plan: &MemoryPlan, sidecar: &SidecarSpec) -> Container {
+    let memory = Quantity(format_memory(plan.sidecar_bytes));
+    let id = format!(
+        "{}/{}",
+        agent.namespace().unwrap_or_default(),
+        agent.name_any()
+    );
+    let mut args = vec![
+        "sidecar".to_string(),
+        "--api".into(),
+        sidecar.api_url.clone(),
+        "--identity-dir".into(),
+        IDENTITY_MOUNT.into(),
+        "--id".into(),
+        id,
+        "--listen".into(),
+        SIDECAR_ADDR.into(),
+    ];
+    if !agent.spec.capabilities.is_empty() {
+        args.push("--capabilities".into());
+        args.push(agent.spec.capabilities.join(","));
+    }
+    Container {
+        name: SIDECAR_CONTAINER.into(),
+        image: Some(sidecar.image.clone()),
+        args: Some(args),
+        resources: Some(ResourceRequirements {
+            limits: Some([("memory".to_string(), memory.clone())].into()),
+            requests: Some(
+                [
+                    ("memory".to_string(), memory),
+                    ("cpu".to_string(), Quantity("10m".into())),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        }),
+        security_context: Some(restricted_container_security()),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "identity".into(),
+            mount_path: IDENTITY_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
 fn pod_template(
     agent: &Agent,
     spec: &ValidatedSpec,
     plan: &MemoryPlan,
     identity_secret: &str,
+    sidecar: Option<&SidecarSpec>,
 ) -> PodTemplateSpec {
+    let mut containers = vec![agent_container(agent, spec, plan)];
+    if let Some(sidecar) = sidecar.filter(|_| plan.sidecar_bytes > 0) {
+        containers.push(sidecar_container(agent, plan, sidecar));
+    }
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(child_labels(agent)),
@@ -196,7 +264,7 @@ fn pod_template(
                 }),
                 ..Default::default()
             }),
-            containers: vec![agent_container(agent, spec, plan)],
+            containers,
             volumes: Some(vec![
                 Volume {
                     name: "identity".into(),
@@ -233,8 +301,9 @@ pub fn workload(
     spec: &ValidatedSpec,
     plan: &MemoryPlan,
     identity_secret: &str,
+    sidecar: Option<&SidecarSpec>,
 ) -> Workload {
-    let template = pod_template(agent, spec, plan, identity_secret);
+    let template = pod_template(agent, spec, plan, identity_secret, sidecar);
     match agent.spec.state.as_ref().filter(|s| s.persistent) {
         None => Workload::Deployment(Box::new(Deployment {
             metadata: meta(agent, agent.name_any()),
@@ -406,11 +475,56 @@ mod tests {
     }
 
     #[test]
+    fn the_sidecar_takes_its_share_of_the_pod_not_more() {
+        let a = agent("384Mi");
+        let spec = a.spec.validate().unwrap();
+        let plan = MemoryPlan::new(spec.memory_bytes, SIDECAR_MEMORY_BYTES);
+        let sidecar = SidecarSpec {
+            image: "ghcr.io/agentry-dev/agentry:0.1.0".into(),
+            api_url: "https://agentry-api.agentry-system.svc:8443".into(),
+        };
+        let w = workload(&a, &spec, &plan, "summarizer-identity", Some(&sidecar));
+        let Workload::Deployment(d) = &w else {
+            panic!("expected a Deployment")
+        };
+        let pod = d.spec.as_ref().unwrap().template.spec.clone().unwrap();
+        let limit = |c: &Container| {
+            c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"]
+                .0
+                .clone()
+        };
+        assert_eq!(pod.containers.len(), 2);
+        assert_eq!(limit(&pod.containers[0]), "352Mi");
+        assert_eq!(limit(&pod.containers[1]), "32Mi");
+        assert_eq!(
+            assigned_resources(&spec, &plan).memory,
+            "384Mi",
+            "the pod total is the spec"
+        );
+        let s = &pod.containers[1];
+        assert_eq!(s.name, SIDECAR_CONTAINER);
+        let args = s.args.clone().unwrap().join(" ");
+        assert!(args.starts_with("sidecar --api https://agentry-api.agentry-system.svc:8443 --identity-dir /var/run/agentry/identity --id team-a/summarizer"), "{args}");
+        assert!(
+            args.ends_with("--capabilities summarize,translate"),
+            "{args}"
+        );
+        assert_eq!(s.security_context, Some(restricted_container_security()));
+        assert_eq!(s.volume_mounts.as_ref().unwrap()[0].read_only, Some(true));
+        // A tiny agent: the sidecar never takes more than half.
+        let small = MemoryPlan::new(32 * 1024 * 1024, SIDECAR_MEMORY_BYTES);
+        assert_eq!(
+            (small.agent_bytes, small.sidecar_bytes),
+            (16 * 1024 * 1024, 16 * 1024 * 1024)
+        );
+    }
+
+    #[test]
     fn deployment_is_capped_owned_labelled_and_restricted() {
         let a = agent("384Mi");
         let spec = a.spec.validate().unwrap();
         let plan = MemoryPlan::new(spec.memory_bytes, 0);
-        let w = workload(&a, &spec, &plan, "summarizer-identity");
+        let w = workload(&a, &spec, &plan, "summarizer-identity", None);
         let Workload::Deployment(d) = &w else {
             panic!("expected a Deployment")
         };
@@ -481,7 +595,7 @@ mod tests {
             mount_path: "/var/lib/agent".into(),
         });
         let spec = a.spec.validate().unwrap();
-        let w = workload(&a, &spec, &MemoryPlan::new(spec.memory_bytes, 0), "x");
+        let w = workload(&a, &spec, &MemoryPlan::new(spec.memory_bytes, 0), "x", None);
         let Workload::StatefulSet(s) = &w else {
             panic!("expected a StatefulSet")
         };

@@ -86,7 +86,12 @@ async fn apply(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
         .await?;
     pass.facts.identity = Some(credentials.status);
     pass.reports.extend(reports);
-    let plan = MemoryPlan::new(spec.memory_bytes, 0);
+    // The sidecar's share comes out of the pod's memory, never on top of it.
+    let sidecar_bytes = match ctx.config.sidecar {
+        Some(_) => crate::workload::SIDECAR_MEMORY_BYTES,
+        None => 0,
+    };
+    let plan = MemoryPlan::new(spec.memory_bytes, sidecar_bytes);
     let rollout = rollout::step(&agent, &spec, &plan, &credentials.secret_name, ctx).await;
     let workload = pass.run(rollout).await?;
     pass.facts.assigned_resources = Some(crate::workload::assigned_resources(&spec, &plan));

@@ -181,7 +181,13 @@ pub async fn step(
     let service = workload::service(agent);
     apply(ctx, &stores.services, &ns, &service, track, &uid).await?;
     let name = agent.name_any();
-    let (ready, message) = match workload::workload(agent, spec, plan, identity_secret) {
+    let (ready, message) = match workload::workload(
+        agent,
+        spec,
+        plan,
+        identity_secret,
+        ctx.config.sidecar.as_ref(),
+    ) {
         Workload::Deployment(d) => {
             // Switching from persistent state back: the StatefulSet goes.
             delete_if_owned::<StatefulSet>(ctx, &stores.statefulsets, &ns, &name, &uid).await?;
