@@ -75,4 +75,5 @@ demo-down: ## Stop the demo controller and the local control plane
 bench: cluster-up ## Benchmarks (ratios against a baseline in the same run) -> target/bench/*.json
 	mkdir -p target/bench
 	AGENTRY_BENCH_OUT=$(CURDIR)/target/bench cargo bench --bench identity
+	AGENTRY_BENCH_OUT=$(CURDIR)/target/bench cargo bench --bench api
 	AGENTRY_BENCH_OUT=$(CURDIR)/target/bench KUBECONFIG=$(KUBECONFIG_LOCAL) cargo bench --bench controller
