@@ -19,23 +19,21 @@ fn ready(a: &Agent) -> bool {
         && a.status.as_ref().and_then(|s| s.observed_generation) == a.metadata.generation
 }
 
+/// The pod's memory: the agent container's limit plus the sidecar's (the spec is the total).
 fn memory_limit(d: &Deployment) -> String {
-    d.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .resources
-        .as_ref()
-        .unwrap()
-        .limits
-        .as_ref()
-        .unwrap()["memory"]
-        .0
-        .clone()
+    pod_memory(d.spec.as_ref().unwrap().template.spec.as_ref().unwrap())
+}
+
+fn pod_memory(pod: &k8s_openapi::api::core::v1::PodSpec) -> String {
+    let bytes: u128 = pod
+        .containers
+        .iter()
+        .map(|c| {
+            let q = &c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0;
+            agentry::crd::units::parse_quantity(q).unwrap().units_ceil()
+        })
+        .sum();
+    agentry::crd::units::format_memory(bytes as u64)
 }
 
 fn owned_by(meta: &kube::api::ObjectMeta, agent: &Agent) -> bool {
@@ -131,8 +129,15 @@ async fn an_agent_gets_capped_restricted_children_and_running_pods() {
     );
     let c = &pod.spec.as_ref().unwrap().containers[0];
     assert_eq!(
-        c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0,
-        "384Mi"
+        pod_memory(pod.spec.as_ref().unwrap()),
+        "384Mi",
+        "agent + sidecar = the spec"
+    );
+    let sidecar = &pod.spec.as_ref().unwrap().containers[1];
+    assert_eq!(sidecar.name, "agentry-sidecar");
+    assert_eq!(
+        sidecar.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0,
+        "32Mi"
     );
     let sc = c.security_context.as_ref().unwrap();
     assert_eq!(
@@ -207,15 +212,7 @@ async fn memory_changes_roll_out_and_hand_edits_are_reverted() {
                     .any(|p| {
                         p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
                             && p.metadata.deletion_timestamp.is_none()
-                            && p.spec.as_ref().unwrap().containers[0]
-                                .resources
-                                .as_ref()
-                                .unwrap()
-                                .limits
-                                .as_ref()
-                                .unwrap()["memory"]
-                                .0
-                                == "256Mi"
+                            && pod_memory(p.spec.as_ref().unwrap()) == "256Mi"
                     })
             })
         },

@@ -425,7 +425,7 @@ pub async fn discover(
 
 /// Discovery over the watch cache.
 pub fn discover_in(state: &ApiState, caller_ns: &str, wanted: &[String]) -> Vec<DiscoveredAgent> {
-    let mut found: Vec<DiscoveredAgent> = state
+    let mut found: Vec<CachedAgent> = state
         .agents
         .state()
         .into_iter()
@@ -438,6 +438,16 @@ pub fn discover_in(state: &ApiState, caller_ns: &str, wanted: &[String]) -> Vec<
                     .as_deref()
                     .is_some_and(|ns| may_discover(state, caller_ns, ns))
         })
+        .collect();
+    // Order and cut before building the answers.
+    let key = |a: &CachedAgent| (a.metadata.namespace.clone(), a.metadata.name.clone());
+    if found.len() > MAX_DISCOVERED {
+        found.select_nth_unstable_by_key(MAX_DISCOVERED, key);
+        found.truncate(MAX_DISCOVERED);
+    }
+    found.sort_by_key(key);
+    found
+        .into_iter()
         .map(|a| {
             let ns = a.namespace().unwrap_or_default();
             let name = a.name_any();
@@ -454,8 +464,5 @@ pub fn discover_in(state: &ApiState, caller_ns: &str, wanted: &[String]) -> Vec<
                 capabilities: a.spec.capabilities.clone(),
             }
         })
-        .collect();
-    found.sort_by(|a, b| a.id.cmp(&b.id));
-    found.truncate(MAX_DISCOVERED);
-    found
+        .collect()
 }

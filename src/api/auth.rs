@@ -180,11 +180,10 @@ pub async fn certificate(state: &ApiState, peer: &PeerCertificate) -> Result<Cer
             "the client certificate is not valid yet",
         ));
     }
-    let ledger = authority.ledger.clone();
-    let serial = chained.serial.clone();
-    let record = tokio::task::spawn_blocking(move || ledger.get(&serial))
-        .await
-        .map_err(ApiError::internal)?
+    // Inline: the ledger's read-only connection never waits for a commit.
+    let record = authority
+        .ledger
+        .lookup(&chained.serial)
         .map_err(ApiError::internal)?
         .filter(|r| {
             r.fingerprint == chained.fingerprint
@@ -266,28 +265,17 @@ pub async fn caller(
 ) -> Result<Caller, ApiError> {
     let cert = certificate(state, peer).await?;
     let token = bearer(headers)?;
-    let tokens = state.authority.tokens();
-    let claims = tokens
-        .verifier()
-        .verify(token, &cert.cert_der)
-        .map_err(|e| match e {
-            VerifyError::CnfMismatch => ApiError::unauthenticated(
-                "authorization",
-                "the token is bound to another certificate; present the certificate it was issued for",
-            ),
-            other => ApiError::unauthenticated("authorization", other.to_string()),
-        })?;
+    let claims = state.tokens.verify(state, token, &cert.cert_der)?;
     if claims.sub != cert.record.spiffe_id {
         return Err(ApiError::forbidden(
             "authorization",
             "the token is for another agent",
         ));
     }
-    let ledger = state.authority.ledger.clone();
-    let jti = claims.jti.clone();
-    let revoked = tokio::task::spawn_blocking(move || ledger.is_token_revoked(&jti))
-        .await
-        .map_err(ApiError::internal)?
+    let revoked = state
+        .authority
+        .ledger
+        .is_token_revoked(&claims.jti)
         .map_err(ApiError::internal)?;
     if revoked {
         return Err(ApiError::unauthenticated(
@@ -306,4 +294,74 @@ pub async fn caller(
         ));
     }
     Ok(Caller { cert, claims })
+}
+
+/// Tokens whose signature, issuer and audience have been checked, by SHA-256 of the token and
+/// the certificate it was presented with, for one key ring. A hit still has its time window
+/// checked (and the caller checks subject, jti revocation and scope every time): a signature
+/// over the same bytes with the same keys cannot change, so this skips only the ES256 math.
+#[derive(Default)]
+pub struct TokenCache {
+    inner: Mutex<(usize, HashMap<[u8; 32], Claims>)>,
+}
+
+const TOKEN_CACHE_MAX: usize = 50_000;
+
+impl TokenCache {
+    pub fn verify(
+        &self,
+        state: &ApiState,
+        token: &str,
+        cert_der: &[u8],
+    ) -> Result<Claims, ApiError> {
+        use sha2::{Digest, Sha256};
+        let tokens = state.authority.tokens();
+        // The key ring is replaced (a new Arc) whenever its keys change.
+        let ring = Arc::as_ptr(&tokens) as usize;
+        let mut hasher = Sha256::new();
+        hasher.update(token.as_bytes());
+        hasher.update([0]);
+        hasher.update(cert_der);
+        let key: [u8; 32] = hasher.finalize().into();
+        let cached = {
+            let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            (guard.0 == ring)
+                .then(|| guard.1.get(&key).cloned())
+                .flatten()
+        };
+        let claims = match cached {
+            Some(c) => c,
+            None => {
+                let c = tokens.verifier().verify(token, cert_der).map_err(|e| match e {
+                    VerifyError::CnfMismatch => ApiError::unauthenticated(
+                        "authorization",
+                        "the token is bound to another certificate; present the certificate it was issued for",
+                    ),
+                    other => ApiError::unauthenticated("authorization", other.to_string()),
+                })?;
+                let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                if guard.0 != ring || guard.1.len() >= TOKEN_CACHE_MAX {
+                    guard.0 = ring;
+                    guard.1.clear();
+                }
+                guard.1.insert(key, c.clone());
+                c
+            }
+        };
+        let now = jsonwebtoken::get_current_timestamp();
+        let leeway = crate::identity::jwt::LEEWAY_SECS;
+        if now > claims.exp.saturating_add(leeway) {
+            return Err(ApiError::unauthenticated(
+                "authorization",
+                "token is invalid: ExpiredSignature",
+            ));
+        }
+        if claims.nbf > now.saturating_add(leeway) {
+            return Err(ApiError::unauthenticated(
+                "authorization",
+                "token is invalid: ImmatureSignature",
+            ));
+        }
+        Ok(claims)
+    }
 }

@@ -55,6 +55,8 @@ pub struct ApiState {
     pub(crate) registrations: Mutex<HashMap<String, RegistrationStatus>>,
     /// Verified client certificates by SHA-256, per trust bundle.
     pub(crate) certs: super::auth::CertCache,
+    /// Tokens already verified (signature, iss, aud), per key ring.
+    pub(crate) tokens: super::auth::TokenCache,
     /// Signed cards by Agent uid + generation + signing key.
     pub(crate) cards: Mutex<HashMap<String, Arc<[u8]>>>,
 }
@@ -77,6 +79,7 @@ impl ApiState {
             settings,
             registrations: Default::default(),
             certs: Default::default(),
+            tokens: Default::default(),
             cards: Default::default(),
         }
     }

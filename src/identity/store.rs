@@ -139,6 +139,10 @@ fn migrations() -> Migrations<'static> {
 
 pub struct Ledger {
     conn: Mutex<Connection>,
+    /// A second, read-only connection for the API's per-request lookups: in WAL mode a reader
+    /// never waits for the writer's commit (fsync), so lookups can run inline on the async
+    /// workers. None for an in-memory ledger (lookups share the one connection).
+    reader: Option<Mutex<Connection>>,
     path: String,
     /// Rows waiting for the next group commit.
     pending: Mutex<Vec<Pending>>,
@@ -171,7 +175,21 @@ impl Ledger {
             path: path.display().to_string(),
             source,
         })?;
-        Self::init(conn, path.display().to_string())
+        let mut ledger = Self::init(conn, path.display().to_string())?;
+        let reader = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|c| {
+            c.busy_timeout(std::time::Duration::from_secs(5))?;
+            Ok(c)
+        })
+        .map_err(|source| StoreError::Sqlite {
+            path: path.display().to_string(),
+            source,
+        })?;
+        ledger.reader = Some(Mutex::new(reader));
+        Ok(ledger)
     }
 
     /// An in-memory ledger, for unit tests and benchmarks of the pure issuance path.
@@ -201,6 +219,7 @@ impl Ledger {
         migrations().to_latest(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            reader: None,
             path,
             pending: Mutex::new(Vec::new()),
         })
@@ -361,12 +380,31 @@ impl Ledger {
         Ok(())
     }
 
-    /// Whether a token was revoked by its `jti`.
+    /// Whether a token was revoked by its `jti` (read-only connection; fast enough to call
+    /// inline).
     pub fn is_token_revoked(&self, jti: &str) -> Result<bool, StoreError> {
-        self.conn()
+        self.read_conn()
             .prepare_cached("SELECT 1 FROM revoked_tokens WHERE jti = ?1")
             .and_then(|mut s| s.exists(params![jti]))
             .map_err(self.sql())
+    }
+
+    /// A certificate's row, read on the read-only connection (sees every committed write; fast
+    /// enough to call inline).
+    pub fn lookup(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
+        self.read_conn()
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM certificates WHERE serial = ?1"
+            ))
+            .and_then(|mut s| s.query_row(params![serial], row_to_record).optional())
+            .map_err(self.sql())
+    }
+
+    fn read_conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        match &self.reader {
+            Some(r) => r.lock().unwrap_or_else(|p| p.into_inner()),
+            None => self.conn(),
+        }
     }
 
     /// Revokes one certificate. Returns false when it was unknown or already revoked.
