@@ -601,6 +601,40 @@ async fn bad_input_gets_a_json_error_and_changes_nothing() {
         "nothing was registered"
     );
 
+    // A slow client (headers never finished) is cut off by the header timeout (10 s).
+    let tls = {
+        let mut roots = rustls::RootCertStore::empty();
+        for der in agentry::identity::ca::pem_to_ders(&ca) {
+            roots.add(der.into()).unwrap();
+        }
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    };
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", controller.api_port))
+        .await
+        .unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"POST /v1/agents/register HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(25), stream.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "the server must close a connection whose headers never finish"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "not before the header timeout"
+    );
+
     // The unauthenticated trust endpoints, with caching headers.
     let anon = api_client(&ca, None);
     let r = anon.get(format!("{api}/v1/ca.crt")).send().await.unwrap();
