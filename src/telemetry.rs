@@ -52,6 +52,13 @@ pub struct ErrorLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    /// The route template, e.g. `/v1/agents/{namespace}/{name}`.
+    pub route: String,
+    pub code: String,
+}
+
 /// The controller's metrics, served on `/metrics`.
 pub struct Metrics {
     registry: Registry,
@@ -66,6 +73,9 @@ pub struct Metrics {
     pub nearest_certificate_expiry: Gauge<f64, AtomicU64>,
     /// The signing CA's health (the same gauges as `ca_gauges()`).
     pub ca: CaGauges,
+    /// Agent API requests by route and status code.
+    pub api_requests: Family<ApiLabels, Counter>,
+    pub api_request_duration: Histogram,
 }
 
 /// The signing CA's health. Process-wide, because the identity authority that sets them is
@@ -144,8 +154,24 @@ impl Default for Metrics {
             "Seconds until the signing CA expires (negative once it has)",
             ca.expiry_seconds.clone(),
         );
+        let api_requests = Family::<ApiLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "Agent API requests by route and HTTP status",
+            api_requests.clone(),
+        );
+        let api_request_duration = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ]);
+        registry.register(
+            "api_request_duration_seconds",
+            "Time to answer an agent API request",
+            api_request_duration.clone(),
+        );
         Self {
             ca,
+            api_requests,
+            api_request_duration,
             registry,
             reconciles,
             reconcile_errors,

@@ -232,6 +232,10 @@ async fn registration_succeeds_only_with_the_agents_own_certificate_and_token() 
         before.metadata.resource_version, after.metadata.resource_version,
         "a repeated registration writes nothing"
     );
+    assert!(
+        controller.metric("agentry_api_requests_total").await >= Some(6.0),
+        "API requests are counted on /metrics"
+    );
 
     // Every wrong credential or claim: 401/403, and nothing changes.
     let spiffe_a = format!("spiffe://cluster.local/ns/{ns}/agent/alpha");

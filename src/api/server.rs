@@ -55,6 +55,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/crl", get(public::crl))
         .route("/v1/ca.crt", get(public::ca_bundle))
         .route("/v1/openapi.json", get(public::openapi))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .fallback(|| async { ApiError::not_found("no such route; see /v1/openapi.json") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -65,6 +66,35 @@ pub fn router(state: Arc<ApiState>) -> Router {
             )
         })
         .with_state(state)
+}
+
+/// Counts each routed request by route template and status (`agentry_api_requests_total`).
+async fn count(
+    axum::extract::State(state): axum::extract::State<Arc<ApiState>>,
+    request: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(metrics) = state.metrics.clone() else {
+        return next.run(request).await;
+    };
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_string();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    metrics
+        .api_request_duration
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .api_requests
+        .get_or_create(&crate::telemetry::ApiLabels {
+            route,
+            code: response.status().as_u16().to_string(),
+        })
+        .inc();
+    response
 }
 
 /// Accepts any client certificate in the handshake, after the handshake has proved the

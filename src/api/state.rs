@@ -59,6 +59,8 @@ pub struct ApiState {
     pub(crate) tokens: super::auth::TokenCache,
     /// Signed cards by Agent uid + generation + signing key.
     pub(crate) cards: Mutex<HashMap<String, Arc<[u8]>>>,
+    /// Request counts and latencies, when served by the controller.
+    pub metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
 
 impl ApiState {
@@ -81,7 +83,14 @@ impl ApiState {
             certs: Default::default(),
             tokens: Default::default(),
             cards: Default::default(),
+            metrics: None,
         }
+    }
+
+    /// Counts requests into the controller's metrics.
+    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// An Agent from the watch cache (None when absent or undecodable).

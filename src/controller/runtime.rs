@@ -264,17 +264,20 @@ async fn start_api(
     role: Arc<std::sync::atomic::AtomicU8>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use crate::api::{cluster, server, state};
-    let state = Arc::new(state::ApiState::new(
-        ctx.authority.clone(),
-        agents.clone(),
-        ctx.stores.namespaces.clone(),
-        Arc::new(cluster::KubeRegistrar(ctx.client.clone())),
-        Arc::new(cluster::KubeTokenReviewer(ctx.client.clone())),
-        state::ApiSettings {
-            public_url: api.public_url.clone(),
-            csr_audience: api.csr_audience.clone(),
-        },
-    ));
+    let state = Arc::new(
+        state::ApiState::new(
+            ctx.authority.clone(),
+            agents.clone(),
+            ctx.stores.namespaces.clone(),
+            Arc::new(cluster::KubeRegistrar(ctx.client.clone())),
+            Arc::new(cluster::KubeTokenReviewer(ctx.client.clone())),
+            state::ApiSettings {
+                public_url: api.public_url.clone(),
+                csr_audience: api.csr_audience.clone(),
+            },
+        )
+        .with_metrics(ctx.metrics.clone()),
+    );
     let listener = tokio::net::TcpListener::bind(api.addr)
         .await
         .with_context(|| format!("binding the agent API on {}", api.addr))?;
