@@ -132,8 +132,14 @@ fn user_agent(headers: &HeaderMap) -> Option<String> {
     (!clean.is_empty()).then_some(clean)
 }
 
+/// At most [`MAX_REGISTRATION_WRITES`] registration writes per Agent in this window: a client
+/// that keeps changing what it registers cannot flood the apiserver (and the reconciler).
+pub const REGISTRATION_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+pub const MAX_REGISTRATION_WRITES: usize = 5;
+
 /// Writes the registration unless the same one is already recorded (then nothing is written
-/// and the first `registeredAt` stands).
+/// and the first `registeredAt` stands). One write at a time per Agent, at most
+/// [`MAX_REGISTRATION_WRITES`] per [`REGISTRATION_WINDOW`].
 async fn record_registration(
     state: &ApiState,
     cert: &CertCaller,
@@ -144,25 +150,71 @@ async fn record_registration(
     let same = |r: &RegistrationStatus| {
         r.capabilities == capabilities && r.client_version == client_version
     };
-    {
+    let lock = {
         let mut known = state
             .registrations
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let stored = cert
-            .agent
-            .status
-            .as_ref()
-            .and_then(|s| s.registration.as_ref());
-        if let Some(r) = known
-            .get(&uid)
-            .filter(|r| same(r))
-            .or(stored.filter(|r| same(r)))
-        {
-            let r = r.clone();
-            known.insert(uid, r.clone());
-            return Ok(r);
+        if known.len() > state.agents.len() + 1024 {
+            known.retain(|_, r| {
+                std::sync::Arc::strong_count(&r.lock) > 1
+                    || r.writes
+                        .back()
+                        .is_some_and(|t| t.elapsed() < REGISTRATION_WINDOW)
+            });
         }
+        known
+            .entry(uid.clone())
+            .or_insert_with(|| super::state::Registered {
+                registration: None,
+                writes: Default::default(),
+                lock: Default::default(),
+            })
+            .lock
+            .clone()
+    };
+    let _one_at_a_time = lock.lock().await;
+    let last = state
+        .registrations
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&uid)
+        .cloned();
+    // What we wrote last (the watch cache may not have it yet), else what is stored.
+    let stored = cert
+        .agent
+        .status
+        .as_ref()
+        .and_then(|s| s.registration.clone());
+    let current = last
+        .as_ref()
+        .and_then(|l| l.registration.clone())
+        .or(stored);
+    if let Some(r) = current.filter(|r| same(r)) {
+        return Ok(r);
+    }
+    let recent: Vec<std::time::Instant> = last
+        .as_ref()
+        .map(|l| {
+            l.writes
+                .iter()
+                .copied()
+                .filter(|t| t.elapsed() < REGISTRATION_WINDOW)
+                .collect()
+        })
+        .unwrap_or_default();
+    if recent.len() >= MAX_REGISTRATION_WRITES {
+        let wait = REGISTRATION_WINDOW.saturating_sub(recent[0].elapsed());
+        return Err(ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            Some("capabilities"),
+            format!(
+                "the registration changed {MAX_REGISTRATION_WRITES} times in the last {}s; retry in {}s",
+                REGISTRATION_WINDOW.as_secs(),
+                wait.as_secs().max(1)
+            ),
+        ));
     }
     let registration = RegistrationStatus {
         registered_at: rfc3339_now(),
@@ -177,11 +229,16 @@ async fn record_registration(
             tracing::warn!(agent = %cert.id(), error = %e, "recording a registration failed");
             ApiError::unavailable("the registration could not be recorded; retry shortly")
         })?;
-    state
+    if let Some(entry) = state
         .registrations
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(uid, registration.clone());
+        .get_mut(&uid)
+    {
+        entry.registration = Some(registration.clone());
+        entry.writes = recent.into_iter().collect();
+        entry.writes.push_back(std::time::Instant::now());
+    }
     Ok(registration)
 }
 

@@ -20,7 +20,7 @@ use axum::http::header::AUTHORIZATION;
 use super::error::ApiError;
 use super::state::{ApiState, CachedAgent};
 use crate::identity::ca::{self, CertificateAuthority};
-use crate::identity::jwt::{Claims, VerifyError};
+use crate::identity::jwt::{Claims, TokenIssuer, VerifyError};
 use crate::identity::store::{CertRecord, CertState};
 
 /// The certificate the client presented on this connection (DER), if any.
@@ -66,8 +66,9 @@ struct Chained {
     not_after: i64,
 }
 
-/// Chain-check outcomes by certificate SHA-256.
-type Outcomes = HashMap<String, Result<Chained, String>>;
+/// Certificates that passed the chain check, by SHA-256 (failures are not kept: an anonymous
+/// client could otherwise flush everyone's entries with self-signed certificates).
+type Outcomes = HashMap<String, Chained>;
 
 /// Chain checks by certificate SHA-256, valid for one trust bundle (its hash is kept beside).
 #[derive(Default)]
@@ -91,17 +92,17 @@ impl CertCache {
             if guard.0 == bundle_key
                 && let Some(hit) = guard.1.get(&fingerprint)
             {
-                return hit.clone();
+                return Ok(hit.clone());
             }
         }
-        let result = chain(der, &fingerprint, &cas());
+        let chained = chain(der, &fingerprint, &cas())?;
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if guard.0 != bundle_key || guard.1.len() >= CERT_CACHE_MAX {
             guard.0 = bundle_key.to_string();
             guard.1.clear();
         }
-        guard.1.insert(fingerprint, result.clone());
-        result
+        guard.1.insert(fingerprint, chained.clone());
+        Ok(chained)
     }
 }
 
@@ -224,6 +225,15 @@ pub async fn certificate(state: &ApiState, peer: &PeerCertificate) -> Result<Cer
                 ),
             )
         })?;
+    if agent.metadata.deletion_timestamp.is_some() {
+        return Err(ApiError::forbidden(
+            "client_certificate",
+            format!(
+                "Agent {}/{} is being deleted",
+                record.namespace, record.name
+            ),
+        ));
+    }
     Ok(CertCaller {
         agent,
         record,
@@ -284,7 +294,7 @@ pub async fn caller(
         ));
     }
     if let Some(scope) = scope
-        && !claims.has_scope(scope)
+        && !(claims.has_scope(scope) && currently_allowed(state, &cert, scope))
     {
         return Err(ApiError::forbidden(
             "scope",
@@ -302,10 +312,13 @@ pub async fn caller(
 /// over the same bytes with the same keys cannot change, so this skips only the ES256 math.
 #[derive(Default)]
 pub struct TokenCache {
-    inner: Mutex<(usize, HashMap<[u8; 32], Claims>)>,
+    /// The key ring the entries were verified with (held, so its address cannot be reused).
+    inner: Mutex<(Option<Arc<TokenIssuer>>, VerifiedTokens)>,
 }
 
 const TOKEN_CACHE_MAX: usize = 50_000;
+
+type VerifiedTokens = HashMap<[u8; 32], Claims>;
 
 impl TokenCache {
     pub fn verify(
@@ -317,7 +330,9 @@ impl TokenCache {
         use sha2::{Digest, Sha256};
         let tokens = state.authority.tokens();
         // The key ring is replaced (a new Arc) whenever its keys change.
-        let ring = Arc::as_ptr(&tokens) as usize;
+        let same_ring = |held: &Option<Arc<TokenIssuer>>| {
+            held.as_ref().is_some_and(|h| Arc::ptr_eq(h, &tokens))
+        };
         let mut hasher = Sha256::new();
         hasher.update(token.as_bytes());
         hasher.update([0]);
@@ -325,7 +340,7 @@ impl TokenCache {
         let key: [u8; 32] = hasher.finalize().into();
         let cached = {
             let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            (guard.0 == ring)
+            same_ring(&guard.0)
                 .then(|| guard.1.get(&key).cloned())
                 .flatten()
         };
@@ -340,8 +355,8 @@ impl TokenCache {
                     other => ApiError::unauthenticated("authorization", other.to_string()),
                 })?;
                 let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-                if guard.0 != ring || guard.1.len() >= TOKEN_CACHE_MAX {
-                    guard.0 = ring;
+                if !same_ring(&guard.0) || guard.1.len() >= TOKEN_CACHE_MAX {
+                    guard.0 = Some(tokens.clone());
                     guard.1.clear();
                 }
                 guard.1.insert(key, c.clone());
@@ -364,4 +379,20 @@ impl TokenCache {
         }
         Ok(claims)
     }
+}
+
+/// Whether the Agent holds `scope` now: in its spec.permissions and allowed by its namespace's
+/// policy. A token minted before either was narrowed carries the old scope until it expires;
+/// this makes the narrowing apply at once.
+fn currently_allowed(state: &ApiState, cert: &CertCaller, scope: &str) -> bool {
+    let ns = cert.namespace();
+    let policy = state.namespace_annotation(ns, crate::keys::ALLOWED_PERMISSIONS_ANNOTATION);
+    let Ok(allowed) = crate::identity::scopes::allowed(ns, policy.as_deref()) else {
+        return false;
+    };
+    cert.agent
+        .spec
+        .permissions
+        .iter()
+        .any(|p| p.as_str() == scope && allowed.contains(p))
 }

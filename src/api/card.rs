@@ -215,9 +215,10 @@ pub async fn get_card(
         .agent(&namespace, &name)
         .ok_or_else(|| ApiError::not_found(format!("no Agent {namespace}/{name}")))?;
     let tokens = state.authority.tokens();
-    let key = format!(
-        "{}:{}:{}",
-        agent.uid().unwrap_or_default(),
+    // One entry per Agent (bounded by the fleet), replaced when its spec or the key changes.
+    let uid = agent.uid().unwrap_or_default();
+    let version = format!(
+        "{}:{}",
         agent.metadata.generation.unwrap_or_default(),
         tokens.active_key().kid
     );
@@ -225,8 +226,9 @@ pub async fn get_card(
         .cards
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .get(&key)
-        .cloned();
+        .get(&uid)
+        .filter(|(v, _)| *v == version)
+        .map(|(_, body)| body.clone());
     let body = match cached {
         Some(body) => body,
         None => {
@@ -237,10 +239,18 @@ pub async fn get_card(
                 .map_err(ApiError::internal)?
                 .into();
             let mut cards = state.cards.lock().unwrap_or_else(|p| p.into_inner());
-            if cards.len() > 20_000 {
-                cards.clear();
+            // Agents deleted since are dropped now and then.
+            if cards.len() > state.agents.len() + 1024 {
+                let live: std::collections::HashSet<String> = state
+                    .agents
+                    .state()
+                    .iter()
+                    .filter_map(|g| super::state::CachedAgent::new(g.clone()))
+                    .filter_map(|a| a.uid())
+                    .collect();
+                cards.retain(|k, _| live.contains(k));
             }
-            cards.insert(key, body.clone());
+            cards.insert(uid, (version, body.clone()));
             body
         }
     };

@@ -92,6 +92,30 @@ pub fn check_csr(pem: &str, allowed_sans: &[String]) -> Result<Vec<u8>, ApiError
     Ok(spki.raw.to_vec())
 }
 
+/// Refuses, without asking the apiserver, what cannot be a valid ServiceAccount token for
+/// `audience`: not a JWT, another audience, or expired.
+fn precheck(token: &str, audience: &str) -> Result<(), ApiError> {
+    let refuse = |m: &str| ApiError::unauthenticated("authorization", m.to_string());
+    let claims = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(token)
+        .map_err(|_| refuse("the ServiceAccount token is not a JWT"))?
+        .claims;
+    let aud_ok = match &claims["aud"] {
+        serde_json::Value::String(a) => a == audience,
+        serde_json::Value::Array(list) => list.iter().any(|a| a == audience),
+        _ => false,
+    };
+    if !aud_ok {
+        return Err(refuse(&format!(
+            "the ServiceAccount token is not for audience {audience:?}; request one with `kubectl create token <agent> --audience {audience}`"
+        )));
+    }
+    let now = jsonwebtoken::get_current_timestamp();
+    if claims["exp"].as_u64().is_none_or(|exp| exp <= now) {
+        return Err(refuse("the ServiceAccount token has expired"));
+    }
+    Ok(())
+}
+
 #[utoipa::path(
     post, path = "/v1/agents/{namespace}/{name}/csr", tag = "bootstrap",
     params(("namespace" = String, Path), ("name" = String, Path)),
@@ -112,6 +136,13 @@ pub async fn sign_csr(
 ) -> Result<Json<CsrResponse>, ApiError> {
     let token = auth::bearer(&headers)?;
     let audience = &state.settings.csr_audience;
+    // A cheap look before asking the apiserver: a JWT for our audience, not expired.
+    precheck(token, audience)?;
+    let _review_slot = state
+        .reviews
+        .acquire()
+        .await
+        .map_err(|_| ApiError::unavailable("shutting down"))?;
     let user = state
         .reviewer
         .review(token, audience)
@@ -138,6 +169,12 @@ pub async fn sign_csr(
     let agent = state
         .agent(&namespace, &name)
         .ok_or_else(|| ApiError::not_found(format!("no Agent {namespace}/{name}")))?;
+    if agent.metadata.deletion_timestamp.is_some() {
+        return Err(ApiError::forbidden(
+            "path",
+            format!("Agent {namespace}/{name} is being deleted"),
+        ));
+    }
     let bytes = body::read_limited(body).await?;
     let req: CsrRequest = body::parse_json(body::content_type(&headers), &bytes)?;
     let authority = state.authority.clone();
@@ -177,6 +214,28 @@ pub async fn sign_csr(
     .await
     .map_err(ApiError::internal)?
     .map_err(ApiError::internal)?;
+    // The previous CSR certificate's key is cut off: one bootstrapped key at a time.
+    let (ledger, uid_key, serial) = (
+        authority.ledger.clone(),
+        leaf.record.agent_uid.clone(),
+        leaf.record.serial.clone(),
+    );
+    let revoked = tokio::task::spawn_blocking(move || {
+        ledger.revoke_others(
+            &uid_key,
+            &serial,
+            crate::identity::store::RevocationReason::Superseded,
+            time::OffsetDateTime::now_utc().unix_timestamp(),
+        )
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    if !revoked.is_empty()
+        && let Err(e) = state.registrar.publish_crl(&authority).await
+    {
+        tracing::warn!(error = %e, "publishing the CRL after a CSR failed; the next upkeep will");
+    }
     let now = jsonwebtoken::get_current_timestamp();
     let (token, claims) = authority
         .tokens()

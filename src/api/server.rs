@@ -36,6 +36,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest request head (HTTP/1.1 buffer; HTTP/2 header list).
 const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 4096;
+/// HTTP/2 pings an idle connection this often and drops it when unanswered.
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
 /// How long the API's own certificate lives (shortened by the testing divisor).
 const SERVER_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -297,6 +301,7 @@ pub fn serve_on(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let handle = tokio::spawn(async move {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let (tcp, _remote) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -309,9 +314,15 @@ pub fn serve_on(
                     }
                 },
             };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                // Full: refuse at once rather than queue.
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let (acceptor, app, watcher) = (acceptor.clone(), app.clone(), graceful.watcher());
             tokio::spawn(async move {
+                let _permit = permit;
                 let Ok(Ok(stream)) =
                     tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 else {
@@ -358,7 +369,9 @@ pub fn serve_on(
                 builder
                     .http2()
                     .timer(TokioTimer::new())
-                    .max_header_list_size(MAX_HEADER_BYTES as u32);
+                    .max_header_list_size(MAX_HEADER_BYTES as u32)
+                    .keep_alive_interval(H2_KEEPALIVE)
+                    .keep_alive_timeout(Duration::from_secs(10));
                 let connection = builder.serve_connection(TokioIo::new(stream), service);
                 let connection = watcher.watch(connection.into_owned());
                 let _ = connection.await;

@@ -22,6 +22,11 @@ pub trait Registrar: Send + Sync {
         name: &'a str,
         registration: &'a RegistrationStatus,
     ) -> BoxFuture<'a, Result<(), String>>;
+
+    /// Publishes the CRL after the API revoked something (default: nothing to publish to).
+    fn publish_crl<'a>(&'a self, _authority: &'a Authority) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Who a Kubernetes ServiceAccount token belongs to, per the apiserver (TokenReview).
@@ -51,14 +56,17 @@ pub struct ApiState {
     pub registrar: Arc<dyn Registrar>,
     pub reviewer: Arc<dyn TokenReviewer>,
     pub settings: ApiSettings,
-    /// The last registration written per Agent uid, so a repeat writes nothing.
-    pub(crate) registrations: Mutex<HashMap<String, RegistrationStatus>>,
+    /// The last registration written per Agent uid and when, so a repeat writes nothing and
+    /// changes are rate-limited; with a lock per Agent so writes do not race.
+    pub(crate) registrations: Mutex<HashMap<String, Registered>>,
+    /// At most this many TokenReviews (CSR bootstrap) in flight.
+    pub(crate) reviews: tokio::sync::Semaphore,
     /// Verified client certificates by SHA-256, per trust bundle.
     pub(crate) certs: super::auth::CertCache,
     /// Tokens already verified (signature, iss, aud), per key ring.
     pub(crate) tokens: super::auth::TokenCache,
-    /// Signed cards by Agent uid + generation + signing key.
-    pub(crate) cards: Mutex<HashMap<String, Arc<[u8]>>>,
+    /// Signed cards by Agent uid, with the generation and signing key they were made for.
+    pub(crate) cards: Mutex<HashMap<String, SignedCard>>,
     /// Request counts and latencies, when served by the controller.
     pub metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
@@ -80,6 +88,7 @@ impl ApiState {
             reviewer,
             settings,
             registrations: Default::default(),
+            reviews: tokio::sync::Semaphore::new(8),
             certs: Default::default(),
             tokens: Default::default(),
             cards: Default::default(),
@@ -116,6 +125,18 @@ impl ApiState {
         )
     }
 }
+
+/// What the API last wrote for an Agent.
+#[derive(Clone)]
+pub(crate) struct Registered {
+    pub registration: Option<RegistrationStatus>,
+    /// When it wrote recently (within the rate window).
+    pub writes: std::collections::VecDeque<std::time::Instant>,
+    pub lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A signed card's version (generation and key id) and its bytes.
+pub(crate) type SignedCard = (String, Arc<[u8]>);
 
 /// An Agent in the watch cache that decoded (shared, not copied).
 #[derive(Clone)]

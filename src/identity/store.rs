@@ -441,8 +441,9 @@ impl Ledger {
             let serials = tx
                 .prepare(
                     "UPDATE certificates SET state = 'revoked', revocation_reason = ?3, revoked_at = ?4
-                     WHERE agent_uid = ?1 AND state != 'revoked'
-                       AND (state = 'active' OR serial = ?2)
+                     WHERE state != 'revoked'
+                       AND ((agent_uid = ?1 AND (state = 'active' OR serial = ?2))
+                            OR (agent_uid = ?1 || '/csr' AND state = 'active'))
                      RETURNING serial",
                 )?
                 .query_map(params![agent_uid, deployed, reason.as_str(), now], |r| {
@@ -464,6 +465,32 @@ impl Ledger {
     ) -> Result<usize, StoreError> {
         self.revoke_agent_serials(agent_uid, reason, now)
             .map(|s| s.len())
+    }
+
+    /// Revokes the unexpired certificates recorded under `agent_uid` (the exact ledger key)
+    /// other than `keep`: when a CSR-bootstrapped agent gets a new certificate, the old key is
+    /// cut off rather than left valid until it expires. Returns the serials revoked now.
+    pub fn revoke_others(
+        &self,
+        agent_uid: &str,
+        keep: &str,
+        reason: RevocationReason,
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "UPDATE certificates SET state = 'revoked', revocation_reason = ?3, revoked_at = ?4
+                 WHERE agent_uid = ?1 AND serial != ?2 AND state != 'revoked' AND not_after > ?4
+                 RETURNING serial",
+            )
+            .map_err(self.sql())?;
+        stmt.query_map(params![agent_uid, keep, reason.as_str(), now], |r| {
+            r.get::<_, String>(0)
+        })
+        .map_err(self.sql())?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(self.sql())
     }
 
     /// Revokes every unexpired certificate of an agent, superseded ones included, and those

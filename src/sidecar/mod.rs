@@ -87,6 +87,8 @@ impl ApiClient {
             .tls_certs_only(roots)
             .identity(identity)
             .user_agent(USER_AGENT)
+            // The token never travels in clear.
+            .https_only(true)
             .timeout(Duration::from_secs(15))
             .build()
             .map_err(|e| e.to_string())?;
@@ -165,6 +167,9 @@ pub struct SidecarState {
     pub certificate_serial: Option<String>,
     pub registrations: u64,
     pub last_error: Option<String>,
+    /// The credentials `token` is bound to (what the local proxy presents with it).
+    #[serde(skip)]
+    pub creds: Option<Loaded>,
 }
 
 pub struct Sidecar {
@@ -184,7 +189,9 @@ fn serial_of(cert_pem: &str) -> Option<String> {
 fn refresh_in(token: &str) -> Option<u64> {
     let c = crate::identity::jwt::peek_claims(token)?;
     let now = jsonwebtoken::get_current_timestamp();
-    let due = c.iat + (c.exp.saturating_sub(c.iat)) * 4 / 5;
+    // The mounted token is tenant-writable: no arithmetic on it may overflow.
+    let life = u128::from(c.exp.saturating_sub(c.iat));
+    let due = u64::try_from(u128::from(c.iat) + life * 4 / 5).unwrap_or(u64::MAX);
     Some(due.saturating_sub(now))
 }
 
@@ -198,6 +205,9 @@ impl Sidecar {
         stop: tokio_util::sync::CancellationToken,
     ) {
         let mut current: Option<(Loaded, ApiClient)> = None;
+        // The files the last successful registration was made with: a failed registration
+        // (API not up yet, a leader change) is retried at the next tick.
+        let mut registered_for: Option<Loaded> = None;
         let mut tick = tokio::time::interval(self.poll);
         loop {
             tokio::select! {
@@ -224,9 +234,14 @@ impl Sidecar {
             let Some((loaded, client)) = &current else {
                 continue;
             };
-            if let Err(e) = self.step(client, loaded, changed, &state).await {
-                tracing::warn!(error = %e, "sidecar step failed; retrying");
-                state.write().await.last_error = Some(e.to_string());
+            let register = registered_for.as_ref() != Some(loaded);
+            match self.step(client, loaded, changed, register, &state).await {
+                Ok(()) if register => registered_for = Some(loaded.clone()),
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "sidecar step failed; retrying");
+                    state.write().await.last_error = Some(e.to_string());
+                }
             }
         }
     }
@@ -236,6 +251,7 @@ impl Sidecar {
         client: &ApiClient,
         loaded: &Loaded,
         changed: bool,
+        register: bool,
         state: &Arc<RwLock<SidecarState>>,
     ) -> Result<(), ClientError> {
         // After a change, the mounted token (bound to the mounted certificate); otherwise ours.
@@ -255,7 +271,7 @@ impl Sidecar {
         let expires = crate::identity::jwt::peek_claims(&token)
             .and_then(|c| jiff::Timestamp::from_second(c.exp as i64).ok())
             .map(|t| t.to_string());
-        if changed {
+        if register {
             let answer = client
                 .register(
                     &token,
@@ -271,6 +287,7 @@ impl Sidecar {
         let mut s = state.write().await;
         s.token = Some(token);
         s.token_expires_at = expires;
+        s.creds = Some(loaded.clone());
         s.last_error = None;
         Ok(())
     }
@@ -290,8 +307,15 @@ pub fn local_router(
     use axum::{Json, Router};
     type Shared = (Arc<RwLock<SidecarState>>, String, IdentityFiles, String);
     async fn proxied(s: &Shared, path: String) -> (StatusCode, Json<Value>) {
-        let token = s.0.read().await.token.clone().unwrap_or_default();
-        let client = match s.2.load().and_then(|l| ApiClient::new(&s.1, &l)) {
+        // The token and the certificate it is bound to, from one snapshot.
+        let (token, creds) = {
+            let st = s.0.read().await;
+            (st.token.clone().unwrap_or_default(), st.creds.clone())
+        };
+        let client = match creds
+            .ok_or_else(|| "not registered yet".to_string())
+            .and_then(|l| ApiClient::new(&s.1, &l))
+        {
             Ok(c) => c,
             Err(e) => {
                 return (
