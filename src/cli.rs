@@ -130,12 +130,8 @@ pub struct SidecarArgs {
 /// `agentry register`: exit 0 with the answer on stdout; 2 when the API refuses (its error on
 /// stderr); 1 on local problems.
 pub fn run_register(args: RegisterArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting the async runtime failed: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async {
         let creds = &args.creds;
@@ -181,12 +177,8 @@ pub fn run_register(args: RegisterArgs) -> ExitCode {
 
 /// `agentry sidecar`: runs until SIGTERM.
 pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting the async runtime failed: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async {
         let creds = args.creds;
@@ -269,13 +261,16 @@ pub struct CaArgs {
     ca_secret: String,
 }
 
+/// A multi-threaded tokio runtime, or None after saying why on stderr.
+pub fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new()
+        .map_err(|e| eprintln!("error: starting the async runtime failed: {e}"))
+        .ok()
+}
+
 pub fn run_ca(command: CaCommand) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting the async runtime failed: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(async {
         let client = kube::Client::try_default()

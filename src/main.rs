@@ -49,12 +49,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: starting the async runtime failed: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = cli::runtime() else {
+                return ExitCode::FAILURE;
             };
             match runtime.block_on(agentry::controller::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -114,14 +114,7 @@ fn chain(
 ) -> Result<Chained, String> {
     let (_, leaf) = x509_parser::parse_x509_certificate(der)
         .map_err(|_| "the client certificate does not parse".to_string())?;
-    let issuer = cas
-        .iter()
-        .find(|authority| {
-            x509_parser::parse_x509_certificate(authority.cert_der()).is_ok_and(|(_, ca_cert)| {
-                leaf.issuer() == ca_cert.subject()
-                    && leaf.verify_signature(Some(ca_cert.public_key())).is_ok()
-            })
-        })
+    let issuer = crate::identity::trust::issuer_of(&leaf, cas)
         .ok_or("the client certificate is not issued by a CA this registry trusts")?;
     if leaf.is_ca() {
         return Err("the client certificate is a CA certificate".into());

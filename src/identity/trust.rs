@@ -43,6 +43,19 @@ pub fn claimed_serial(cert_pem: &str) -> Option<String> {
     ca::leaf_facts(cert_pem).map(|f| f.serial)
 }
 
+/// The CA among `cas` that signed `leaf` (subject match and a verified signature).
+pub fn issuer_of<'a>(
+    leaf: &x509_parser::certificate::X509Certificate<'_>,
+    cas: &'a [Arc<CertificateAuthority>],
+) -> Option<&'a Arc<CertificateAuthority>> {
+    cas.iter().find(|authority| {
+        x509_parser::parse_x509_certificate(authority.cert_der()).is_ok_and(|(_, ca_cert)| {
+            leaf.issuer() == ca_cert.subject()
+                && leaf.verify_signature(Some(ca_cert.public_key())).is_ok()
+        })
+    })
+}
+
 /// Verifies a stored certificate and key against our CAs and the ledger row of its serial
 /// (`record`, looked up by [`claimed_serial`]) for the Agent with uid `agent_uid`.
 pub fn verify_leaf(
@@ -58,15 +71,7 @@ pub fn verify_leaf(
     let der = ca::pem_to_der(cert_pem).ok_or(Untrusted::Unparseable)?;
     let (_, leaf) =
         x509_parser::parse_x509_certificate(&der).map_err(|_| Untrusted::Unparseable)?;
-    let issuer = cas
-        .iter()
-        .find(|authority| {
-            x509_parser::parse_x509_certificate(authority.cert_der()).is_ok_and(|(_, ca_cert)| {
-                leaf.issuer() == ca_cert.subject()
-                    && leaf.verify_signature(Some(ca_cert.public_key())).is_ok()
-            })
-        })
-        .ok_or(Untrusted::ForeignIssuer)?;
+    let issuer = issuer_of(&leaf, cas).ok_or(Untrusted::ForeignIssuer)?;
     let facts = ca::leaf_facts(cert_pem).ok_or(Untrusted::Unparseable)?;
     let serial = facts.serial.clone();
     let record = record
