@@ -368,3 +368,75 @@ pub fn local_router(
         )
         .with_state((state, api, files, id))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::jwt::{Claims, SigningKey, TokenIssuer};
+
+    fn token(iat: u64, exp: u64) -> String {
+        let issuer = TokenIssuer::new(
+            "i".into(),
+            "a".into(),
+            vec![SigningKey::generate(0).unwrap()],
+        )
+        .unwrap();
+        issuer
+            .sign(&Claims {
+                iss: "i".into(),
+                sub: "s".into(),
+                aud: "a".into(),
+                iat,
+                nbf: iat,
+                exp,
+                jti: "j".into(),
+                scope: String::new(),
+                cnf: None,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn refresh_at_four_fifths_of_the_life_without_overflow() {
+        let now = jsonwebtoken::get_current_timestamp();
+        let fresh = refresh_in(&token(now, now + 1000)).unwrap();
+        assert!((790..=800).contains(&fresh), "{fresh}");
+        assert_eq!(
+            refresh_in(&token(now - 1000, now + 10)),
+            Some(0),
+            "past 80%: now"
+        );
+        // A hostile mounted token cannot overflow the arithmetic.
+        assert_eq!(
+            refresh_in(&token(u64::MAX - 1, u64::MAX)),
+            Some(u64::MAX - 1 - now)
+        );
+        assert_eq!(refresh_in(&token(u64::MAX, 0)), Some(u64::MAX - now));
+        assert_eq!(refresh_in("not a token"), None);
+    }
+
+    #[test]
+    fn the_register_request_carries_prefs_only_when_given() {
+        let caps = vec!["a".to_string()];
+        let r = register_request("ns/n", &caps, None);
+        assert_eq!(r, serde_json::json!({"id": "ns/n", "capabilities": ["a"]}));
+        let r = register_request(
+            "ns/n",
+            &caps,
+            Some(serde_json::json!({"schedule": "@daily"})),
+        );
+        assert_eq!(r["backup_prefs"]["schedule"], "@daily");
+    }
+
+    #[test]
+    fn unparseable_credentials_are_an_error_not_a_panic() {
+        let loaded = Loaded {
+            cert: String::new(),
+            key: String::new(),
+            ca: String::new(),
+            token: None,
+        };
+        // Unparseable credentials are a clear error, not a panic.
+        assert!(ApiClient::new("https://x", &loaded).is_err());
+    }
+}
