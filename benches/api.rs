@@ -240,6 +240,18 @@ async fn fixture(cancel: CancellationToken) -> Fixture {
     assert_eq!(agents_store.len(), AGENTS);
     let (namespaces, mut ns_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
     ns_writer.apply_watcher_event(&watcher::Event::Init);
+    // The namespace allows agents:discover (as a cluster operator would annotate it), so the
+    // discovery callers' tokens are honoured.
+    let mut bench_ns = PartialObjectMeta::<Namespace>::default();
+    bench_ns.metadata.name = Some("bench".into());
+    bench_ns.metadata.annotations = Some(
+        [(
+            agentry::keys::ALLOWED_PERMISSIONS_ANNOTATION.to_string(),
+            "*".to_string(),
+        )]
+        .into(),
+    );
+    ns_writer.apply_watcher_event(&watcher::Event::InitApply(bench_ns));
     ns_writer.apply_watcher_event(&watcher::Event::InitDone);
 
     let registrar = Arc::new(CountingRegistrar::default());
