@@ -1553,3 +1553,63 @@ async fn the_cli_and_sidecar_register_keep_a_token_and_follow_rotation() {
     .await;
     assert_eq!(s, 200, "{body}");
 }
+
+/// The serial of the certificate the API serves now.
+async fn served_serial(port: u16, ca: &str) -> Option<String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in agentry::identity::ca::pem_to_ders(ca) {
+        roots.add(der.into()).ok()?;
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("127.0.0.1".try_into().ok()?, tcp)
+        .await
+        .ok()?;
+    let der = stream.get_ref().1.peer_certificates()?.first()?.to_vec();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(agentry::identity::ca::hex(cert.raw_serial()))
+}
+
+#[tokio::test]
+async fn the_api_certificate_is_renewed_like_any_leaf() {
+    let (client, ns) = setup("api-renew").await;
+    let ns = ns.name.clone();
+    // Lifetimes divided by 3000: the API's 24h certificate lives about 29 s.
+    let mut opts = ControllerOptions::new(&ns);
+    opts.extra_args = vec!["--ttl-divisor".into(), "3000".into()];
+    let controller = ControllerProcess::start(opts);
+    create_and_wait(
+        &client,
+        &ns,
+        "renew",
+        Duration::from_secs(90),
+        "identity",
+        identity_issued,
+    )
+    .await;
+    wait_api(&controller).await;
+    let ca = api_ca(&client, &ns).await;
+    let first = served_serial(controller.api_port, &ca)
+        .await
+        .expect("the API serves a certificate our CA signed");
+    let ledger = Ledger::open(&controller.data_dir()).unwrap();
+    assert!(
+        ledger.get(&first).unwrap().is_some(),
+        "the API's certificate is in the ledger"
+    );
+    eventually(
+        Duration::from_secs(90),
+        "the API's certificate to be renewed",
+        || {
+            let (ca, first) = (ca.clone(), first.clone());
+            let port = controller.api_port;
+            async move { served_serial(port, &ca).await.is_some_and(|s| s != first) }
+        },
+    )
+    .await;
+}
