@@ -49,14 +49,19 @@ PYTHON_VENV := $(AGENTRY_CACHE)/venv
 export AGENTRY_PYTHON ?= $(PYTHON_VENV)/bin/python3
 
 .PHONY: pyenv
-pyenv: ## Python venv for the tests' independent checks (PyJWT, a2a-sdk) and the example client (httpx)
+pyenv: ## Python venv for the tests' independent checks (PyJWT, a2a-sdk, boto3, blake3) and the example client (httpx)
 	@test -x $(PYTHON_VENV)/bin/python3 || python3 -m venv $(PYTHON_VENV)
-	@$(PYTHON_VENV)/bin/python3 -c 'import jwt, cryptography, a2a, httpx' 2>/dev/null || \
+	@$(PYTHON_VENV)/bin/python3 -c 'import jwt, cryptography, a2a, httpx, boto3, blake3' 2>/dev/null || \
 	  $(PYTHON_VENV)/bin/python3 -m pip install -q 'pyjwt[crypto]==2.15.1' 'a2a-sdk[signing]==1.3.0' \
-	    -r examples/python/requirements.txt
+	    'boto3==1.44.8' 'blake3==1.0.11' -r examples/python/requirements.txt
 
 .PHONY: e2e
-e2e: cluster-up pyenv ## End-to-end tests against the local control plane
+.PHONY: s3-up
+s3-up: ## Build (cached) and start the two local S3 stores: versitygw (primary) and SeaweedFS (secondary)
+	hack/build-s3
+	hack/s3-stores up >/dev/null
+
+e2e: cluster-up pyenv s3-up ## End-to-end tests against the local control plane and S3 stores
 	KUBECONFIG=$(KUBECONFIG_LOCAL) cargo test --test '*' -- --test-threads=2
 
 .PHONY: test
