@@ -68,13 +68,14 @@ e2e: cluster-up pyenv s3-up ## End-to-end tests against the local control plane 
 test: lint unit e2e ## Everything: fmt, clippy, unit and end-to-end tests
 
 .PHONY: demo
-demo: build cluster-up ## Local control plane + CRDs + controller + examples, then what to look at
+demo: build cluster-up s3-up ## Local control plane, S3 stores, CRDs, controller, examples, then what to look at
 	hack/demo up
 
 .PHONY: demo-down
-demo-down: ## Stop the demo controller and the local control plane
+demo-down: ## Stop the demo controller, the local control plane and the S3 stores
 	hack/demo down
 	hack/local-cluster down
+	hack/s3-stores down
 
 .PHONY: bench
 bench: cluster-up ## Benchmarks (ratios against a baseline in the same run) -> target/bench/*.json
