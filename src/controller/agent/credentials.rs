@@ -366,7 +366,7 @@ pub async fn step(
     };
     let token_ttl = authority.scaled(spec.token_ttl).max(Duration::from_secs(1));
     let stored_token = stored.as_ref().and_then(|s| s.token.clone());
-    let (token, claims) = token(&t, &leaf, stored_token, token_ttl, ctx)?;
+    let (token, claims) = token(&t, &leaf, stored_token, token_ttl, ctx).await?;
     let desired = identity_secret(
         agent,
         &secret_name,
@@ -597,7 +597,7 @@ fn failpoint_after_commit(serial: &str) {
 /// Keeps the stored token when it verifies (our signature, a published key, bound to this
 /// certificate) and still fits; mints a new one otherwise. A new signing key does not re-mint
 /// every token at once: tokens move to it at their normal refresh.
-fn token(
+async fn token(
     t: &Target<'_>,
     leaf: &Leaf,
     stored: Option<String>,
@@ -623,13 +623,12 @@ fn token(
     // Scopes changed (e.g. the namespace narrowed what its agents may hold): the old token is
     // revoked by jti, so the API refuses it at once rather than at its expiry.
     if let (Some(TokenRefresh::ClaimsChanged), Some(Ok(old))) = (refresh, verified) {
-        ctx.authority.ledger.revoke_token(
-            &old.jti,
-            &leaf.facts.serial,
-            old.exp.min(i64::MAX as u64) as i64,
-            "claimsChanged",
-            t.now,
-        )?;
+        let (jti, serial, now) = (old.jti.clone(), leaf.facts.serial.clone(), t.now);
+        let exp = old.exp.min(i64::MAX as u64) as i64;
+        with_ledger(&ctx.authority, move |l| {
+            l.revoke_token(&jti, &serial, exp, "claimsChanged", now)
+        })
+        .await?;
         tracing::info!(agent = %format!("{}/{}", t.ns, t.name), jti = %old.jti, "revoked the token whose scopes changed");
     }
     let minted = tokens.mint(&t.spiffe, &scope, ttl, &leaf.der, t.now.max(0) as u64)?;
