@@ -1392,23 +1392,25 @@ async fn the_cli_and_sidecar_register_keep_a_token_and_follow_rotation() {
     // The sidecar, run as a local process over the same files (pods do not run on kwok).
     let port = free_port();
     let log = dir.path().join("sidecar.log");
-    let mut sidecar = std::process::Command::new(agentry)
-        .args(["sidecar", "--api", &api, "--identity-dir"])
-        .arg(dir.path())
-        .args([
-            "--id",
-            &id,
-            "--capabilities",
-            "summarize",
-            "--poll",
-            "1s",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("sidecar.err")).unwrap())
-        .spawn()
-        .unwrap();
+    let sidecar = KillOnDrop(
+        std::process::Command::new(agentry)
+            .args(["sidecar", "--api", &api, "--identity-dir"])
+            .arg(dir.path())
+            .args([
+                "--id",
+                &id,
+                "--capabilities",
+                "summarize",
+                "--poll",
+                "1s",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("sidecar.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let serial = agent
         .status
         .as_ref()
@@ -1457,7 +1459,7 @@ async fn the_cli_and_sidecar_register_keep_a_token_and_follow_rotation() {
         403,
         "discovery needs agents:discover, which this agent lacks"
     );
-    if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", sidecar.id())) {
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", sidecar.0.id())) {
         let rss = status
             .lines()
             .find(|l| l.starts_with("VmRSS"))
@@ -1504,8 +1506,7 @@ async fn the_cli_and_sidecar_register_keep_a_token_and_follow_rotation() {
         },
     )
     .await;
-    let _ = sidecar.kill();
-    let _ = sidecar.wait();
+    drop(sidecar);
 
     // Narrowed scopes revoke the old token by jti: refused at once, the new one works.
     let http = api_client(&ca, Some((&second.cert_pem, &second.key_pem)));
@@ -1612,4 +1613,14 @@ async fn the_api_certificate_is_renewed_like_any_leaf() {
         },
     )
     .await;
+}
+
+/// A child process killed (and reaped) when the test ends, whether it passes or panics.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
