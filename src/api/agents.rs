@@ -317,32 +317,55 @@ pub async fn token(
             e
         })?;
     }
-    let agent = &cert.agent;
-    let ns = cert.namespace();
-    let policy = state.namespace_annotation(ns, ALLOWED_PERMISSIONS_ANNOTATION);
-    scopes::check(ns, policy.as_deref(), &agent.spec.permissions)
-        .map_err(|e| ApiError::forbidden("spec.permissions", e.to_string()))?;
-    let ttl = agent
-        .spec
-        .validate()
-        .map_err(|e| ApiError::forbidden(e.field, e.to_string()))?
-        .token_ttl;
-    let ttl = state.authority.scaled(ttl);
-    let now = jsonwebtoken::get_current_timestamp();
-    let scope = agent.spec.scope();
-    let (token, claims) = state
-        .authority
-        .tokens()
-        .mint(&cert.record.spiffe_id, &scope, ttl, &cert.cert_der, now)
-        .map_err(ApiError::internal)?;
+    let grant = Grant::of(&state, &cert.agent)?;
+    let (token, claims) = grant.mint(&state, &cert.record.spiffe_id, &cert.cert_der)?;
     Ok(Json(TokenResponse {
         token,
         token_type: "Bearer".into(),
-        expires_at: jiff::Timestamp::from_second(claims.exp as i64)
-            .map(|t| t.to_string())
-            .unwrap_or_default(),
-        scope,
+        expires_at: super::rfc3339(claims.exp as i64),
+        scope: grant.scope,
     }))
+}
+
+/// What an Agent may be issued now: its scopes, checked against its namespace's policy, and
+/// its lifetimes, scaled by the testing divisor. Shared by `/v1/token` and CSR bootstrap.
+pub struct Grant {
+    pub scope: String,
+    pub token_ttl: std::time::Duration,
+    pub certificate_ttl: std::time::Duration,
+}
+
+impl Grant {
+    pub fn of(state: &ApiState, agent: &Agent) -> Result<Self, ApiError> {
+        let ns = agent.namespace().unwrap_or_default();
+        let policy = state.namespace_annotation(&ns, ALLOWED_PERMISSIONS_ANNOTATION);
+        scopes::check(&ns, policy.as_deref(), &agent.spec.permissions)
+            .map_err(|e| ApiError::forbidden("spec.permissions", e.to_string()))?;
+        let validated = agent
+            .spec
+            .validate()
+            .map_err(|e| ApiError::forbidden(e.field, e.to_string()))?;
+        Ok(Self {
+            scope: agent.spec.scope(),
+            token_ttl: state.authority.scaled(validated.token_ttl),
+            certificate_ttl: state.authority.scaled(validated.certificate_ttl),
+        })
+    }
+
+    /// A token for `spiffe_id`, bound to `cert_der`.
+    pub fn mint(
+        &self,
+        state: &ApiState,
+        spiffe_id: &str,
+        cert_der: &[u8],
+    ) -> Result<(String, crate::identity::jwt::Claims), ApiError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        state
+            .authority
+            .tokens()
+            .mint(spiffe_id, &self.scope, self.token_ttl, cert_der, now)
+            .map_err(ApiError::internal)
+    }
 }
 
 #[utoipa::path(

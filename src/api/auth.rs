@@ -18,6 +18,7 @@ use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 
 use super::error::ApiError;
+use super::rfc3339;
 use super::state::{ApiState, CachedAgent};
 use crate::identity::ca::{self, CertificateAuthority};
 use crate::identity::jwt::{Claims, TokenIssuer, VerifyError};
@@ -130,16 +131,6 @@ fn chain(
 
 fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
-}
-
-fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| unix.to_string())
 }
 
 /// Checks the presented certificate (steps 1 to 3).

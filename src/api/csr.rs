@@ -25,9 +25,10 @@ use super::body;
 use super::error::ApiError;
 use super::model::{CsrRequest, CsrResponse};
 use super::state::ApiState;
-use crate::identity::ca::{self, LeafRequest};
-use crate::identity::scopes;
-use crate::keys::ALLOWED_PERMISSIONS_ANNOTATION;
+use kube::ResourceExt;
+
+use crate::crd::Agent;
+use crate::identity::ca::{self, IssuedLeaf, LeafRequest};
 
 /// The largest CSR (PEM) accepted.
 pub const MAX_CSR_PEM: usize = 8 * 1024;
@@ -116,25 +117,14 @@ fn precheck(token: &str, audience: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-#[utoipa::path(
-    post, path = "/v1/agents/{namespace}/{name}/csr", tag = "bootstrap",
-    params(("namespace" = String, Path), ("name" = String, Path)),
-    request_body = CsrRequest,
-    responses(
-        (status = 200, body = CsrResponse, description = "A certificate for the CSR's key and a token bound to it"),
-        (status = 400, body = super::error::ErrorBody, description = "The CSR is refused"),
-        (status = 401, body = super::error::ErrorBody, description = "The ServiceAccount token is not valid for this audience"),
-        (status = 403, body = super::error::ErrorBody, description = "The token is not the Agent's ServiceAccount"),
-    ),
-    security(("serviceAccountToken" = []))
-)]
-pub async fn sign_csr(
-    State(state): State<Arc<ApiState>>,
-    Path((namespace, name)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<CsrResponse>, ApiError> {
-    let token = auth::bearer(&headers)?;
+/// The ServiceAccount token belongs to the Agent's own ServiceAccount (TokenReview, with the
+/// audience), or the request is refused.
+async fn check_service_account(
+    state: &ApiState,
+    token: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<(), ApiError> {
     let audience = &state.settings.csr_audience;
     // A cheap look before asking the apiserver: a JWT for our audience, not expired.
     precheck(token, audience)?;
@@ -166,44 +156,31 @@ pub async fn sign_csr(
             ),
         ));
     }
-    let agent = state
-        .agent(&namespace, &name)
-        .ok_or_else(|| ApiError::not_found(format!("no Agent {namespace}/{name}")))?;
-    if agent.metadata.deletion_timestamp.is_some() {
-        return Err(ApiError::forbidden(
-            "path",
-            format!("Agent {namespace}/{name} is being deleted"),
-        ));
-    }
-    let bytes = body::read_limited(body).await?;
-    let req: CsrRequest = body::parse_json(body::content_type(&headers), &bytes)?;
+    Ok(())
+}
+
+/// Issues a certificate for the CSR's key (recorded under `<uid>/csr`) and revokes the
+/// Agent's previous CSR certificate: one bootstrapped key at a time.
+async fn issue_replacing_previous(
+    state: &ApiState,
+    agent: &Agent,
+    spki: &[u8],
+    dns_names: Vec<String>,
+    ttl: std::time::Duration,
+) -> Result<IssuedLeaf, ApiError> {
     let authority = state.authority.clone();
-    let trust_domain = authority.config.trust_domain.clone();
-    let spiffe = ca::spiffe_id(&trust_domain, &namespace, &name);
-    let dns_names = ca::service_dns_names(&namespace, &name);
-    let allowed: Vec<String> = std::iter::once(spiffe.clone())
-        .chain(dns_names.clone())
-        .collect();
-    let spki = check_csr(&req.csr, &allowed)?;
-    let policy = state.namespace_annotation(&namespace, ALLOWED_PERMISSIONS_ANNOTATION);
-    scopes::check(&namespace, policy.as_deref(), &agent.spec.permissions)
-        .map_err(|e| ApiError::forbidden("spec.permissions", e.to_string()))?;
-    let validated = agent
-        .spec
-        .validate()
-        .map_err(|e| ApiError::forbidden(e.field, e.to_string()))?;
-    let public_key = rcgen::SubjectPublicKeyInfo::from_der(&spki)
+    let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki)
         .map_err(|_| ApiError::invalid(Some("csr"), "the CSR's public key does not parse"))?;
     let request = LeafRequest {
         agent_uid: format!(
             "{}{CSR_UID_SUFFIX}",
             agent.metadata.uid.clone().unwrap_or_default()
         ),
-        namespace: namespace.clone(),
-        name: name.clone(),
-        trust_domain,
+        namespace: agent.namespace().unwrap_or_default(),
+        name: agent.name_any(),
+        trust_domain: authority.config.trust_domain.clone(),
         dns_names,
-        ttl: authority.scaled(validated.certificate_ttl),
+        ttl,
     };
     let signer = authority.clone();
     let leaf = tokio::task::spawn_blocking(move || {
@@ -236,30 +213,58 @@ pub async fn sign_csr(
     {
         tracing::warn!(error = %e, "publishing the CRL after a CSR failed; the next upkeep will");
     }
-    let now = jsonwebtoken::get_current_timestamp();
-    let (token, claims) = authority
-        .tokens()
-        .mint(
-            &spiffe,
-            &agent.spec.scope(),
-            authority.scaled(validated.token_ttl),
-            &leaf.cert_der,
-            now,
-        )
-        .map_err(ApiError::internal)?;
-    let ts = |t: i64| {
-        jiff::Timestamp::from_second(t)
-            .map(|t| t.to_string())
-            .unwrap_or_default()
-    };
+    Ok(leaf)
+}
+
+#[utoipa::path(
+    post, path = "/v1/agents/{namespace}/{name}/csr", tag = "bootstrap",
+    params(("namespace" = String, Path), ("name" = String, Path)),
+    request_body = CsrRequest,
+    responses(
+        (status = 200, body = CsrResponse, description = "A certificate for the CSR's key and a token bound to it"),
+        (status = 400, body = super::error::ErrorBody, description = "The CSR is refused"),
+        (status = 401, body = super::error::ErrorBody, description = "The ServiceAccount token is not valid for this audience"),
+        (status = 403, body = super::error::ErrorBody, description = "The token is not the Agent's ServiceAccount"),
+    ),
+    security(("serviceAccountToken" = []))
+)]
+pub async fn sign_csr(
+    State(state): State<Arc<ApiState>>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<CsrResponse>, ApiError> {
+    let token = auth::bearer(&headers)?;
+    check_service_account(&state, token, &namespace, &name).await?;
+    let agent = state
+        .agent(&namespace, &name)
+        .ok_or_else(|| ApiError::not_found(format!("no Agent {namespace}/{name}")))?;
+    if agent.metadata.deletion_timestamp.is_some() {
+        return Err(ApiError::forbidden(
+            "path",
+            format!("Agent {namespace}/{name} is being deleted"),
+        ));
+    }
+    let bytes = body::read_limited(body).await?;
+    let req: CsrRequest = body::parse_json(body::content_type(&headers), &bytes)?;
+    let spiffe = ca::spiffe_id(&state.authority.config.trust_domain, &namespace, &name);
+    let dns_names = ca::service_dns_names(&namespace, &name);
+    let allowed: Vec<String> = std::iter::once(spiffe.clone())
+        .chain(dns_names.clone())
+        .collect();
+    let spki = check_csr(&req.csr, &allowed)?;
+    let grant = super::agents::Grant::of(&state, &agent)?;
+    let leaf =
+        issue_replacing_previous(&state, &agent, &spki, dns_names, grant.certificate_ttl).await?;
+    let (token, claims) = grant.mint(&state, &spiffe, &leaf.cert_der)?;
     tracing::info!(agent = %format!("{namespace}/{name}"), serial = %leaf.record.serial, "issued a certificate for a CSR");
     Ok(Json(CsrResponse {
         certificate: leaf.cert_pem,
-        ca_bundle: authority.bundle(),
+        ca_bundle: state.authority.bundle(),
         serial: leaf.record.serial,
         spiffe_id: spiffe,
-        not_after: ts(leaf.record.not_after),
+        not_after: super::rfc3339(leaf.record.not_after),
         token,
-        token_expires_at: ts(claims.exp as i64),
+        token_expires_at: super::rfc3339(claims.exp as i64),
     }))
 }

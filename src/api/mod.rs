@@ -18,3 +18,8 @@ pub mod ops;
 pub mod public;
 pub mod server;
 pub mod state;
+
+/// `unix` seconds as RFC 3339 (`2026-11-29T14:42:06Z`); the number itself if out of range.
+pub(crate) fn rfc3339(unix: i64) -> String {
+    jiff::Timestamp::from_second(unix).map_or_else(|_| unix.to_string(), |t| t.to_string())
+}
