@@ -198,7 +198,7 @@ pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
         };
         let state = std::sync::Arc::new(tokio::sync::RwLock::new(Default::default()));
         let stop = tokio_util::sync::CancellationToken::new();
-        let app = agentry::sidecar::local_router(state.clone(), creds.api.clone(), files.clone(), creds.id.clone());
+        let app = agentry::sidecar::local_router(state.clone(), creds.api.clone(), creds.id.clone());
         let sidecar = agentry::sidecar::Sidecar {
             api: creds.api,
             files,

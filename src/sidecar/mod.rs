@@ -295,17 +295,12 @@ impl Sidecar {
 
 /// The sidecar's localhost endpoint: `GET /token`, `/status`, `/card`,
 /// `/agents?capability=...` (discovery with the current token), `/healthz`.
-pub fn local_router(
-    state: Arc<RwLock<SidecarState>>,
-    api: String,
-    files: IdentityFiles,
-    id: String,
-) -> axum::Router {
+pub fn local_router(state: Arc<RwLock<SidecarState>>, api: String, id: String) -> axum::Router {
     use axum::extract::{RawQuery, State};
     use axum::http::StatusCode;
     use axum::routing::get;
     use axum::{Json, Router};
-    type Shared = (Arc<RwLock<SidecarState>>, String, IdentityFiles, String);
+    type Shared = (Arc<RwLock<SidecarState>>, String, String);
     async fn proxied(s: &Shared, path: String) -> (StatusCode, Json<Value>) {
         // The token and the certificate it is bound to, from one snapshot.
         let (token, creds) = {
@@ -355,7 +350,7 @@ pub fn local_router(
         .route(
             "/card",
             get(|State(s): State<Shared>| async move {
-                let (ns, name) = s.3.split_once('/').unwrap_or(("", ""));
+                let (ns, name) = s.2.split_once('/').unwrap_or(("", ""));
                 let path = format!("/a2a/{ns}/{name}/.well-known/agent-card.json");
                 proxied(&s, path).await
             }),
@@ -366,7 +361,7 @@ pub fn local_router(
                 proxied(&s, format!("/v1/agents?{}", q.unwrap_or_default())).await
             }),
         )
-        .with_state((state, api, files, id))
+        .with_state((state, api, id))
 }
 
 #[cfg(test)]
