@@ -118,10 +118,7 @@ impl Catalog {
             path: path.clone(),
             source,
         };
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(sql)?;
+        crate::identity::store::durable(&conn).map_err(sql)?;
         migrations().to_latest(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),

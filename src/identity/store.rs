@@ -206,12 +206,7 @@ impl Ledger {
             path: path.clone(),
             source,
         };
-        // WAL survives a crash mid-write; FULL makes each commit durable before we hand the
-        // certificate out.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(sql)?;
+        durable(&conn).map_err(sql)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
@@ -477,20 +472,12 @@ impl Ledger {
         reason: RevocationReason,
         now: i64,
     ) -> Result<Vec<String>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
-                "UPDATE certificates SET state = 'revoked', revocation_reason = ?3, revoked_at = ?4
-                 WHERE agent_uid = ?1 AND serial != ?2 AND state != 'revoked' AND not_after > ?4
-                 RETURNING serial",
-            )
-            .map_err(self.sql())?;
-        stmt.query_map(params![agent_uid, keep, reason.as_str(), now], |r| {
-            r.get::<_, String>(0)
-        })
-        .map_err(self.sql())?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(self.sql())
+        self.serials_of(
+            "UPDATE certificates SET state = 'revoked', revocation_reason = ?3, revoked_at = ?4
+             WHERE agent_uid = ?1 AND serial != ?2 AND state != 'revoked' AND not_after > ?4
+             RETURNING serial",
+            params![agent_uid, keep, reason.as_str(), now],
+        )
     }
 
     /// Revokes every unexpired certificate of an agent, superseded ones included, and those
@@ -502,20 +489,26 @@ impl Ledger {
         reason: RevocationReason,
         now: i64,
     ) -> Result<Vec<String>, StoreError> {
+        self.serials_of(
+            "UPDATE certificates SET state = 'revoked', revocation_reason = ?2, revoked_at = ?3
+             WHERE (agent_uid = ?1 OR agent_uid = ?1 || '/csr') AND state != 'revoked' AND not_after > ?3
+             RETURNING serial",
+            params![agent_uid, reason.as_str(), now],
+        )
+    }
+
+    /// Runs an `UPDATE ... RETURNING serial` (a cached statement) and collects the serials.
+    fn serials_of(
+        &self,
+        sql: &str,
+        params: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<String>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
-                "UPDATE certificates SET state = 'revoked', revocation_reason = ?2, revoked_at = ?3
-                 WHERE (agent_uid = ?1 OR agent_uid = ?1 || '/csr') AND state != 'revoked' AND not_after > ?3
-                 RETURNING serial",
-            )
-            .map_err(self.sql())?;
-        stmt.query_map(params![agent_uid, reason.as_str(), now], |r| {
-            r.get::<_, String>(0)
-        })
-        .map_err(self.sql())?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(self.sql())
+        let mut stmt = conn.prepare_cached(sql).map_err(self.sql())?;
+        stmt.query_map(params, |r| r.get::<_, String>(0))
+            .map_err(self.sql())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.sql())
     }
 
     /// Revoked certificates that have not expired yet: what the CRL must list.
@@ -640,6 +633,13 @@ fn move_legacy_ledger(data_dir: &Path, dir: &Path) -> std::io::Result<()> {
 
 /// Creates `dir` (and parents) with mode 0700, tightening it if it already exists. Only for
 /// directories this process owns (never a volume's root).
+/// WAL survives a crash mid-write; FULL makes each commit durable before its result is handed
+/// out (a certificate, a catalogued backup).
+pub fn durable(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")
+}
+
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
