@@ -134,19 +134,13 @@ fn now_unix() -> i64 {
 }
 
 /// Checks the presented certificate (steps 1 to 3).
-pub async fn certificate(state: &ApiState, peer: &PeerCertificate) -> Result<CertCaller, ApiError> {
-    let der = peer.0.clone().ok_or_else(|| {
-        ApiError::unauthenticated(
-            "client_certificate",
-            "a client certificate is required: present the agent's tls.crt and tls.key",
-        )
-    })?;
-    let authority = &state.authority;
-    let bundle = authority.bundle();
+/// Step 1: the certificate chains to the current trust bundle and is valid now.
+fn chain_now(state: &ApiState, der: &[u8]) -> Result<Chained, ApiError> {
+    let bundle = state.authority.bundle();
     let chained = state
         .certs
-        .check(&der, &ca::sha256_hex(bundle.as_bytes()), || {
-            authority.trusted_cas()
+        .check(der, &ca::sha256_hex(bundle.as_bytes()), || {
+            state.authority.trusted_cas()
         })
         .map_err(|m| ApiError::unauthenticated("client_certificate", m))?;
     let now = now_unix();
@@ -165,8 +159,14 @@ pub async fn certificate(state: &ApiState, peer: &PeerCertificate) -> Result<Cer
             "the client certificate is not valid yet",
         ));
     }
+    Ok(chained)
+}
+
+/// Step 2: its ledger row (same fingerprint and issuer), not revoked. Read live.
+fn ledger_record(state: &ApiState, chained: &Chained) -> Result<CertRecord, ApiError> {
     // Inline: the ledger's read-only connection never waits for a commit.
-    let record = authority
+    let record = state
+        .authority
         .ledger
         .lookup(&chained.serial)
         .map_err(ApiError::internal)?
@@ -193,6 +193,11 @@ pub async fn certificate(state: &ApiState, peer: &PeerCertificate) -> Result<Cer
             ),
         ));
     }
+    Ok(record)
+}
+
+/// Step 3: the Agent it was issued to still exists (same uid) and is not being deleted.
+fn live_agent(state: &ApiState, record: &CertRecord) -> Result<CachedAgent, ApiError> {
     let agent_uid = record
         .agent_uid
         .strip_suffix(CSR_UID_SUFFIX)
@@ -218,6 +223,19 @@ pub async fn certificate(state: &ApiState, peer: &PeerCertificate) -> Result<Cer
             ),
         ));
     }
+    Ok(agent)
+}
+
+pub async fn certificate(state: &ApiState, peer: &PeerCertificate) -> Result<CertCaller, ApiError> {
+    let der = peer.0.clone().ok_or_else(|| {
+        ApiError::unauthenticated(
+            "client_certificate",
+            "a client certificate is required: present the agent's tls.crt and tls.key",
+        )
+    })?;
+    let chained = chain_now(state, &der)?;
+    let record = ledger_record(state, &chained)?;
+    let agent = live_agent(state, &record)?;
     Ok(CertCaller {
         agent,
         record,

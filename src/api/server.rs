@@ -302,6 +302,7 @@ pub fn serve_on(
     let handle = tokio::spawn(async move {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let builder = connection_builder();
         loop {
             let (tcp, _remote) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -321,66 +322,76 @@ pub fn serve_on(
             };
             let _ = tcp.set_nodelay(true);
             let (acceptor, app, watcher) = (acceptor.clone(), app.clone(), graceful.watcher());
+            let builder = builder.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let Ok(Ok(stream)) =
-                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                else {
-                    return;
-                };
-                let peer = PeerCertificate(
-                    stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| Arc::from(c.as_ref())),
-                );
-                let service =
-                    hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                        req.extensions_mut().insert(peer.clone());
-                        let app = app.clone();
-                        async move {
-                            let answer = tokio::time::timeout(
-                                REQUEST_TIMEOUT,
-                                app.oneshot(req.map(Body::new)),
-                            )
-                            .await;
-                            Ok::<Response, std::convert::Infallible>(match answer {
-                                Ok(Ok(response)) => response,
-                                Ok(Err(never)) => match never {},
-                                Err(_) => ApiError::new(
-                                    StatusCode::REQUEST_TIMEOUT,
-                                    "timeout",
-                                    None,
-                                    "the request took too long; send it faster",
-                                )
-                                .into_response(),
-                            })
-                        }
-                    });
-                let mut builder =
-                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .max_buf_size(MAX_HEADER_BYTES);
-                builder
-                    .http2()
-                    .timer(TokioTimer::new())
-                    .max_header_list_size(MAX_HEADER_BYTES as u32)
-                    .keep_alive_interval(H2_KEEPALIVE)
-                    .keep_alive_timeout(Duration::from_secs(10));
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                let connection = watcher.watch(connection.into_owned());
-                let _ = connection.await;
+                serve_connection(acceptor, tcp, app, builder, watcher).await;
             });
         }
         drop(listener);
         let _ = tokio::time::timeout(REQUEST_TIMEOUT, graceful.shutdown()).await;
     });
     Ok((bound, handle))
+}
+
+/// HTTP/1.1 and HTTP/2 with the header size and time limits, built once for every connection.
+fn connection_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .keep_alive_interval(H2_KEEPALIVE)
+        .keep_alive_timeout(Duration::from_secs(10));
+    builder
+}
+
+/// One connection: the TLS handshake (bounded), then requests, each carrying the peer's
+/// certificate and answered within the request timeout.
+async fn serve_connection(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    app: Router,
+    builder: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await else {
+        return;
+    };
+    let peer = PeerCertificate(
+        stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| Arc::from(c.as_ref())),
+    );
+    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer.clone());
+        let app = app.clone();
+        async move {
+            let answer =
+                tokio::time::timeout(REQUEST_TIMEOUT, app.oneshot(req.map(Body::new))).await;
+            Ok::<Response, std::convert::Infallible>(match answer {
+                Ok(Ok(response)) => response,
+                Ok(Err(never)) => match never {},
+                Err(_) => ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    None,
+                    "the request took too long; send it faster",
+                )
+                .into_response(),
+            })
+        }
+    });
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let _ = watcher.watch(connection.into_owned()).await;
 }
 
 /// The DNS names (and addresses) on the API's certificate: the Service's names in the
