@@ -150,29 +150,7 @@ async fn record_registration(
     let same = |r: &RegistrationStatus| {
         r.capabilities == capabilities && r.client_version == client_version
     };
-    let lock = {
-        let mut known = state
-            .registrations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if known.len() > state.agents.len() + 1024 {
-            known.retain(|_, r| {
-                std::sync::Arc::strong_count(&r.lock) > 1
-                    || r.writes
-                        .back()
-                        .is_some_and(|t| t.elapsed() < REGISTRATION_WINDOW)
-            });
-        }
-        known
-            .entry(uid.clone())
-            .or_insert_with(|| super::state::Registered {
-                registration: None,
-                writes: Default::default(),
-                lock: Default::default(),
-            })
-            .lock
-            .clone()
-    };
+    let lock = registration_lock(state, &uid);
     let _one_at_a_time = lock.lock().await;
     let last = state
         .registrations
@@ -193,29 +171,7 @@ async fn record_registration(
     if let Some(r) = current.filter(|r| same(r)) {
         return Ok(r);
     }
-    let recent: Vec<std::time::Instant> = last
-        .as_ref()
-        .map(|l| {
-            l.writes
-                .iter()
-                .copied()
-                .filter(|t| t.elapsed() < REGISTRATION_WINDOW)
-                .collect()
-        })
-        .unwrap_or_default();
-    if recent.len() >= MAX_REGISTRATION_WRITES {
-        let wait = REGISTRATION_WINDOW.saturating_sub(recent[0].elapsed());
-        return Err(ApiError::new(
-            axum::http::StatusCode::TOO_MANY_REQUESTS,
-            "too_many_requests",
-            Some("capabilities"),
-            format!(
-                "the registration changed {MAX_REGISTRATION_WRITES} times in the last {}s; retry in {}s",
-                REGISTRATION_WINDOW.as_secs(),
-                wait.as_secs().max(1)
-            ),
-        ));
-    }
+    let recent = writes_allowed(last.as_ref())?;
     let registration = RegistrationStatus {
         registered_at: rfc3339_now(),
         capabilities,
@@ -240,6 +196,54 @@ async fn record_registration(
         entry.writes.push_back(std::time::Instant::now());
     }
     Ok(registration)
+}
+
+/// The lock serialising one Agent's registration writes (entries of Agents long gone are
+/// dropped now and then).
+fn registration_lock(state: &ApiState, uid: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    let mut known = state
+        .registrations
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if known.len() > state.agents.len() + 1024 {
+        known.retain(|_, r| {
+            std::sync::Arc::strong_count(&r.lock) > 1
+                || r.writes
+                    .back()
+                    .is_some_and(|t| t.elapsed() < REGISTRATION_WINDOW)
+        });
+    }
+    known.entry(uid.to_string()).or_default().lock.clone()
+}
+
+/// The writes within the rate window, or 429 when there are already
+/// [`MAX_REGISTRATION_WRITES`] of them.
+fn writes_allowed(
+    last: Option<&super::state::Registered>,
+) -> Result<Vec<std::time::Instant>, ApiError> {
+    let recent: Vec<std::time::Instant> = last
+        .map(|l| {
+            l.writes
+                .iter()
+                .copied()
+                .filter(|t| t.elapsed() < REGISTRATION_WINDOW)
+                .collect()
+        })
+        .unwrap_or_default();
+    if recent.len() >= MAX_REGISTRATION_WRITES {
+        let wait = REGISTRATION_WINDOW.saturating_sub(recent[0].elapsed());
+        return Err(ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            Some("capabilities"),
+            format!(
+                "the registration changed {MAX_REGISTRATION_WRITES} times in the last {}s; retry in {}s",
+                REGISTRATION_WINDOW.as_secs(),
+                wait.as_secs().max(1)
+            ),
+        ));
+    }
+    Ok(recent)
 }
 
 fn assigned(agent: &Agent) -> Option<AssignedResources> {

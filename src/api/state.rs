@@ -127,7 +127,7 @@ impl ApiState {
 }
 
 /// What the API last wrote for an Agent.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub(crate) struct Registered {
     pub registration: Option<RegistrationStatus>,
     /// When it wrote recently (within the rate window).
