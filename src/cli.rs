@@ -47,6 +47,10 @@ pub enum Command {
     /// Run beside an agent: register at start and whenever the mounted identity changes, keep
     /// a fresh token, and serve the agent on localhost (/token, /status, /card, /agents).
     Sidecar(SidecarArgs),
+    /// Backups: ls, create, restore (through the cluster); verify, scrub, reindex, purge
+    /// (against the catalog and the stores, where the controller's data directory is).
+    #[command(subcommand)]
+    Backup(crate::cli_backup::BackupCommand),
 }
 
 /// Where an agent's credentials are.
@@ -125,6 +129,13 @@ pub struct SidecarArgs {
     /// How often the identity files are checked for rotation.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub poll: Duration,
+    /// How often the API is asked for backup and restore work (AgentBackups waiting for data,
+    /// AgentRestores ready to apply). 0s: never.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub backup_poll: Duration,
+    /// Where a restore's archive is staged (an unnamed file) and verified before it is written.
+    #[arg(long, default_value = "/tmp", env = "AGENTRY_SCRATCH_DIR")]
+    pub scratch_dir: std::path::PathBuf,
 }
 
 /// `agentry register`: exit 0 with the answer on stdout; 2 when the API refuses (its error on
@@ -206,6 +217,8 @@ pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
             capabilities: creds.capabilities,
             backup_prefs: prefs,
             poll: args.poll,
+            backup_poll: args.backup_poll,
+            scratch_dir: args.scratch_dir,
         };
         tracing::info!(addr = %args.listen, "sidecar serving /token, /status, /card and /agents on localhost");
         let worker = tokio::spawn(sidecar.run(state, stop.clone()));
@@ -400,6 +413,22 @@ pub struct ControllerArgs {
     /// without the API.
     #[arg(long, env = "AGENTRY_SIDECAR_IMAGE", default_value = concat!("ghcr.io/agentry-dev/agentry:", env!("CARGO_PKG_VERSION")))]
     sidecar_image: String,
+    /// How often the backup manager runs when nothing changes (schedules, retries, retention;
+    /// changes to backup resources trigger it at once). Backups need the API.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    backup_interval: Duration,
+    /// How often BackupLocations are re-validated.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    backup_location_check: Duration,
+    /// A New AgentBackup whose data has not arrived within this fails.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    backup_pickup_timeout: Duration,
+    /// The first retry of a failed copy to the secondary store (then doubling, up to 10m).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    backup_retry_base: Duration,
+    /// Manage only BackupLocations matching this label selector (sharding, tests).
+    #[arg(long)]
+    backup_location_selector: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -473,7 +502,17 @@ impl ControllerArgs {
                 image: self.sidecar_image.clone(),
                 api_url: api.public_url.clone(),
             });
+        let backup = api
+            .as_ref()
+            .map(|_| agentry::controller::backups::BackupConfig {
+                interval: self.backup_interval,
+                validate_every: self.backup_location_check,
+                pickup_timeout: self.backup_pickup_timeout,
+                retry_base: self.backup_retry_base,
+                location_selector: self.backup_location_selector.filter(|s| !s.is_empty()),
+            });
         Ok(agentry::controller::Config {
+            backup,
             api,
             sidecar,
             watch_namespace: self.watch_namespace.filter(|n| !n.is_empty()),

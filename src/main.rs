@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod cli;
+mod cli_backup;
 
 use std::process::ExitCode;
 
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Register(args) => cli::run_register(args),
+        Command::Backup(command) => cli_backup::run(command),
         Command::Sidecar(args) => cli::run_sidecar(args),
         Command::Openapi => {
             print!("{}", agentry::api::openapi::document());

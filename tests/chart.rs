@@ -288,6 +288,7 @@ fn assert_namespaced_mode_has_only_the_namespace_reader(
     release_ns: &str,
     watched: &str,
 ) {
+    let locations = format!("agentry-{release_ns}-backuplocations");
     let reader = format!("agentry-{release_ns}-namespaces");
     let reviewer = format!("agentry-{release_ns}-tokenreviews");
     let cluster_roles: Vec<&Value> = docs.iter().filter(|d| kind(d) == "ClusterRole").collect();
@@ -298,13 +299,23 @@ fn assert_namespaced_mode_has_only_the_namespace_reader(
     names.sort();
     assert_eq!(
         names,
-        [reader.as_str(), reviewer.as_str()],
-        "namespaced mode: the only ClusterRoles may be the read-only namespaces one and TokenReview"
+        [locations.as_str(), reader.as_str(), reviewer.as_str()],
+        "namespaced mode: the only ClusterRoles may be BackupLocations (read, status), the read-only namespaces one and TokenReview"
     );
     for role in &cluster_roles {
         let name = role["metadata"]["name"].as_str().unwrap();
         for rule in role["rules"].as_array().unwrap() {
-            if name == reader {
+            if name == locations {
+                // Cluster-scoped, admin-written: read them, write their status, nothing else.
+                assert_eq!(strings(&rule["apiGroups"]), ["agentry.dev"], "{rule}");
+                let resources = strings(&rule["resources"]);
+                let verbs = strings(&rule["verbs"]);
+                assert!(
+                    (resources == ["backuplocations"] && verbs == ["get", "list", "watch"])
+                        || (resources == ["backuplocations/status"] && verbs == ["patch"]),
+                    "{rule}"
+                );
+            } else if name == reader {
                 assert_eq!(strings(&rule["apiGroups"]), [""], "{rule}");
                 assert_eq!(strings(&rule["resources"]), ["namespaces"], "{rule}");
                 assert_eq!(strings(&rule["resourceNames"]), [watched], "{rule}");
@@ -330,7 +341,7 @@ fn assert_namespaced_mode_has_only_the_namespace_reader(
     bindings.sort();
     assert_eq!(
         bindings,
-        [reader, reviewer],
+        [locations, reader, reviewer],
         "namespaced mode: ClusterRoleBindings"
     );
     for d in docs {

@@ -386,7 +386,7 @@ impl TokenCache {
 /// Whether the Agent holds `scope` now: in its spec.permissions and allowed by its namespace's
 /// policy. A token minted before either was narrowed carries the old scope until it expires;
 /// this makes the narrowing apply at once.
-fn currently_allowed(state: &ApiState, cert: &CertCaller, scope: &str) -> bool {
+pub fn currently_allowed(state: &ApiState, cert: &CertCaller, scope: &str) -> bool {
     let ns = cert.namespace();
     let policy = state.namespace_annotation(ns, crate::keys::ALLOWED_PERMISSIONS_ANNOTATION);
     let Ok(allowed) = crate::identity::scopes::allowed(ns, policy.as_deref()) else {

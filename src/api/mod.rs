@@ -2,11 +2,12 @@
 //! Prometheus and kubelet probes. The agent API (mTLS + bound JWT) is served by the leader:
 //! `server` (TLS, limits), `auth` (who is calling), `agents` (register, token, own record,
 //! discovery), `card` (A2A cards), `csr` (bootstrap), `public` (JWKS, CRL, trust bundle),
-//! `model` + `openapi` (the contract), `body` + `error` (input and errors), `cluster` (status
+//! `backups` (the sidecar's backup and restore transfers), `model` + `openapi` (the contract), `body` + `error` (input and errors), `cluster` (status
 //! writes and TokenReview), `state`.
 
 pub mod agents;
 pub mod auth;
+pub mod backups;
 pub mod body;
 pub mod card;
 pub mod cluster;

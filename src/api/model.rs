@@ -61,8 +61,11 @@ impl BackupPrefs {
                 keep_daily: retention
                     .and_then(|r| r.keep_daily)
                     .unwrap_or(defaults.keep_daily),
+                ..defaults
             },
             location: "default".into(),
+            jitter: None,
+            missed_run_policy: Default::default(),
         }
     }
 }

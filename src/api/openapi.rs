@@ -11,7 +11,7 @@ use super::model::*;
 #[openapi(
     info(
         title = "Agentry registry API",
-        description = "Registration, tokens, discovery, A2A agent cards and CSR bootstrap for agents. Agent routes need a client certificate issued by the Agentry CA; most also need the agent's Bearer JWT, bound to that certificate (cnf.x5t#S256).",
+        description = "Registration, tokens, discovery, A2A agent cards, CSR bootstrap and backups for agents. Agent routes need a client certificate issued by the Agentry CA; most also need the agent's Bearer JWT, bound to that certificate (cnf.x5t#S256).",
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
     paths(
@@ -24,11 +24,16 @@ use super::model::*;
         super::public::jwks,
         super::public::crl,
         super::public::ca_bundle,
+        super::backups::work,
+        super::backups::put_backup,
+        super::backups::get_backup,
+        super::backups::report_restore,
     ),
     components(schemas(
         ErrorBody, RegisterRequest, BackupPrefs, RetentionPrefs, RegisterResponse, AssignedResources,
         TokenInfo, BackupInfo, TokenResponse, AgentRecord, DiscoveryResponse, DiscoveredAgent,
-        CsrRequest, CsrResponse
+        CsrRequest, CsrResponse, super::backups::Work, super::backups::RestoreWork,
+        super::backups::BackupResult, super::backups::RestoreReport
     )),
     modifiers(&Security),
     tags(
@@ -36,6 +41,7 @@ use super::model::*;
         (name = "discovery", description = "Agent cards"),
         (name = "bootstrap", description = "Certificates for agents outside Agentry's Deployments"),
         (name = "trust", description = "Unauthenticated: keys, CRL and trust bundle"),
+        (name = "backups", description = "What the sidecar does to back up and restore its agent"),
     )
 )]
 struct ApiDoc;

@@ -10,7 +10,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
@@ -24,7 +24,7 @@ use tower::ServiceExt;
 use super::auth::PeerCertificate;
 use super::error::ApiError;
 use super::state::ApiState;
-use super::{agents, card, csr, public};
+use super::{agents, backups, card, csr, public};
 use crate::identity::authority::Authority;
 use crate::identity::ca::LeafRequest;
 
@@ -51,6 +51,15 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/agents", get(agents::discover))
         .route("/v1/agents/{namespace}/{name}", get(agents::get_own))
         .route("/v1/agents/{namespace}/{name}/csr", post(csr::sign_csr))
+        .route("/v1/agents/{namespace}/{name}/work", get(backups::work))
+        .route(
+            "/v1/agents/{namespace}/{name}/backups/{id}",
+            put(backups::put_backup).get(backups::get_backup),
+        )
+        .route(
+            "/v1/agents/{namespace}/{name}/restores/{restore}",
+            post(backups::report_restore),
+        )
         .route(
             "/a2a/{namespace}/{name}/.well-known/agent-card.json",
             get(card::get_card),
@@ -375,8 +384,13 @@ async fn serve_connection(
         req.extensions_mut().insert(peer.clone());
         let app = app.clone();
         async move {
-            let answer =
-                tokio::time::timeout(REQUEST_TIMEOUT, app.oneshot(req.map(Body::new))).await;
+            // Backup transfers stream for as long as they send (cut off when idle instead).
+            let limit = if req.uri().path().contains("/backups/") {
+                backups::TRANSFER_TIMEOUT
+            } else {
+                REQUEST_TIMEOUT
+            };
+            let answer = tokio::time::timeout(limit, app.oneshot(req.map(Body::new))).await;
             Ok::<Response, std::convert::Infallible>(match answer {
                 Ok(Ok(response)) => response,
                 Ok(Err(never)) => match never {},

@@ -69,6 +69,8 @@ pub struct ApiState {
     pub(crate) cards: Mutex<HashMap<String, SignedCard>>,
     /// Request counts and latencies, when served by the controller.
     pub metrics: Option<Arc<crate::telemetry::Metrics>>,
+    /// The backup data path (None: backups are not served).
+    pub backups: Option<Arc<super::backups::BackupService>>,
 }
 
 impl ApiState {
@@ -93,7 +95,14 @@ impl ApiState {
             tokens: Default::default(),
             cards: Default::default(),
             metrics: None,
+            backups: None,
         }
+    }
+
+    /// Serves the backup routes.
+    pub fn with_backups(mut self, backups: Arc<super::backups::BackupService>) -> Self {
+        self.backups = Some(backups);
+        self
     }
 
     /// Counts requests into the controller's metrics.

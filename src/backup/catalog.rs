@@ -146,7 +146,8 @@ impl Catalog {
         Ok(v.max(0) as usize)
     }
 
-    /// Records a verified backup and makes it the agent's latest, in one transaction.
+    /// Records a verified backup and makes it the agent's latest, in one transaction. Recording
+    /// the same id again updates its copies (idempotent).
     pub fn record(&self, b: &BackupVersion) -> Result<(), StoreError> {
         let objects = serde_json::to_string(&b.objects).unwrap_or_else(|_| "[]".into());
         let primary_key = b
@@ -159,7 +160,8 @@ impl Catalog {
             let tx = conn.transaction()?;
             tx.execute(
                 "INSERT INTO backup_versions (id, agent_id, size, blake3, objects, created_at, verified_at, restored_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (id) DO UPDATE SET objects = excluded.objects, verified_at = excluded.verified_at",
                 params![b.id, b.agent_id, b.size as i64, b.blake3, objects, b.created_at, b.verified_at, b.restored_at],
             )?;
             tx.execute(
@@ -221,6 +223,39 @@ impl Catalog {
             Ok(n > 0)
         };
         run(&mut conn).map_err(self.sql())
+    }
+
+    /// Every backup, oldest first (scrub).
+    pub fn all(&self) -> Result<Vec<BackupVersion>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, agent_id, size, blake3, objects, created_at, verified_at, restored_at
+                 FROM backup_versions ORDER BY created_at, id",
+            )
+            .map_err(self.sql())?;
+        stmt.query_map([], row_to_version)
+            .map_err(self.sql())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.sql())
+    }
+
+    /// Replaces a backup's stored copies (a repaired copy) and its verification time.
+    pub fn update_objects(
+        &self,
+        id: &str,
+        objects: &[StoredObject],
+        verified_at: &str,
+    ) -> Result<bool, StoreError> {
+        let objects = serde_json::to_string(objects).unwrap_or_else(|_| "[]".into());
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE backup_versions SET objects = ?2, verified_at = ?3 WHERE id = ?1",
+                params![id, objects, verified_at],
+            )
+            .map_err(self.sql())?;
+        Ok(n > 0)
     }
 
     /// Forgets a backup (retention, after both copies are deleted). Returns false if unknown.

@@ -1,6 +1,13 @@
-//! Backups (issue 11, in progress): streaming BLAKE3 hashing and the SQLite catalog. The data
-//! path (sidecar -> API -> primary + secondary S3), schedules and retention build on these.
+//! Backups: `hash` (streaming BLAKE3), `archive` (the tar+zstd the sidecar sends), `store` (one
+//! S3-compatible store), `location` (a BackupLocation's two stores and their validation),
+//! `engine` (the data path: both stores at once, verified, then catalogued), `catalog`
+//! (SQLite), `schedule` (when a run is due) and `retention` (GFS).
 
+pub mod archive;
 pub mod catalog;
+pub mod engine;
 pub mod hash;
+pub mod location;
+pub mod retention;
+pub mod schedule;
 pub mod store;

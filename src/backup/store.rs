@@ -9,6 +9,7 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::hash::HashingReader;
@@ -39,6 +40,19 @@ pub struct StoreConfig {
     pub secret_key: String,
     pub force_path_style: bool,
     pub checksum_mode: ChecksumMode,
+    /// How objects are written (storage class, object lock, encryption).
+    pub options: WriteOptions,
+}
+
+/// How objects are written to a store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// `STANDARD` when None.
+    pub storage_class: Option<String>,
+    /// Objects are locked in COMPLIANCE mode for this many days.
+    pub object_lock_days: Option<u32>,
+    /// `AES256` or `aws:kms`, and the KMS key.
+    pub sse: Option<(String, Option<String>)>,
 }
 
 impl std::fmt::Debug for StoreConfig {
@@ -79,6 +93,22 @@ pub struct S3Store {
     client: aws_sdk_s3::Client,
     pub bucket: String,
     prefix: String,
+    options: WriteOptions,
+}
+
+/// One multipart upload under way.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub key: String,
+    pub upload_id: String,
+    parts: Vec<CompletedPart>,
+}
+
+/// A stored object as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
 }
 
 /// The SDK configuration for a store (interceptors may be added before `build`).
@@ -107,6 +137,21 @@ pub fn sdk_config(cfg: &StoreConfig) -> aws_sdk_s3::config::Builder {
         .force_path_style(cfg.force_path_style)
         .request_checksum_calculation(request)
         .response_checksum_validation(response)
+}
+
+/// Reads up to one part ([`PART_SIZE`]) from `reader`; shorter only at the end of the stream.
+pub async fn read_part<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Bytes> {
+    let mut buf = Vec::with_capacity(PART_SIZE);
+    while buf.len() < PART_SIZE {
+        let n = (&mut *reader)
+            .take((PART_SIZE - buf.len()) as u64)
+            .read_to_end(&mut buf)
+            .await?;
+        if n == 0 {
+            break;
+        }
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn s3_error(
@@ -141,7 +186,242 @@ impl S3Store {
             client: aws_sdk_s3::Client::from_conf(config),
             bucket: cfg.bucket.clone(),
             prefix: cfg.prefix.clone(),
+            options: cfg.options.clone(),
         }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Starts a multipart upload of `key` (a full key, prefix included) with `metadata`, written
+    /// with the store's storage class, object lock and encryption.
+    pub async fn start_upload(
+        &self,
+        key: &str,
+        metadata: HashMap<String, String>,
+    ) -> Result<Upload, StoreError> {
+        let mut request = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_metadata(Some(metadata))
+            .content_type("application/zstd");
+        if let Some(class) = &self.options.storage_class {
+            request = request.storage_class(class.as_str().into());
+        }
+        if let Some(days) = self.options.object_lock_days {
+            let until = jiff::Timestamp::now()
+                .checked_add(jiff::SignedDuration::from_hours(24 * i64::from(days)))
+                .unwrap_or(jiff::Timestamp::MAX);
+            request = request
+                .object_lock_mode(aws_sdk_s3::types::ObjectLockMode::Compliance)
+                .object_lock_retain_until_date(aws_sdk_s3::primitives::DateTime::from_secs(
+                    until.as_second(),
+                ));
+        }
+        if let Some((algorithm, kms_key)) = &self.options.sse {
+            request = request
+                .server_side_encryption(algorithm.as_str().into())
+                .set_ssekms_key_id(kms_key.clone());
+        }
+        let created = request
+            .send()
+            .await
+            .map_err(|e| s3_error("CreateMultipartUpload", &self.bucket, key, e))?;
+        Ok(Upload {
+            key: key.to_string(),
+            upload_id: created.upload_id().unwrap_or_default().to_string(),
+            parts: Vec::new(),
+        })
+    }
+
+    /// Uploads the next part of `upload`.
+    pub async fn upload_part(&self, upload: &mut Upload, data: Bytes) -> Result<(), StoreError> {
+        let number = i32::try_from(upload.parts.len() + 1).unwrap_or(i32::MAX);
+        let part = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(&upload.key)
+            .upload_id(&upload.upload_id)
+            .part_number(number)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| s3_error("UploadPart", &self.bucket, &upload.key, e))?;
+        upload.parts.push(
+            CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(part.e_tag().map(str::to_string))
+                .build(),
+        );
+        Ok(())
+    }
+
+    /// Completes `upload` (aborting it if that fails): its etag and version id.
+    pub async fn finish_upload(
+        &self,
+        upload: Upload,
+    ) -> Result<(Option<String>, Option<String>), StoreError> {
+        let done = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&upload.key)
+            .upload_id(&upload.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(upload.parts.clone()))
+                    .build(),
+            )
+            .send()
+            .await;
+        match done {
+            Ok(done) => Ok((
+                done.e_tag().map(str::to_string),
+                done.version_id().map(str::to_string),
+            )),
+            Err(e) => {
+                self.abort_upload(&upload.key, &upload.upload_id).await;
+                Err(s3_error(
+                    "CompleteMultipartUpload",
+                    &self.bucket,
+                    &upload.key,
+                    e,
+                ))
+            }
+        }
+    }
+
+    /// Aborts a multipart upload (logged, not returned: cleanup retries).
+    pub async fn abort_upload(&self, key: &str, upload_id: &str) {
+        self.abort(key, upload_id).await
+    }
+
+    /// Writes a small object in one request (manifests).
+    pub async fn put_small(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        metadata: HashMap<String, String>,
+    ) -> Result<Option<String>, StoreError> {
+        let put = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type("application/json")
+            .set_metadata(Some(metadata))
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| s3_error("PutObject", &self.bucket, key, e))?;
+        Ok(put.version_id().map(str::to_string))
+    }
+
+    /// Reads a whole small object (at most `max` bytes).
+    pub async fn get_small(&self, key: &str, max: usize) -> Result<Vec<u8>, StoreError> {
+        let mut reader = self.open(key, None).await?;
+        let mut out = Vec::new();
+        (&mut reader)
+            .take(max as u64 + 1)
+            .read_to_end(&mut out)
+            .await?;
+        if out.len() > max {
+            return Err(StoreError::S3 {
+                operation: "GetObject",
+                bucket: self.bucket.clone(),
+                key: key.to_string(),
+                message: format!("larger than {max} bytes"),
+            });
+        }
+        Ok(out)
+    }
+
+    /// A stored object (a version, when given) as a byte stream.
+    pub async fn open(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> Result<impl AsyncRead + Unpin + Send + 'static, StoreError> {
+        let object = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_version_id(version_id.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| s3_error("GetObject", &self.bucket, key, e))?;
+        Ok(object.body.into_async_read())
+    }
+
+    /// Deletes an object version (or the object, when no version is given). Object-locked
+    /// versions are refused by the store.
+    pub async fn delete(&self, key: &str, version_id: Option<&str>) -> Result<(), StoreError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_version_id(version_id.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| s3_error("DeleteObject", &self.bucket, key, e))?;
+        Ok(())
+    }
+
+    /// Every object under `prefix` (the store's prefix plus `under`).
+    pub async fn list(&self, under: &str) -> Result<Vec<Listed>, StoreError> {
+        let prefix = self.key(under);
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| s3_error("ListObjectsV2", &self.bucket, &prefix, e))?;
+            for o in page.contents() {
+                if let Some(key) = o.key() {
+                    out.push(Listed {
+                        key: key.to_string(),
+                        size: o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                    });
+                }
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks the bucket is reachable with these credentials; its versioning state
+    /// (`Enabled`, `Suspended` or `Off`).
+    pub async fn validate(&self) -> Result<String, StoreError> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| s3_error("HeadBucket", &self.bucket, "", e))?;
+        let versioning = self
+            .client
+            .get_bucket_versioning()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| s3_error("GetBucketVersioning", &self.bucket, "", e))?;
+        Ok(versioning
+            .status()
+            .map_or_else(|| "Off".to_string(), |s| s.as_str().to_string()))
     }
 
     pub fn key(&self, name: &str) -> String {
@@ -158,103 +438,35 @@ impl S3Store {
         metadata: HashMap<String, String>,
     ) -> Result<Uploaded, StoreError> {
         let key = self.key(name);
-        let created = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&key)
-            .set_metadata(Some(metadata))
-            .send()
-            .await
-            .map_err(|e| s3_error("CreateMultipartUpload", &self.bucket, &key, e))?;
-        let upload_id = created.upload_id().unwrap_or_default().to_string();
+        let mut upload = self.start_upload(&key, metadata).await?;
         let mut hashing = HashingReader::new(reader);
-        match self.upload_parts(&key, &upload_id, &mut hashing).await {
-            Ok(parts) => {
-                let done = self
-                    .client
-                    .complete_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(&key)
-                    .upload_id(&upload_id)
-                    .multipart_upload(
-                        CompletedMultipartUpload::builder()
-                            .set_parts(Some(parts))
-                            .build(),
-                    )
-                    .send()
-                    .await;
-                match done {
-                    Ok(done) => {
-                        let (blake3, size) = hashing.finish();
-                        Ok(Uploaded {
-                            key,
-                            etag: done.e_tag().map(str::to_string),
-                            version_id: done.version_id().map(str::to_string),
-                            size,
-                            blake3,
-                        })
-                    }
-                    Err(e) => {
-                        self.abort(&key, &upload_id).await;
-                        Err(s3_error("CompleteMultipartUpload", &self.bucket, &key, e))
-                    }
+        let sent = async {
+            loop {
+                let part = read_part(&mut hashing).await?;
+                let last = part.len() < PART_SIZE;
+                // An empty stream still makes one (empty) part: S3 needs at least one.
+                if !part.is_empty() || upload.parts.is_empty() {
+                    self.upload_part(&mut upload, part).await?;
+                }
+                if last {
+                    return Ok::<_, StoreError>(());
                 }
             }
-            Err(e) => {
-                self.abort(&key, &upload_id).await;
-                Err(e)
-            }
         }
-    }
-
-    async fn upload_parts<R: AsyncRead + Unpin>(
-        &self,
-        key: &str,
-        upload_id: &str,
-        reader: &mut HashingReader<R>,
-    ) -> Result<Vec<CompletedPart>, StoreError> {
-        let mut parts = Vec::new();
-        let mut number = 1;
-        loop {
-            let mut buf = Vec::with_capacity(PART_SIZE);
-            while buf.len() < PART_SIZE {
-                let n = (&mut *reader)
-                    .take((PART_SIZE - buf.len()) as u64)
-                    .read_to_end(&mut buf)
-                    .await?;
-                if n == 0 {
-                    break;
-                }
-            }
-            // An empty stream still makes one (empty) part: S3 needs at least one.
-            if buf.is_empty() && number > 1 {
-                break;
-            }
-            let last = buf.len() < PART_SIZE;
-            let part = self
-                .client
-                .upload_part()
-                .bucket(&self.bucket)
-                .key(key)
-                .upload_id(upload_id)
-                .part_number(number)
-                .body(ByteStream::from(buf))
-                .send()
-                .await
-                .map_err(|e| s3_error("UploadPart", &self.bucket, key, e))?;
-            parts.push(
-                CompletedPart::builder()
-                    .part_number(number)
-                    .set_e_tag(part.e_tag().map(str::to_string))
-                    .build(),
-            );
-            number += 1;
-            if last {
-                break;
-            }
+        .await;
+        if let Err(e) = sent {
+            self.abort(&key, &upload.upload_id).await;
+            return Err(e);
         }
-        Ok(parts)
+        let (etag, version_id) = self.finish_upload(upload).await?;
+        let (blake3, size) = hashing.finish();
+        Ok(Uploaded {
+            key,
+            etag,
+            version_id,
+            size,
+            blake3,
+        })
     }
 
     async fn abort(&self, key: &str, upload_id: &str) {
@@ -348,6 +560,7 @@ mod tests {
             secret_key: "s".into(),
             force_path_style: true,
             checksum_mode: mode,
+            options: WriteOptions::default(),
         }
     }
 

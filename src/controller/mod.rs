@@ -2,6 +2,7 @@
 //! every reconcile shares), `error`, and `agent/`, the Agent pipeline with one file per step.
 
 pub mod agent;
+pub mod backups;
 pub mod conditions;
 pub mod context;
 pub mod error;
@@ -40,6 +41,8 @@ pub struct Config {
     pub api: Option<ApiConfig>,
     /// The sidecar added to every agent pod (None: no sidecar; always None without the API).
     pub sidecar: Option<crate::workload::SidecarSpec>,
+    /// The backup manager and the backup routes (None: no backups; always None without the API).
+    pub backup: Option<backups::BackupConfig>,
 }
 
 /// Where and as what the agent API is served.

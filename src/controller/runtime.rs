@@ -234,8 +234,14 @@ async fn reconcile_agents(
     ];
     // Agents as the reconcile (and the API) need them.
     let (agents, writer) = reflector::store();
+    let backups = match ctx.config.backup.clone() {
+        Some(config) => Some(start_backups(&ctx, config, agents.clone(), stop.clone())?),
+        None => None,
+    };
     let api = match ctx.config.api.clone() {
-        Some(api) => Some(start_api(&ctx, api, agents.clone(), stop.clone(), api_role).await?),
+        Some(api) => {
+            Some(start_api(&ctx, api, agents.clone(), backups, stop.clone(), api_role).await?)
+        }
         None => None,
     };
     run_agent_controller(
@@ -256,28 +262,72 @@ async fn reconcile_agents(
 
 /// Starts the agent API once the Agent cache is filled (its answers come from it), and keeps
 /// its certificate renewed. The listener is bound at once, so a port in use fails the leader.
+/// Opens the backup catalog, starts the backup watches and the backup manager; returns what
+/// the API's backup routes use.
+fn start_backups(
+    ctx: &Arc<Context>,
+    config: super::backups::BackupConfig,
+    agents: Store<DeserializeGuard<Agent>>,
+    stop: CancellationToken,
+) -> anyhow::Result<Arc<crate::api::backups::BackupService>> {
+    use crate::backup::{catalog::Catalog, engine::Engine};
+    let data_dir = &ctx.config.authority.data_dir;
+    let catalog = Catalog::open(data_dir).with_context(|| {
+        format!(
+            "opening the backup catalog under {} (is the data volume writable?)",
+            data_dir.display()
+        )
+    })?;
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let caches = super::backups::watch(
+        &ctx.client,
+        &ctx.config.watch_namespace,
+        config.location_selector.as_deref(),
+        changed.clone(),
+        stop.clone(),
+    );
+    let service = Arc::new(crate::api::backups::BackupService {
+        engine: Engine::new(Arc::new(catalog)),
+        client: ctx.client.clone(),
+        namespace: ctx.config.namespace.clone(),
+        backups: caches.backups,
+        restores: caches.restores,
+        locations: caches.locations,
+    });
+    let manager = Arc::new(super::backups::Manager::new(
+        service.clone(),
+        agents,
+        config,
+    ));
+    tokio::spawn(manager.run(changed, stop));
+    Ok(service)
+}
+
 async fn start_api(
     ctx: &Arc<Context>,
     api: super::ApiConfig,
     agents: Store<DeserializeGuard<Agent>>,
+    backups: Option<Arc<crate::api::backups::BackupService>>,
     stop: CancellationToken,
     role: Arc<std::sync::atomic::AtomicU8>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use crate::api::{cluster, server, state};
-    let state = Arc::new(
-        state::ApiState::new(
-            ctx.authority.clone(),
-            agents.clone(),
-            ctx.stores.namespaces.clone(),
-            Arc::new(cluster::KubeRegistrar(ctx.client.clone())),
-            Arc::new(cluster::KubeTokenReviewer(ctx.client.clone())),
-            state::ApiSettings {
-                public_url: api.public_url.clone(),
-                csr_audience: api.csr_audience.clone(),
-            },
-        )
-        .with_metrics(ctx.metrics.clone()),
-    );
+    let state = state::ApiState::new(
+        ctx.authority.clone(),
+        agents.clone(),
+        ctx.stores.namespaces.clone(),
+        Arc::new(cluster::KubeRegistrar(ctx.client.clone())),
+        Arc::new(cluster::KubeTokenReviewer(ctx.client.clone())),
+        state::ApiSettings {
+            public_url: api.public_url.clone(),
+            csr_audience: api.csr_audience.clone(),
+        },
+    )
+    .with_metrics(ctx.metrics.clone());
+    let state = Arc::new(match backups {
+        Some(b) => state.with_backups(b),
+        None => state,
+    });
     let listener = tokio::net::TcpListener::bind(api.addr)
         .await
         .with_context(|| format!("binding the agent API on {}", api.addr))?;

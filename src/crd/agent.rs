@@ -390,6 +390,17 @@ pub struct BackupSpec {
     #[serde(default = "default_location")]
     #[schemars(length(min = 1, max = 253))]
     pub location: String,
+    /// Spread scheduled runs over up to this long after each cron time (e.g. `5m`), so a fleet
+    /// on the same schedule does not start at once. The delay is fixed per Agent and run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = kube::core::Rule::new("duration(self) >= duration('0s') && duration(self) <= duration('24h')")
+        .message("jitter must be a duration between 0s and 24h, e.g. 5m"))]
+    pub jitter: Option<String>,
+    /// Runs missed while the controller was down: `RunOnce` (run the latest missed one at
+    /// start) or `Skip` (wait for the next).
+    #[serde(default)]
+    pub missed_run_policy: crate::backup::schedule::MissedRunPolicy,
 }
 
 impl BackupSpec {
@@ -439,7 +450,44 @@ impl BackupSpec {
         if self.schedule.len() > 128 {
             return Err(("schedule", "at most 128 characters".into()));
         }
+        for (field, value, max) in [
+            ("retention.keepHourly", self.retention.keep_hourly, 8760),
+            ("retention.keepWeekly", self.retention.keep_weekly, 520),
+            ("retention.keepMonthly", self.retention.keep_monthly, 1200),
+            ("retention.keepYearly", self.retention.keep_yearly, 100),
+        ] {
+            if !(0..=max).contains(&value) {
+                return Err((field, format!("{value} is out of range; keep 0 to {max}")));
+            }
+        }
+        self.jitter()?;
         parse_cron(&self.schedule).map_err(|e| ("schedule", e))
+    }
+
+    /// `jitter` as a duration (zero when unset).
+    pub fn jitter(&self) -> Result<std::time::Duration, (&'static str, String)> {
+        let Some(j) = &self.jitter else {
+            return Ok(std::time::Duration::ZERO);
+        };
+        let d = units::parse_duration(j).map_err(|e| ("jitter", e))?;
+        if d > std::time::Duration::from_secs(24 * 3600) {
+            return Err(("jitter", format!("{j:?} is longer than 24h")));
+        }
+        Ok(d)
+    }
+
+    /// The retention policy as the GFS planner takes it.
+    pub fn retention_policy(&self) -> crate::backup::retention::Policy {
+        let r = &self.retention;
+        let n = |v: i32| u32::try_from(v).unwrap_or(0);
+        crate::backup::retention::Policy {
+            keep_last: n(r.keep_last),
+            keep_hourly: n(r.keep_hourly),
+            keep_daily: n(r.keep_daily),
+            keep_weekly: n(r.keep_weekly),
+            keep_monthly: n(r.keep_monthly),
+            keep_yearly: n(r.keep_yearly),
+        }
     }
 }
 
@@ -451,11 +499,21 @@ pub fn backup_field(prefix: &'static str, field: &'static str) -> &'static str {
         ("spec.backup", "retention.keepLast") => "spec.backup.retention.keepLast",
         ("spec.backup", "retention.keepDaily") => "spec.backup.retention.keepDaily",
         ("spec.backup", "location") => "spec.backup.location",
+        ("spec.backup", "jitter") => "spec.backup.jitter",
+        ("spec.backup", "retention.keepHourly") => "spec.backup.retention.keepHourly",
+        ("spec.backup", "retention.keepWeekly") => "spec.backup.retention.keepWeekly",
+        ("spec.backup", "retention.keepMonthly") => "spec.backup.retention.keepMonthly",
+        ("spec.backup", "retention.keepYearly") => "spec.backup.retention.keepYearly",
         ("backup_prefs", "schedule") => "backup_prefs.schedule",
         ("backup_prefs", "paths") => "backup_prefs.paths",
         ("backup_prefs", "retention.keepLast") => "backup_prefs.retention.keepLast",
         ("backup_prefs", "retention.keepDaily") => "backup_prefs.retention.keepDaily",
         ("backup_prefs", "location") => "backup_prefs.location",
+        ("backup_prefs", "jitter") => "backup_prefs.jitter",
+        ("backup_prefs", "retention.keepHourly") => "backup_prefs.retention.keepHourly",
+        ("backup_prefs", "retention.keepWeekly") => "backup_prefs.retention.keepWeekly",
+        ("backup_prefs", "retention.keepMonthly") => "backup_prefs.retention.keepMonthly",
+        ("backup_prefs", "retention.keepYearly") => "backup_prefs.retention.keepYearly",
         _ => prefix,
     }
 }
@@ -464,16 +522,31 @@ fn default_location() -> String {
     "default".into()
 }
 
-/// Retention of backups: the newest `keepLast`, plus the newest of each of the last `keepDaily` days.
+/// Retention of Completed backups (grandfather-father-son, all in UTC): the newest `keepLast`,
+/// plus the newest backup of each of the last `keepHourly` hours, `keepDaily` days, `keepWeekly`
+/// ISO weeks, `keepMonthly` months and `keepYearly` years that have one. The newest backup is
+/// always kept, and nothing is deleted while a store is unavailable.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RetentionSpec {
     #[serde(default = "default_keep_last")]
     #[schemars(range(min = 1, max = 1000))]
     pub keep_last: i32,
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 8760))]
+    pub keep_hourly: i32,
     #[serde(default = "default_keep_daily")]
     #[schemars(range(min = 0, max = 3650))]
     pub keep_daily: i32,
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 520))]
+    pub keep_weekly: i32,
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1200))]
+    pub keep_monthly: i32,
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100))]
+    pub keep_yearly: i32,
 }
 
 fn default_keep_last() -> i32 {
@@ -487,7 +560,11 @@ impl Default for RetentionSpec {
     fn default() -> Self {
         Self {
             keep_last: default_keep_last(),
+            keep_hourly: 0,
             keep_daily: default_keep_daily(),
+            keep_weekly: 0,
+            keep_monthly: 0,
+            keep_yearly: 0,
         }
     }
 }

@@ -1,16 +1,23 @@
 //! Custom resource types and the YAML the `agentry crd` command prints.
 
 mod agent;
+mod backup;
 pub mod units;
 
 pub use agent::*;
+pub use backup::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
 /// Every CRD Agentry serves, in install order.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![with_kstatus_defaults(Agent::crd())]
+    vec![
+        with_kstatus_defaults(Agent::crd()),
+        with_kstatus_defaults(BackupLocation::crd()),
+        with_kstatus_defaults(AgentBackup::crd()),
+        with_kstatus_defaults(AgentRestore::crd()),
+    ]
 }
 
 /// kstatus (what Argo CD and Flux read) counts an object whose `status.observedGeneration` is

@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::RwLock;
 
+pub mod backup;
+
 /// The client's User-Agent (recorded as the registration's clientVersion).
 pub const USER_AGENT: &str = concat!("agentry-sidecar/", env!("CARGO_PKG_VERSION"));
 
@@ -74,6 +76,8 @@ pub enum ClientError {
 pub struct ApiClient {
     base: String,
     http: reqwest::Client,
+    /// For backup and restore transfers: no overall deadline, but a stalled read fails.
+    bulk: reqwest::Client,
 }
 
 impl ApiClient {
@@ -83,18 +87,94 @@ impl ApiClient {
         let identity =
             reqwest::Identity::from_pem(format!("{}\n{}", creds.cert, creds.key).as_bytes())
                 .map_err(|e| format!("the certificate and key do not parse: {e}"))?;
-        let http = reqwest::Client::builder()
-            .tls_certs_only(roots)
-            .identity(identity)
-            .user_agent(USER_AGENT)
-            // The token never travels in clear.
-            .https_only(true)
+        let builder = || {
+            reqwest::Client::builder()
+                .tls_certs_only(roots.clone())
+                .identity(identity.clone())
+                .user_agent(USER_AGENT)
+                // The token never travels in clear.
+                .https_only(true)
+                .connect_timeout(Duration::from_secs(15))
+        };
+        let http = builder()
             .timeout(Duration::from_secs(15))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let bulk = builder()
+            .read_timeout(Duration::from_secs(120))
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Self {
             base: base.trim_end_matches('/').to_string(),
             http,
+            bulk,
+        })
+    }
+
+    /// Streams `body` to `PUT path` (a backup); the API's JSON answer.
+    pub async fn put_stream(
+        &self,
+        path: &str,
+        token: &str,
+        body: reqwest::Body,
+    ) -> Result<Value, ClientError> {
+        Self::answer(
+            self.bulk
+                .put(format!("{}{path}", self.base))
+                .bearer_auth(token)
+                .header(reqwest::header::CONTENT_TYPE, "application/zstd")
+                .body(body)
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    /// `GET path` as a stream (a restore's archive); a refusal is the API's error.
+    pub async fn get_stream(
+        &self,
+        path: &str,
+        token: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        let r = self
+            .bulk
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        if r.status().is_success() {
+            return Ok(r);
+        }
+        let status = r.status().as_u16();
+        Err(ClientError::Refused {
+            status,
+            body: r.json().await.unwrap_or(Value::Null),
+        })
+    }
+
+    /// A POST of JSON with the token; any 2xx is success.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        token: &str,
+        body: &Value,
+    ) -> Result<(), ClientError> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        if r.status().is_success() {
+            return Ok(());
+        }
+        let status = r.status().as_u16();
+        Err(ClientError::Refused {
+            status,
+            body: r.json().await.unwrap_or(Value::Null),
         })
     }
 
@@ -179,6 +259,10 @@ pub struct Sidecar {
     pub capabilities: Vec<String>,
     pub backup_prefs: Option<Value>,
     pub poll: Duration,
+    /// How often to ask for backup and restore work (zero: never).
+    pub backup_poll: Duration,
+    /// Where restores are staged and verified.
+    pub scratch_dir: PathBuf,
 }
 
 fn serial_of(cert_pem: &str) -> Option<String> {
@@ -209,6 +293,7 @@ impl Sidecar {
         // (API not up yet, a leader change) is retried at the next tick.
         let mut registered_for: Option<Loaded> = None;
         let mut tick = tokio::time::interval(self.poll);
+        let mut last_work: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -241,6 +326,21 @@ impl Sidecar {
                 Err(e) => {
                     tracing::warn!(error = %e, "sidecar step failed; retrying");
                     state.write().await.last_error = Some(e.to_string());
+                    continue;
+                }
+            }
+            let due = !self.backup_poll.is_zero()
+                && last_work.is_none_or(|at| at.elapsed() >= self.backup_poll);
+            if due {
+                last_work = Some(std::time::Instant::now());
+                let token = state.read().await.token.clone().unwrap_or_default();
+                match backup::work(client, &token, &self.id, &self.scratch_dir).await {
+                    Ok(done) => {
+                        if !done.errors.is_empty() {
+                            state.write().await.last_error = Some(done.errors.join("; "));
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "asking for backup work failed; retrying"),
                 }
             }
         }

@@ -223,14 +223,36 @@ fn sidecar_container(agent: &Agent, plan: &MemoryPlan, sidecar: &SidecarSpec) ->
             ..Default::default()
         }),
         security_context: Some(restricted_container_security()),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "identity".into(),
-            mount_path: IDENTITY_MOUNT.into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(sidecar_mounts(agent)),
         ..Default::default()
     }
+}
+
+/// The identity (read-only); with backups, `/tmp` (where a restore is checked before it is
+/// written) and the agent's state volume at the agent's own path, so `spec.backup.paths` on
+/// it mean the same in both containers.
+fn sidecar_mounts(agent: &Agent) -> Vec<VolumeMount> {
+    let mut mounts = vec![VolumeMount {
+        name: "identity".into(),
+        mount_path: IDENTITY_MOUNT.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }];
+    if agent.spec.backup.is_some() {
+        mounts.push(VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..Default::default()
+        });
+        if let Some(state) = agent.spec.state.as_ref().filter(|s| s.persistent) {
+            mounts.push(VolumeMount {
+                name: "state".into(),
+                mount_path: state.mount_path.clone(),
+                ..Default::default()
+            });
+        }
+    }
+    mounts
 }
 
 fn pod_template(

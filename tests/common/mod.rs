@@ -2,6 +2,8 @@
 //! KUBECONFIG), one namespace per test, and controller processes run from the built binary.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -16,6 +18,8 @@ use serde_json::json;
 use agentry::crd::Agent;
 
 pub const E2E_LABEL: &str = "agentry.dev/e2e";
+/// On a test's BackupLocation: the test namespace whose controller manages it.
+pub const LOCATION_LABEL: &str = "agentry.dev/e2e-namespace";
 
 /// A client for the local control plane. Fails loudly when there is none: these tests must run.
 pub async fn client() -> Client {
@@ -241,6 +245,21 @@ impl ControllerProcess {
                 ]
             })
             .args(&opts.extra_args)
+            // BackupLocations are cluster-scoped: each test's controller manages only its own.
+            .args(
+                if opts
+                    .extra_args
+                    .iter()
+                    .any(|a| a == "--backup-location-selector")
+                {
+                    vec![]
+                } else {
+                    vec![
+                        "--backup-location-selector".to_string(),
+                        format!("{LOCATION_LABEL}={}", opts.namespace),
+                    ]
+                },
+            )
             .env("RUST_LOG", "info,agentry=debug")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().unwrap())

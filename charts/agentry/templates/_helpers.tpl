@@ -47,4 +47,17 @@ src/ (see tests/fixtures/rbac-*.yaml for the rendered result):
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- if .Values.api.enabled }}
+# Backups: the schedule creates AgentBackups and retention deletes them; the manager and the API
+# write their status. AgentRestores are created by users and only read and reported on.
+- apiGroups: ["agentry.dev"]
+  resources: ["agentbackups"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+- apiGroups: ["agentry.dev"]
+  resources: ["agentrestores"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["agentry.dev"]
+  resources: ["agentbackups/status", "agentrestores/status"]
+  verbs: ["patch"]
+{{- end }}
 {{- end -}}

@@ -1,5 +1,7 @@
-//! The backup step. `spec.backup` is accepted and validated, but this version does not run
-//! backups yet: say so on the object instead of pretending. It does not hold Ready back.
+//! The backup step, for a controller run without the backup manager (no agent API): `spec.backup`
+//! is accepted and validated, but nothing can carry the data, so say so on the object instead
+//! of pretending. With the API, the backup manager (`controller::backups`) owns `status.backup`
+//! and `BackupHealthy`. It does not hold Ready back.
 
 use super::report::{Level, Report};
 use crate::crd::Agent;
@@ -14,6 +16,6 @@ pub fn step(agent: &Agent) -> Report {
         BACKUP_HEALTHY,
         level,
         reasons::NOT_IMPLEMENTED,
-        super::NOT_YET,
+        "backups are carried by the agent API; this controller runs without it (--api-addr \"\")",
     )
 }

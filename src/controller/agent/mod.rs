@@ -96,8 +96,11 @@ async fn apply(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
     let workload = pass.run(rollout).await?;
     pass.facts.assigned_resources = Some(crate::workload::assigned_resources(&spec, &plan));
     pass.facts.endpoint = Some(crate::workload::endpoint(&agent));
-    pass.finish(vec![workload, inbox::step(&agent), backups::step(&agent)])
-        .await
+    let mut last = vec![workload, inbox::step(&agent)];
+    if ctx.config.backup.is_none() {
+        last.push(backups::step(&agent));
+    }
+    pass.finish(last).await
 }
 
 /// Releases what lives outside Kubernetes; children go with their owner references.

@@ -163,7 +163,7 @@ pub async fn write(ctx: &Context, agent: &Agent, status: AgentStatus) -> Result<
     let patch = serde_json::json!({
         "apiVersion": Agent::api_version(&()),
         "kind": Agent::kind(&()),
-        "status": reconciler_owned(status),
+        "status": reconciler_owned(status, ctx.config.backup.is_some()),
     });
     api.patch_status(
         &agent.name_any(),
@@ -175,14 +175,18 @@ pub async fn write(ctx: &Context, agent: &Agent, status: AgentStatus) -> Result<
     Ok(())
 }
 
-/// The status without what the API owns (`registration` and the `Registered` condition,
-/// written under the `agentry-api` field manager): the reconciler never applies them, so it
-/// can neither take them over nor write back a stale copy.
-pub fn reconciler_owned(mut status: AgentStatus) -> AgentStatus {
+/// The status without what others own: `registration` and the `Registered` condition (the
+/// API, field manager `agentry-api`) and, when the backup manager runs, `backup` and the
+/// `BackupHealthy` condition (field manager `agentry-backup`). The reconciler never applies
+/// them, so it can neither take them over nor write back a stale copy.
+pub fn reconciler_owned(mut status: AgentStatus, backups_managed: bool) -> AgentStatus {
+    use crate::keys::conditions::{BACKUP_HEALTHY, REGISTERED};
     status.registration = None;
-    status
-        .conditions
-        .retain(|c| c.type_ != crate::keys::conditions::REGISTERED);
+    status.conditions.retain(|c| c.type_ != REGISTERED);
+    if backups_managed {
+        status.backup = None;
+        status.conditions.retain(|c| c.type_ != BACKUP_HEALTHY);
+    }
     status
 }
 

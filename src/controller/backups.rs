@@ -1,0 +1,871 @@
+//! The backup manager, run by the leader beside the Agent controller. On every pass (a tick, or
+//! a change to an Agent, AgentBackup, AgentRestore or BackupLocation) it:
+//! - re-validates BackupLocations (both stores reachable, credentials, versioning);
+//! - creates each Agent's scheduled AgentBackups (deterministic names: a restart or a failover
+//!   never makes a duplicate);
+//! - fails AgentBackups no sidecar picked up, and those a dead controller left InProgress
+//!   (aborting their multipart uploads); retries the secondary copy of PartiallyFailed ones with
+//!   backoff;
+//! - verifies the copy an AgentRestore will use before the sidecar may fetch it;
+//! - applies GFS retention (only while both stores are available), deleting both copies, the
+//!   catalog row and the AgentBackup together;
+//! - writes each Agent's `status.backup` and `BackupHealthy` condition under its own field
+//!   manager (`agentry-backup`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::backups::{BackupService, completed_status};
+use crate::backup::catalog::BackupVersion;
+use crate::backup::location::{self, Stores};
+use crate::backup::retention::{self, Candidate};
+use crate::backup::schedule::{self, Decision};
+use crate::crd::{
+    Agent, AgentBackup, AgentBackupSpec, AgentRestore, BackupLocation, BackupPhase, BackupStatus,
+    LastBackup, RestorePhase,
+};
+use crate::keys::{AGENT_LABEL, MANAGED_BY, conditions::BACKUP_HEALTHY};
+
+/// The field manager of the backup manager's writes to an Agent's status.
+pub const BACKUP_MANAGER: &str = "agentry-backup";
+/// On scheduled AgentBackups: the cron slot it is for (RFC 3339).
+pub const SLOT_ANNOTATION: &str = "agentry.dev/scheduled-for";
+/// On AgentBackups the schedule created.
+pub const SCHEDULED_LABEL: &str = "agentry.dev/scheduled";
+
+/// How the manager runs.
+#[derive(Clone, Debug)]
+pub struct BackupConfig {
+    /// A pass at least this often.
+    pub interval: Duration,
+    /// BackupLocations are re-validated this often.
+    pub validate_every: Duration,
+    /// A New AgentBackup no sidecar sent data for within this fails.
+    pub pickup_timeout: Duration,
+    /// Retries of a secondary copy start at this and double (capped at 10 minutes).
+    pub retry_base: Duration,
+    /// Manage only BackupLocations matching this label selector (None: all).
+    pub location_selector: Option<String>,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            validate_every: Duration::from_secs(60),
+            pickup_timeout: Duration::from_secs(15 * 60),
+            retry_base: Duration::from_secs(10),
+            location_selector: None,
+        }
+    }
+}
+
+/// The watch caches the manager and the API share.
+pub struct Caches {
+    pub backups: Store<AgentBackup>,
+    pub restores: Store<AgentRestore>,
+    pub locations: Store<BackupLocation>,
+}
+
+/// Starts the three watches; `changed` is notified on every event.
+pub fn watch(
+    client: &Client,
+    namespace: &Option<String>,
+    location_selector: Option<&str>,
+    changed: Arc<Notify>,
+    stop: CancellationToken,
+) -> Caches {
+    fn run<K>(
+        api: Api<K>,
+        config: watcher::Config,
+        changed: Arc<Notify>,
+        stop: CancellationToken,
+    ) -> Store<K>
+    where
+        K: Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let (store, writer) = reflector::store();
+        let stream = watcher::watcher(api, config)
+            .default_backoff()
+            .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+            .reflect(writer)
+            .touched_objects();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    event = stream.next() => match event {
+                        Some(Ok(_)) => changed.notify_one(),
+                        Some(Err(e)) => tracing::warn!(error = %e, kind = %K::kind(&()), "watching backup resources failed; retrying"),
+                        None => break,
+                    },
+                }
+            }
+        });
+        store
+    }
+    let scoped = |c: &Client| -> (Api<AgentBackup>, Api<AgentRestore>) {
+        match namespace {
+            Some(ns) => (
+                Api::namespaced(c.clone(), ns),
+                Api::namespaced(c.clone(), ns),
+            ),
+            None => (Api::all(c.clone()), Api::all(c.clone())),
+        }
+    };
+    let (backups, restores) = scoped(client);
+    let all = watcher::Config::default().any_semantic();
+    let mut locations = all.clone();
+    if let Some(selector) = location_selector {
+        locations = locations.labels(selector);
+    }
+    Caches {
+        backups: run(backups, all.clone(), changed.clone(), stop.clone()),
+        restores: run(restores, all, changed.clone(), stop.clone()),
+        locations: run(Api::all(client.clone()), locations, changed, stop),
+    }
+}
+
+/// The manager's memory between passes.
+#[derive(Default)]
+struct Memory {
+    /// When each location was last validated, and at which generation.
+    validated: HashMap<String, (Instant, Option<i64>)>,
+    /// Secondary retries: attempts and when the next may run, per backup.
+    retries: HashMap<String, (u32, Instant)>,
+    /// The `status.backup` + condition last written per Agent uid.
+    written: HashMap<String, serde_json::Value>,
+    /// When orphaned uploads were last swept, per location.
+    swept: HashMap<String, Instant>,
+}
+
+pub struct Manager {
+    pub service: Arc<BackupService>,
+    pub agents: Store<DeserializeGuard<Agent>>,
+    pub config: BackupConfig,
+    memory: Mutex<Memory>,
+}
+
+fn now_rfc3339() -> String {
+    crate::api::rfc3339(jiff::Timestamp::now().as_second())
+}
+
+fn parse_time(s: &str) -> Option<jiff::Timestamp> {
+    s.parse().ok()
+}
+
+impl Manager {
+    pub fn new(
+        service: Arc<BackupService>,
+        agents: Store<DeserializeGuard<Agent>>,
+        config: BackupConfig,
+    ) -> Self {
+        Self {
+            service,
+            agents,
+            config,
+            memory: Mutex::default(),
+        }
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Passes until `stop`: every interval, or sooner when `changed` fires.
+    pub async fn run(self: Arc<Self>, changed: Arc<Notify>, stop: CancellationToken) {
+        loop {
+            if let Err(e) = self.pass().await {
+                tracing::warn!(error = %e, "backup pass failed; retrying");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = changed.notified() => {
+                    // Let a burst of events settle into one pass.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                },
+                _ = tokio::time::sleep(self.config.interval) => {},
+            }
+        }
+    }
+
+    /// One pass over everything (see the module docs).
+    pub async fn pass(&self) -> anyhow::Result<()> {
+        self.validate_locations().await;
+        let mut stores: HashMap<String, Option<Arc<Stores>>> = HashMap::new();
+        for location in self.service.locations.state() {
+            let name = location.name_any();
+            let built = if location::is_available(&location) {
+                location::stores(&self.service.client, &self.service.namespace, &location)
+                    .await
+                    .ok()
+                    .map(Arc::new)
+            } else {
+                None
+            };
+            stores.insert(name, built);
+        }
+        self.sweep_orphans(&stores).await;
+        self.tend_backups(&stores).await;
+        self.tend_restores(&stores).await;
+        for agent in self.agents.state() {
+            let Ok(agent) = &agent.0 else { continue };
+            if agent.meta().deletion_timestamp.is_some() {
+                continue;
+            }
+            let Some(spec) = &agent.spec.backup else {
+                continue;
+            };
+            let available = stores.get(&spec.location).cloned().flatten();
+            let next = self.schedule(agent).await;
+            if let Some(stores) = &available {
+                self.retain(agent, stores).await;
+            }
+            self.report(agent, available.is_some(), next).await;
+        }
+        Ok(())
+    }
+
+    async fn validate_locations(&self) {
+        for location in self.service.locations.state() {
+            let name = location.name_any();
+            let due = {
+                let memory = self.memory();
+                match memory.validated.get(&name) {
+                    Some((at, generation)) => {
+                        at.elapsed() >= self.config.validate_every
+                            || *generation != location.metadata.generation
+                    }
+                    None => true,
+                }
+            };
+            if !due {
+                continue;
+            }
+            let status =
+                location::validate(&self.service.client, &self.service.namespace, &location).await;
+            let api: Api<BackupLocation> = Api::all(self.service.client.clone());
+            let patch = serde_json::json!({ "status": status });
+            match api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    if status.phase.as_deref() != Some("Available") {
+                        tracing::warn!(location = %name, "BackupLocation is Unavailable");
+                    }
+                    self.memory()
+                        .validated
+                        .insert(name, (Instant::now(), location.metadata.generation));
+                }
+                Err(e) => {
+                    tracing::warn!(location = %name, error = %e, "writing BackupLocation status failed")
+                }
+            }
+        }
+    }
+
+    /// Creates the AgentBackup for the Agent's due slot; returns the next scheduled time.
+    async fn schedule(&self, agent: &Agent) -> Option<String> {
+        let spec = agent.spec.backup.as_ref()?;
+        let cron = spec.validate().ok()?;
+        let jitter = spec.jitter().unwrap_or_default();
+        let (namespace, name) = (agent.namespace()?, agent.name_any());
+        let since = agent
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or_else(jiff::Timestamp::now, |t| t.0);
+        let last_slot = self
+            .service
+            .backups
+            .state()
+            .iter()
+            .filter(|b| b.namespace().as_deref() == Some(&namespace) && b.spec.agent == name)
+            .filter_map(|b| {
+                b.annotations()
+                    .get(SLOT_ANNOTATION)
+                    .and_then(|s| parse_time(s))
+            })
+            .max();
+        let now = jiff::Timestamp::now();
+        let seed = agent.uid().unwrap_or_default();
+        match schedule::decide(
+            &cron,
+            last_slot,
+            since,
+            now,
+            spec.missed_run_policy,
+            jitter,
+            &seed,
+        ) {
+            Decision::RunNow { slot } => {
+                let backup_name = schedule::backup_name(&name, slot);
+                if let Err(e) = self
+                    .create_backup(&namespace, &name, &backup_name, Some(slot))
+                    .await
+                {
+                    tracing::warn!(agent = %format!("{namespace}/{name}"), error = %e, "creating the scheduled AgentBackup failed");
+                }
+                // The next one, now that this slot is taken.
+                match schedule::decide(
+                    &cron,
+                    Some(slot),
+                    since,
+                    now,
+                    spec.missed_run_policy,
+                    jitter,
+                    &seed,
+                ) {
+                    Decision::WaitUntil { at, .. } => Some(at.to_string()),
+                    _ => None,
+                }
+            }
+            Decision::WaitUntil { at, .. } => Some(crate::api::rfc3339(at.as_second())),
+            Decision::Never => None,
+        }
+    }
+
+    /// Creates an AgentBackup (AlreadyExists is success: the name is the slot's).
+    pub async fn create_backup(
+        &self,
+        namespace: &str,
+        agent: &str,
+        name: &str,
+        slot: Option<jiff::Timestamp>,
+    ) -> Result<(), kube::Error> {
+        let mut backup = AgentBackup::new(
+            name,
+            AgentBackupSpec {
+                agent: agent.to_string(),
+            },
+        );
+        backup.metadata.namespace = Some(namespace.to_string());
+        let mut labels = std::collections::BTreeMap::from([
+            (AGENT_LABEL.to_string(), agent.to_string()),
+            (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        ]);
+        if let Some(slot) = slot {
+            labels.insert(SCHEDULED_LABEL.into(), "true".into());
+            backup.metadata.annotations = Some(std::collections::BTreeMap::from([(
+                SLOT_ANNOTATION.to_string(),
+                crate::api::rfc3339(slot.as_second()),
+            )]));
+        }
+        backup.metadata.labels = Some(labels);
+        let api: Api<AgentBackup> = Api::namespaced(self.service.client.clone(), namespace);
+        match api.create(&PostParams::default(), &backup).await {
+            Ok(_) => {
+                tracing::info!(backup = %format!("{namespace}/{name}"), "created a scheduled AgentBackup");
+                Ok(())
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Aborts multipart uploads no backup in this process is writing (a controller that died
+    /// mid-upload leaves them), at most once a minute per location.
+    async fn sweep_orphans(&self, stores: &HashMap<String, Option<Arc<Stores>>>) {
+        for (name, stores) in stores {
+            let Some(stores) = stores else { continue };
+            {
+                let mut memory = self.memory();
+                if memory
+                    .swept
+                    .get(name)
+                    .is_some_and(|at| at.elapsed() < Duration::from_secs(60))
+                {
+                    continue;
+                }
+                memory.swept.insert(name.clone(), Instant::now());
+            }
+            for store in [&stores.primary, &stores.secondary] {
+                let Ok(pending) = store.pending_uploads().await else {
+                    continue;
+                };
+                for (key, upload_id) in pending {
+                    if self
+                        .service
+                        .engine
+                        .is_in_flight(&in_flight_id(store.prefix(), &key))
+                    {
+                        continue;
+                    }
+                    tracing::info!(bucket = %store.bucket, %key, "aborting an orphaned multipart upload");
+                    store.abort_upload(&key, &upload_id).await;
+                }
+            }
+        }
+    }
+
+    async fn tend_backups(&self, stores: &HashMap<String, Option<Arc<Stores>>>) {
+        for backup in self.service.backups.state() {
+            let Some(namespace) = backup.namespace() else {
+                continue;
+            };
+            let name = backup.name_any();
+            let id = format!("{namespace}/{name}");
+            let status = backup.status.clone().unwrap_or_default();
+            let age = backup
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| jiff::Timestamp::now().duration_since(t.0).unsigned_abs())
+                .unwrap_or_default();
+            let fail = |message: String| serde_json::json!({"phase": BackupPhase::Failed, "completedAt": now_rfc3339(), "error": message});
+            let patch = match status.phase {
+                None => Some(serde_json::json!({"phase": BackupPhase::New, "observedGeneration": backup.metadata.generation})),
+                Some(BackupPhase::New) if age > self.config.pickup_timeout => Some(fail(format!(
+                    "no data arrived within {}s: is the agent's sidecar running, and does the Agent have backup:write?",
+                    self.config.pickup_timeout.as_secs()
+                ))),
+                Some(BackupPhase::InProgress) if !self.service.engine.is_in_flight(&id) => {
+                    Some(fail("interrupted: the controller stopped during the upload; the partial upload was aborted and nothing was catalogued".into()))
+                }
+                Some(BackupPhase::PartiallyFailed) => {
+                    self.retry_secondary(&backup, &id, stores).await
+                }
+                _ => None,
+            };
+            if let Some(patch) = patch
+                && let Err(e) = self
+                    .service
+                    .set_backup_status(&namespace, &name, patch)
+                    .await
+            {
+                tracing::warn!(backup = %id, error = %e, "writing AgentBackup status failed");
+            }
+        }
+    }
+
+    /// Copies a PartiallyFailed backup to the secondary when its backoff has passed.
+    async fn retry_secondary(
+        &self,
+        backup: &AgentBackup,
+        id: &str,
+        stores: &HashMap<String, Option<Arc<Stores>>>,
+    ) -> Option<serde_json::Value> {
+        let status = backup.status.as_ref()?;
+        let location = status.location.as_deref()?;
+        let Some(Some(stores)) = stores.get(location) else {
+            return None;
+        };
+        {
+            let memory = self.memory();
+            if let Some((_, next)) = memory.retries.get(id)
+                && Instant::now() < *next
+            {
+                return None;
+            }
+        }
+        // The status is writable by whoever may write AgentBackups: trust no key in it but the
+        // one this backup's archive must have (another agent's archive must never be copied
+        // and catalogued as this one's).
+        let namespace = backup.namespace()?;
+        let expected = stores.primary.key(&crate::backup::engine::archive_name(
+            &namespace,
+            &backup.spec.agent,
+            &backup.name_any(),
+        ));
+        if status
+            .objects
+            .iter()
+            .any(|o| o.location == "primary" && o.key != expected)
+        {
+            return Some(serde_json::json!({
+                "phase": BackupPhase::Failed,
+                "completedAt": now_rfc3339(),
+                "error": format!("status.objects names a primary copy other than {expected}; refusing to copy it"),
+            }));
+        }
+        let version = BackupVersion {
+            id: id.to_string(),
+            agent_id: format!("{namespace}/{}", backup.spec.agent),
+            size: u64::try_from(status.size?).ok()?,
+            blake3: status.blake3.clone()?,
+            objects: status
+                .objects
+                .iter()
+                .map(|o| crate::backup::catalog::StoredObject {
+                    location: o.location.clone(),
+                    key: o.key.clone(),
+                    version_id: o.version_id.clone(),
+                    etag: o.etag.clone(),
+                })
+                .collect(),
+            created_at: status.started_at.clone().unwrap_or_else(now_rfc3339),
+            verified_at: None,
+            restored_at: None,
+        };
+        match self
+            .service
+            .engine
+            .complete_secondary(stores, version)
+            .await
+        {
+            Ok(done) => {
+                self.memory().retries.remove(id);
+                tracing::info!(backup = %id, "the secondary copy is in place; backup Completed");
+                Some(completed_status(&done, BackupPhase::Completed, None))
+            }
+            Err(e) => {
+                let attempts = {
+                    let mut memory = self.memory();
+                    let entry = memory
+                        .retries
+                        .entry(id.to_string())
+                        .or_insert((0, Instant::now()));
+                    entry.0 += 1;
+                    let delay = (self.config.retry_base * 2u32.saturating_pow(entry.0.min(10)))
+                        .min(Duration::from_secs(600));
+                    entry.1 = Instant::now() + delay;
+                    entry.0
+                };
+                tracing::warn!(backup = %id, error = %e, attempts, "copying to the secondary failed; retrying with backoff");
+                Some(serde_json::json!({
+                    "error": format!("secondary store: {e}"),
+                    "attempts": attempts,
+                }))
+            }
+        }
+    }
+
+    async fn tend_restores(&self, stores: &HashMap<String, Option<Arc<Stores>>>) {
+        for restore in self.service.restores.state() {
+            let Some(namespace) = restore.namespace() else {
+                continue;
+            };
+            let name = restore.name_any();
+            let phase = restore.status.as_ref().and_then(|s| s.phase);
+            if !matches!(phase, None | Some(RestorePhase::New)) {
+                continue;
+            }
+            let patch = self.prepare_restore(&restore, &namespace, stores).await;
+            if let Err(e) = self
+                .service
+                .set_restore_status(&namespace, &name, patch)
+                .await
+            {
+                tracing::warn!(restore = %format!("{namespace}/{name}"), error = %e, "writing AgentRestore status failed");
+            }
+        }
+    }
+
+    /// Picks the backup and verifies a stored copy: Ready (the sidecar may fetch it) or Failed.
+    async fn prepare_restore(
+        &self,
+        restore: &AgentRestore,
+        namespace: &str,
+        stores: &HashMap<String, Option<Arc<Stores>>>,
+    ) -> serde_json::Value {
+        let failed = |message: String| serde_json::json!({"phase": RestorePhase::Failed, "message": message, "completedAt": now_rfc3339(), "observedGeneration": restore.metadata.generation});
+        let agent_id = format!("{namespace}/{}", restore.spec.agent);
+        let catalog = &self.service.engine.catalog;
+        let version = match &restore.spec.backup {
+            Some(backup) => match catalog.get(&format!("{namespace}/{backup}")) {
+                Ok(Some(v)) if v.agent_id == agent_id => v,
+                Ok(Some(_)) => return failed(format!("backup {backup} belongs to another Agent")),
+                Ok(None) => {
+                    return failed(format!(
+                        "backup {backup} is not a Completed backup in the catalog"
+                    ));
+                }
+                Err(e) => return failed(format!("catalog: {e}")),
+            },
+            None => match catalog.list(&agent_id) {
+                Ok(list) => match list.into_iter().next() {
+                    Some(v) => v,
+                    None => {
+                        return failed(format!(
+                            "Agent {} has no Completed backup",
+                            restore.spec.agent
+                        ));
+                    }
+                },
+                Err(e) => return failed(format!("catalog: {e}")),
+            },
+        };
+        let backup = version
+            .id
+            .split_once('/')
+            .map_or(version.id.clone(), |(_, b)| b.to_string());
+        let location = self
+            .service
+            .backups
+            .get(&ObjectRef::new(&backup).within(namespace))
+            .and_then(|b| b.status.as_ref().and_then(|s| s.location.clone()))
+            .unwrap_or_else(|| "default".into());
+        let Some(Some(stores)) = stores.get(&location) else {
+            // Not final: tried again on the next pass.
+            return serde_json::json!({"phase": RestorePhase::New, "backup": backup,
+                "message": format!("waiting for BackupLocation {location} to be Available")});
+        };
+        match self.service.engine.open_verified(stores, &version).await {
+            Ok((source, problems, _reader)) => serde_json::json!({
+                "phase": RestorePhase::Ready,
+                "backup": backup,
+                "blake3": version.blake3,
+                "source": source,
+                "observedGeneration": restore.metadata.generation,
+                "message": if problems.is_empty() {
+                    format!("the {source} copy verified; waiting for the agent's sidecar")
+                } else {
+                    format!("the {source} copy verified ({}); waiting for the agent's sidecar", problems.join("; "))
+                },
+            }),
+            Err(e) => failed(e.to_string()),
+        }
+    }
+
+    /// GFS retention over the Agent's catalogued backups.
+    async fn retain(&self, agent: &Agent, stores: &Stores) {
+        let Some(spec) = &agent.spec.backup else {
+            return;
+        };
+        let Some(namespace) = agent.namespace() else {
+            return;
+        };
+        let agent_id = format!("{namespace}/{}", agent.name_any());
+        let Ok(versions) = self.service.engine.catalog.list(&agent_id) else {
+            return;
+        };
+        let candidates: Vec<Candidate> = versions
+            .iter()
+            .filter_map(|v| {
+                Some(Candidate {
+                    id: v.id.clone(),
+                    created: parse_time(&v.created_at)?,
+                })
+            })
+            .collect();
+        let plan = retention::plan(&spec.retention_policy(), &candidates);
+        for id in plan.delete {
+            let Some(version) = versions.iter().find(|v| v.id == id) else {
+                continue;
+            };
+            if locked(stores, version) {
+                continue;
+            }
+            match self.service.engine.delete(stores, version).await {
+                Ok(()) => {
+                    let backup = id.split_once('/').map_or(id.as_str(), |(_, b)| b);
+                    let api: Api<AgentBackup> =
+                        Api::namespaced(self.service.client.clone(), &namespace);
+                    match api.delete(backup, &DeleteParams::default()).await {
+                        Ok(_) | Err(kube::Error::Api(_)) => {}
+                        Err(e) => {
+                            tracing::warn!(backup = %id, error = %e, "deleting the AgentBackup failed")
+                        }
+                    }
+                    tracing::info!(backup = %id, "retention deleted a backup (both copies and its catalog row)");
+                }
+                Err(e) => {
+                    tracing::warn!(backup = %id, error = %e, "retention could not delete a backup; retrying later")
+                }
+            }
+        }
+    }
+
+    /// Writes `status.backup` and `BackupHealthy` when they changed.
+    async fn report(&self, agent: &Agent, available: bool, next: Option<String>) {
+        let Some(namespace) = agent.namespace() else {
+            return;
+        };
+        let name = agent.name_any();
+        let agent_id = format!("{namespace}/{name}");
+        let latest = self
+            .service
+            .engine
+            .catalog
+            .list(&agent_id)
+            .ok()
+            .and_then(|l| l.into_iter().next());
+        let mine: Vec<_> = self
+            .service
+            .backups
+            .state()
+            .into_iter()
+            .filter(|b| b.namespace().as_deref() == Some(&namespace) && b.spec.agent == name)
+            .collect();
+        let pending_secondary = mine.iter().find(|b| {
+            b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::PartiallyFailed)
+        });
+        let newest_final = mine
+            .iter()
+            .filter(|b| {
+                b.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(BackupPhase::is_final)
+            })
+            .max_by_key(|b| b.metadata.creation_timestamp.as_ref().map(|t| t.0));
+        let (status, reason, message) = if !available {
+            let location = agent
+                .spec
+                .backup
+                .as_ref()
+                .map(|b| b.location.clone())
+                .unwrap_or_default();
+            (
+                "False",
+                "LocationUnavailable",
+                format!(
+                    "BackupLocation {location} is not Available; backups wait and retention is paused"
+                ),
+            )
+        } else if let Some(b) = pending_secondary {
+            (
+                "False",
+                "SecondaryPending",
+                format!(
+                    "backup {} is only in the primary store; the copy to the secondary is being retried",
+                    b.name_any()
+                ),
+            )
+        } else if let Some(b) = newest_final
+            .filter(|b| b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Failed))
+        {
+            let why = b
+                .status
+                .as_ref()
+                .and_then(|s| s.error.clone())
+                .unwrap_or_default();
+            (
+                "False",
+                "LastBackupFailed",
+                format!("backup {} failed: {why}", b.name_any()),
+            )
+        } else if let Some(v) = &latest {
+            (
+                "True",
+                "Healthy",
+                format!(
+                    "last backup {} verified in both stores",
+                    v.id.split_once('/').map_or(v.id.as_str(), |(_, b)| b)
+                ),
+            )
+        } else {
+            (
+                "True",
+                "NoBackupYet",
+                "no backup has completed yet".to_string(),
+            )
+        };
+        let backup = BackupStatus {
+            last_backup: latest.map(|v| LastBackup {
+                id: v
+                    .id
+                    .split_once('/')
+                    .map_or(v.id.clone(), |(_, b)| b.to_string()),
+                time: v.created_at.clone(),
+                blake3: v.blake3.clone(),
+                size: i64::try_from(v.size).unwrap_or(i64::MAX),
+                locations: v.objects.iter().map(|o| o.location.clone()).collect(),
+            }),
+            next_scheduled_time: next,
+        };
+        let key = serde_json::json!([backup, status, reason, message]);
+        let uid = agent.uid().unwrap_or_default();
+        if self.memory().written.get(&uid) == Some(&key) {
+            return;
+        }
+        let previous = agent
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == BACKUP_HEALTHY));
+        let transition = match previous {
+            Some(c) if c.status == status => c.last_transition_time.clone(),
+            _ => Time(k8s_openapi::jiff::Timestamp::now()),
+        };
+        let condition = Condition {
+            type_: BACKUP_HEALTHY.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            last_transition_time: transition,
+            observed_generation: agent.metadata.generation,
+        };
+        let patch = serde_json::json!({
+            "apiVersion": Agent::api_version(&()),
+            "kind": Agent::kind(&()),
+            "status": {"backup": backup, "conditions": [condition]},
+        });
+        let api: Api<Agent> = Api::namespaced(self.service.client.clone(), &namespace);
+        match api
+            .patch_status(
+                &name,
+                &PatchParams::apply(BACKUP_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                self.memory().written.insert(uid, key);
+            }
+            Err(e) => {
+                tracing::warn!(agent = %agent_id, error = %e, "writing the Agent's backup status failed")
+            }
+        }
+    }
+}
+
+/// Whether a copy of `version` is still under object lock (retention must not try it).
+fn locked(stores: &Stores, version: &BackupVersion) -> bool {
+    let days = stores.primary_lock_days.max(stores.secondary_lock_days);
+    let Some(days) = days else { return false };
+    let Some(created) = parse_time(&version.created_at) else {
+        return true;
+    };
+    // Uploads are locked from their start, at most a few hours before `created_at` is taken;
+    // a day's margin keeps retention from trying what the store must refuse.
+    let until = created
+        .checked_add(jiff::SignedDuration::from_hours(24 * (i64::from(days) + 1)))
+        .unwrap_or(jiff::Timestamp::MAX);
+    jiff::Timestamp::now() < until
+}
+
+/// The in-flight id (`namespace/backup`) of an archive key under `prefix`.
+pub fn in_flight_id(prefix: &str, key: &str) -> String {
+    let rest = key.strip_prefix(prefix).unwrap_or(key);
+    let mut parts = rest.splitn(3, '/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(ns), Some(_agent), Some(file)) => {
+            format!("{ns}/{}", file.strip_suffix(".tar.zst").unwrap_or(file))
+        }
+        _ => rest.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn archive_keys_map_back_to_backups() {
+        let key =
+            crate::backup::engine::archive_name("team-a", "summarizer", "summarizer-202611291500");
+        assert_eq!(
+            in_flight_id("agentry/", &format!("agentry/{key}")),
+            "team-a/summarizer-202611291500"
+        );
+    }
+}
