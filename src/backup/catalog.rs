@@ -357,10 +357,13 @@ mod tests {
         assert!(restored);
         assert!(c.delete("b1").unwrap());
         assert!(!c.delete("b1").unwrap());
+        // Recording an id again (a retried secondary copy) updates it; it never duplicates.
+        c.record(&version("b2", "team-a/x", "2026-11-29T11:00:00Z"))
+            .unwrap();
+        assert_eq!(c.list("team-a/x").unwrap().len(), 1, "ids are unique");
         assert!(
-            c.record(&version("b2", "team-a/x", "2026-11-29T11:00:00Z"))
-                .is_err(),
-            "ids are unique"
+            c.get("b2").unwrap().unwrap().restored_at.is_some(),
+            "a repeat keeps what it does not carry"
         );
     }
 
