@@ -927,9 +927,13 @@ fn kill_controller(w: &World) {
 async fn bad_backup_requests_are_refused_with_clear_errors_and_change_nothing() {
     let w = World::new("bk-bad", json!({})).await;
     // A second agent in the namespace without backup scopes.
-    create_agent(&w.client, w.ns(), agent_manifest("plain", json!({})))
-        .await
-        .expect("creating the second Agent");
+    create_agent(
+        &w.client,
+        w.ns(),
+        agent_manifest("plain", json!({"spec": {"permissions": ["memory:read"]}})),
+    )
+    .await
+    .expect("creating the second Agent");
     wait_agent(
         &w.client,
         w.ns(),
@@ -1160,13 +1164,13 @@ async fn bad_backup_requests_are_refused_with_clear_errors_and_change_nothing() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_schedule_creates_one_backup_per_slot_and_retention_keeps_the_newest() {
-    let w = World::new(
+    let mut w = World::new(
         "bk-sched",
         json!({"spec": {"backup": {"schedule": "* * * * *", "retention": {"keepLast": 2, "keepDaily": 0}}}}),
     )
     .await;
     write_state(&w.data(), 64 * 1024, 5);
-    let _sidecar = w.sidecar();
+    let mut sidecar = w.sidecar();
     let api: Api<AgentBackup> = Api::namespaced(w.client.clone(), w.ns());
     // The Agent says when the next run is.
     eventually(
@@ -1212,12 +1216,18 @@ async fn the_schedule_creates_one_backup_per_slot_and_retention_keeps_the_newest
     // for that slot.
     let data_dir = w.controller.data_dir();
     kill_controller(&w);
-    let mut opts = ControllerOptions::new(w.ns());
+    let ns = w.ns().to_string();
+    let mut opts = ControllerOptions::new(&ns);
     opts.extra_args = controller_args();
     opts.replica = "replica-b";
     opts.data_dir = Some(&data_dir);
+    // The old process (dead) keeps its temporary data directory alive for the new one.
     let next = ControllerProcess::start(opts);
-    wait_api(&next).await;
+    let _dead = std::mem::replace(&mut w.controller, next);
+    wait_api(&w.controller).await;
+    // The sidecar follows the API to the new leader (a Service does that in a cluster).
+    sidecar.kill();
+    let _sidecar = w.sidecar();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let for_slot = api
         .list(&Default::default())
