@@ -136,6 +136,11 @@ pub struct SidecarArgs {
     /// Where a restore's archive is staged (an unnamed file) and verified before it is written.
     #[arg(long, default_value = "/tmp", env = "AGENTRY_SCRATCH_DIR")]
     pub scratch_dir: std::path::PathBuf,
+    /// Read and restore `spec.backup.paths` below this directory instead of at their absolute
+    /// paths: for running the sidecar outside the agent's pod (the local demo). The archive's
+    /// entries then carry this prefix too, so restore such backups with the same --path-root.
+    #[arg(long)]
+    pub path_root: Option<std::path::PathBuf>,
 }
 
 /// `agentry register`: exit 0 with the answer on stdout; 2 when the API refuses (its error on
@@ -219,6 +224,7 @@ pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
             poll: args.poll,
             backup_poll: args.backup_poll,
             scratch_dir: args.scratch_dir,
+            path_root: args.path_root,
         };
         tracing::info!(addr = %args.listen, "sidecar serving /token, /status, /card and /agents on localhost");
         let worker = tokio::spawn(sidecar.run(state, stop.clone()));

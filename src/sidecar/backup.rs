@@ -30,6 +30,7 @@ pub async fn work(
     token: &str,
     id: &str,
     scratch: &Path,
+    root: Option<&Path>,
 ) -> Result<Done, ClientError> {
     let base = format!("/v1/agents/{id}");
     let work: Work = match client.get(&format!("{base}/work"), token).await {
@@ -47,7 +48,7 @@ pub async fn work(
         Err(e) => return Err(e),
     };
     let mut done = Done::default();
-    let roots: Vec<PathBuf> = work.paths.iter().map(PathBuf::from).collect();
+    let roots: Vec<PathBuf> = work.paths.iter().map(|p| under(root, p)).collect();
     for backup in &work.backups {
         match send_backup(client, token, &base, backup, &roots).await {
             Ok(answer) => {
@@ -86,6 +87,15 @@ pub async fn work(
         }
     }
     Ok(done)
+}
+
+/// `path` (absolute, from `spec.backup.paths`) below `root`, when the sidecar runs outside the
+/// agent's pod (a local demo, tests); `path` itself otherwise.
+pub fn under(root: Option<&Path>, path: &str) -> PathBuf {
+    match root {
+        Some(root) => root.join(path.trim_start_matches('/')),
+        None => PathBuf::from(path),
+    }
 }
 
 /// Streams the archive of `roots` to `PUT .../backups/{backup}`.

@@ -263,6 +263,8 @@ pub struct Sidecar {
     pub backup_poll: Duration,
     /// Where restores are staged and verified.
     pub scratch_dir: PathBuf,
+    /// `spec.backup.paths` are read and restored below this directory (None: as they are).
+    pub path_root: Option<PathBuf>,
 }
 
 fn serial_of(cert_pem: &str) -> Option<String> {
@@ -334,7 +336,15 @@ impl Sidecar {
             if due {
                 last_work = Some(std::time::Instant::now());
                 let token = state.read().await.token.clone().unwrap_or_default();
-                match backup::work(client, &token, &self.id, &self.scratch_dir).await {
+                match backup::work(
+                    client,
+                    &token,
+                    &self.id,
+                    &self.scratch_dir,
+                    self.path_root.as_deref(),
+                )
+                .await
+                {
                     Ok(done) => {
                         if !done.errors.is_empty() {
                             state.write().await.last_error = Some(done.errors.join("; "));

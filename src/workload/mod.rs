@@ -129,10 +129,10 @@ fn agent_container(agent: &Agent, spec: &ValidatedSpec, plan: &MemoryPlan) -> Co
             ..Default::default()
         },
     ];
-    if let Some(state) = agent.spec.state.as_ref().filter(|s| s.persistent) {
+    if let Some(path) = state_mount_path(agent) {
         mounts.push(VolumeMount {
             name: "state".into(),
-            mount_path: state.mount_path.clone(),
+            mount_path: path,
             ..Default::default()
         });
     }
@@ -207,6 +207,12 @@ fn sidecar_container(agent: &Agent, plan: &MemoryPlan, sidecar: &SidecarSpec) ->
         args.push("--capabilities".into());
         args.push(agent.spec.capabilities.join(","));
     }
+    // A restore is staged (an unnamed file) and verified on the state volume, which has room
+    // for it, before it is written there.
+    if let Some(path) = state_mount_path(agent).filter(|_| agent.spec.backup.is_some()) {
+        args.push("--scratch-dir".into());
+        args.push(path);
+    }
     Container {
         name: SIDECAR_CONTAINER.into(),
         image: Some(sidecar.image.clone()),
@@ -238,22 +244,29 @@ fn sidecar_mounts(agent: &Agent) -> Vec<VolumeMount> {
         read_only: Some(true),
         ..Default::default()
     }];
-    if agent.spec.backup.is_some() {
+    if let Some(path) = state_mount_path(agent).filter(|_| agent.spec.backup.is_some()) {
         mounts.push(VolumeMount {
-            name: "tmp".into(),
-            mount_path: "/tmp".into(),
+            name: "state".into(),
+            mount_path: path,
             ..Default::default()
         });
-        if let Some(state) = agent.spec.state.as_ref().filter(|s| s.persistent) {
-            mounts.push(VolumeMount {
-                name: "state".into(),
-                mount_path: state.mount_path.clone(),
-                ..Default::default()
-            });
-        }
     }
     mounts
 }
+
+/// Where the agent's state volume is mounted, if it has one: a PersistentVolumeClaim with
+/// `spec.state.persistent`, else an emptyDir (living as long as the pod) when it has backups,
+/// so that the sidecar sees the files `spec.backup.paths` name (put them under this path).
+pub fn state_mount_path(agent: &Agent) -> Option<String> {
+    let state = agent.spec.state.as_ref();
+    let persistent = state.is_some_and(|s| s.persistent);
+    (persistent || agent.spec.backup.is_some()).then(|| {
+        state.map_or_else(|| DEFAULT_STATE_PATH.to_string(), |s| s.mount_path.clone())
+    })
+}
+
+/// `spec.state.mountPath`'s default.
+pub const DEFAULT_STATE_PATH: &str = "/var/lib/agent";
 
 fn pod_template(
     agent: &Agent,
@@ -305,10 +318,23 @@ fn pod_template(
                     }),
                     ..Default::default()
                 },
-            ]),
+            ]
+            .into_iter()
+            .chain(ephemeral_state(agent))
+            .collect()),
             ..Default::default()
         }),
     }
+}
+
+/// An emptyDir for the state of an Agent that has backups but no persistent volume.
+fn ephemeral_state(agent: &Agent) -> Option<Volume> {
+    let persistent = agent.spec.state.as_ref().is_some_and(|s| s.persistent);
+    (!persistent && agent.spec.backup.is_some()).then(|| Volume {
+        name: "state".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    })
 }
 
 /// The agent's workload: a Deployment, or a StatefulSet when it keeps persistent state.
