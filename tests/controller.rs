@@ -66,9 +66,10 @@ async fn reconcile_adds_finalizer_conditions_and_observed_generation() {
     assert_eq!(agent.metadata.generation, Some(2));
 }
 
-/// Parts the spec accepts but this version does not carry out are reported, not faked.
+/// Parts the spec accepts but this version does not carry out are reported, not faked; a
+/// backup whose BackupLocation does not exist is reported unhealthy, and Ready is not held back.
 #[tokio::test]
-async fn messaging_and_backup_are_reported_as_not_implemented() {
+async fn messaging_is_reported_not_implemented_and_a_missing_backup_location_unhealthy() {
     let (client, ns) = setup("ctl-notyet").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
     let m = agent_manifest(
@@ -85,13 +86,39 @@ async fn messaging_and_backup_are_reported_as_not_implemented() {
         ready,
     )
     .await;
-    for type_ in ["MessagingReady", "BackupHealthy"] {
-        let c = condition(&agent, type_).unwrap_or_else(|| panic!("{type_} missing"));
-        assert_eq!(
-            (c.status.as_str(), c.reason.as_str()),
-            ("Unknown", "NotImplemented")
-        );
-    }
+    let c = condition(&agent, "MessagingReady").expect("MessagingReady");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("Unknown", "NotImplemented")
+    );
+    let agent = wait_agent(
+        &client,
+        &ns.name,
+        "later",
+        Duration::from_secs(30),
+        "BackupHealthy=False",
+        |a| condition(a, "BackupHealthy").is_some_and(|c| c.status == "False"),
+    )
+    .await;
+    let c = condition(&agent, "BackupHealthy").unwrap();
+    assert_eq!(c.reason, "LocationUnavailable");
+    assert!(
+        c.message.contains("BackupLocation default"),
+        "{}",
+        c.message
+    );
+    assert!(ready(&agent), "backups do not hold Ready back");
+    // No AgentBackup is created for a location that is not there.
+    let backups: kube::Api<agentry::crd::AgentBackup> =
+        kube::Api::namespaced(client.clone(), &ns.name);
+    assert!(
+        backups
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
 }
 
 #[tokio::test]

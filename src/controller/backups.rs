@@ -235,7 +235,9 @@ impl Manager {
                 continue;
             };
             let available = stores.get(&spec.location).cloned().flatten();
-            let next = self.schedule(agent).await;
+            // While its location is unavailable a run could only fail: none is created (the
+            // slot is taken again by RunOnce when it is back), BackupHealthy says why.
+            let next = self.schedule(agent, available.is_some()).await;
             if let Some(stores) = &available {
                 self.retain(agent, stores).await;
             }
@@ -283,8 +285,9 @@ impl Manager {
         }
     }
 
-    /// Creates the AgentBackup for the Agent's due slot; returns the next scheduled time.
-    async fn schedule(&self, agent: &Agent) -> Option<String> {
+    /// Creates the AgentBackup for the Agent's due slot (when `create`); returns the next
+    /// scheduled time.
+    async fn schedule(&self, agent: &Agent, create: bool) -> Option<String> {
         let spec = agent.spec.backup.as_ref()?;
         let cron = spec.validate().ok()?;
         let jitter = spec.jitter().unwrap_or_default();
@@ -317,7 +320,7 @@ impl Manager {
             jitter,
             &seed,
         ) {
-            Decision::RunNow { slot } => {
+            Decision::RunNow { slot } if create => {
                 let backup_name = schedule::backup_name(&name, slot);
                 if let Err(e) = self
                     .create_backup(&namespace, &name, &backup_name, Some(slot))
@@ -339,6 +342,7 @@ impl Manager {
                     _ => None,
                 }
             }
+            Decision::RunNow { slot } => Some(crate::api::rfc3339(slot.as_second())),
             Decision::WaitUntil { at, .. } => Some(crate::api::rfc3339(at.as_second())),
             Decision::Never => None,
         }

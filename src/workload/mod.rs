@@ -260,9 +260,8 @@ fn sidecar_mounts(agent: &Agent) -> Vec<VolumeMount> {
 pub fn state_mount_path(agent: &Agent) -> Option<String> {
     let state = agent.spec.state.as_ref();
     let persistent = state.is_some_and(|s| s.persistent);
-    (persistent || agent.spec.backup.is_some()).then(|| {
-        state.map_or_else(|| DEFAULT_STATE_PATH.to_string(), |s| s.mount_path.clone())
-    })
+    (persistent || agent.spec.backup.is_some())
+        .then(|| state.map_or_else(|| DEFAULT_STATE_PATH.to_string(), |s| s.mount_path.clone()))
 }
 
 /// `spec.state.mountPath`'s default.
@@ -300,28 +299,30 @@ fn pod_template(
                 ..Default::default()
             }),
             containers,
-            volumes: Some(vec![
-                Volume {
-                    name: "identity".into(),
-                    secret: Some(SecretVolumeSource {
-                        secret_name: Some(identity_secret.into()),
-                        default_mode: Some(0o440),
+            volumes: Some(
+                vec![
+                    Volume {
+                        name: "identity".into(),
+                        secret: Some(SecretVolumeSource {
+                            secret_name: Some(identity_secret.into()),
+                            default_mode: Some(0o440),
+                            ..Default::default()
+                        }),
                         ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                Volume {
-                    name: "tmp".into(),
-                    empty_dir: Some(EmptyDirVolumeSource {
-                        size_limit: Some(Quantity("64Mi".into())),
+                    },
+                    Volume {
+                        name: "tmp".into(),
+                        empty_dir: Some(EmptyDirVolumeSource {
+                            size_limit: Some(Quantity("64Mi".into())),
+                            ..Default::default()
+                        }),
                         ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-            ]
-            .into_iter()
-            .chain(ephemeral_state(agent))
-            .collect()),
+                    },
+                ]
+                .into_iter()
+                .chain(ephemeral_state(agent))
+                .collect(),
+            ),
             ..Default::default()
         }),
     }
@@ -520,6 +521,70 @@ mod tests {
             Workload::StatefulSet(s) => s.spec.as_ref().unwrap().template.clone(),
         };
         t.spec.unwrap().containers[0].clone()
+    }
+
+    /// With backups, the sidecar sees the agent's state volume at the agent's path (an
+    /// emptyDir without persistence, the PVC with it) and stages restores there; without
+    /// backups it sees only the identity.
+    #[test]
+    fn with_backups_the_sidecar_shares_the_state_volume() {
+        let sidecar = SidecarSpec {
+            image: "img".into(),
+            api_url: "https://api".into(),
+        };
+        let pod_of = |a: &Agent| {
+            let spec = a.spec.validate().unwrap();
+            let plan = MemoryPlan::new(spec.memory_bytes, SIDECAR_MEMORY_BYTES);
+            let t = match workload(a, &spec, &plan, "x-identity", Some(&sidecar)) {
+                Workload::Deployment(d) => d.spec.unwrap().template,
+                Workload::StatefulSet(s) => s.spec.unwrap().template,
+            };
+            t.spec.unwrap()
+        };
+        let mounts = |c: &Container| -> Vec<(String, String)> {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| (m.name.clone(), m.mount_path.clone()))
+                .collect()
+        };
+        let plain = pod_of(&agent("384Mi"));
+        assert_eq!(
+            mounts(&plain.containers[1]),
+            [("identity".into(), IDENTITY_MOUNT.into())]
+        );
+        assert!(!plain.volumes.unwrap().iter().any(|v| v.name == "state"));
+
+        let mut a = agent("384Mi");
+        a.spec.backup = serde_json::from_value(
+            serde_json::json!({"schedule": "@daily", "paths": ["/var/lib/agent/memory"]}),
+        )
+        .unwrap();
+        let pod = pod_of(&a);
+        let state = ("state".to_string(), DEFAULT_STATE_PATH.to_string());
+        assert!(mounts(&pod.containers[0]).contains(&state));
+        assert!(mounts(&pod.containers[1]).contains(&state));
+        let volumes = pod.volumes.unwrap();
+        let v = volumes.iter().find(|v| v.name == "state").unwrap();
+        assert!(v.empty_dir.is_some(), "ephemeral state without persistence");
+        let args = pod.containers[1].args.clone().unwrap();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--scratch-dir", DEFAULT_STATE_PATH]),
+            "{args:?}"
+        );
+
+        a.spec.state = Some(
+            serde_json::from_value(serde_json::json!({"persistent": true, "mountPath": "/data"}))
+                .unwrap(),
+        );
+        let pod = pod_of(&a);
+        let state = ("state".to_string(), "/data".to_string());
+        assert!(mounts(&pod.containers[1]).contains(&state));
+        assert!(
+            !pod.volumes.unwrap().iter().any(|v| v.name == "state"),
+            "the StatefulSet's claim provides it"
+        );
     }
 
     #[test]
