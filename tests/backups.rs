@@ -158,6 +158,16 @@ fn controller_args() -> Vec<String> {
 
 impl World {
     async fn new(prefix: &str, agent_overrides: Value) -> Self {
+        Self::with_primary(prefix, agent_overrides, None, json!({})).await
+    }
+
+    /// `bucket`: another primary bucket; `primary_spec`: more fields of the primary's spec.
+    async fn with_primary(
+        prefix: &str,
+        agent_overrides: Value,
+        bucket: Option<&str>,
+        primary_spec: Value,
+    ) -> Self {
         let (client, ns) = setup(prefix).await;
         // Restoring needs backup:read, which namespaces do not allow by default.
         Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
@@ -170,6 +180,9 @@ impl World {
             .await
             .unwrap();
         let (mut primary, mut secondary) = stores();
+        if let Some(bucket) = bucket {
+            primary.bucket = bucket.to_string();
+        }
         // Each test under its own prefix in the shared buckets.
         primary.prefix = format!("{}/", ns.name);
         secondary.prefix = format!("{}/", ns.name);
@@ -203,11 +216,18 @@ impl World {
                 "credentials": {"name": secret},
             })
         };
+        let mut primary_store = store(
+            &primary,
+            primary_proxy.endpoint(),
+            "agentry-backup-primary",
+            "WhenSupported",
+        );
+        merge(&mut primary_store, primary_spec);
         let bl: BackupLocation = serde_json::from_value(json!({
             "apiVersion": "agentry.dev/v1alpha1", "kind": "BackupLocation",
             "metadata": {"name": location, "labels": {LOCATION_LABEL: ns.name}},
             "spec": {
-                "primary": store(&primary, primary_proxy.endpoint(), "agentry-backup-primary", "WhenSupported"),
+                "primary": primary_store,
                 "secondary": store(&secondary, secondary_proxy.endpoint(), "agentry-backup-secondary", "WhenRequired"),
             }
         }))
@@ -1302,4 +1322,95 @@ async fn the_schedule_creates_one_backup_per_slot_and_retention_keeps_the_newest
         2,
         "{listed:?}"
     );
+}
+
+/// boto3 against the primary: creates a bucket with object lock on, or reads an object
+/// version's retention (`MODE UNTIL`).
+fn python_lock(cfg: &StoreConfig, action: &str, bucket: &str, key: &str, version: &str) -> String {
+    let python = std::env::var("AGENTRY_PYTHON").unwrap_or("python3".into());
+    let script = r#"
+import sys, boto3
+endpoint, access, secret, action, bucket, key, version = sys.argv[1:8]
+s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                  aws_access_key_id=access, aws_secret_access_key=secret,
+                  config=boto3.session.Config(s3={"addressing_style": "path"}))
+if action == "create":
+    s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    print("created")
+else:
+    r = s3.get_object_retention(Bucket=bucket, Key=key, VersionId=version)["Retention"]
+    print(r["Mode"], r["RetainUntilDate"].isoformat())
+"#;
+    let out = std::process::Command::new(python)
+        .args([
+            "-c",
+            script,
+            &cfg.endpoint,
+            &cfg.access_key,
+            &cfg.secret_key,
+            action,
+            bucket,
+            key,
+            version,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// objectLockDays: the primary copy is written in COMPLIANCE mode (read back independently with
+/// boto3), the store itself refuses to delete it, and retention does not try: the backup stays
+/// catalogued past keepLast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn object_locked_copies_are_written_in_compliance_mode_and_kept_by_retention() {
+    let (primary, _) = stores();
+    let bucket = format!("agentry-locked-{:08x}", rand::random::<u32>());
+    assert_eq!(python_lock(&primary, "create", &bucket, "", ""), "created");
+    let w = World::with_primary(
+        "bk-lock",
+        json!({"spec": {"backup": {"retention": {"keepLast": 1, "keepDaily": 0}}}}),
+        Some(&bucket),
+        json!({"objectLockDays": 2}),
+    )
+    .await;
+    write_state(&w.data(), 64 * 1024, 6);
+    let _sidecar = w.sidecar();
+    for name in ["locked-1", "locked-2"] {
+        w.create_backup(name).await;
+        let b = w
+            .wait_backup(name, &[BackupPhase::Completed, BackupPhase::Failed])
+            .await;
+        let st = b.status.unwrap();
+        assert_eq!(st.phase, Some(BackupPhase::Completed), "{st:?}");
+        let primary_copy = &st.objects[0];
+        let retention = python_lock(
+            &w.primary,
+            "retention",
+            &bucket,
+            &primary_copy.key,
+            primary_copy.version_id.as_deref().unwrap(),
+        );
+        assert!(retention.starts_with("COMPLIANCE "), "{retention}");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    // keepLast 1 would delete locked-1, but its primary copy is locked for 2 days.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let kept = w.catalog().list(&format!("{}/{AGENT}", w.ns())).unwrap();
+    assert_eq!(
+        kept.len(),
+        2,
+        "a locked backup is not deleted early: {kept:?}"
+    );
+    // And the store would have refused anyway.
+    let old = &kept[1].objects[0];
+    let refused = S3Store::new(&w.primary)
+        .delete(&old.key, old.version_id.as_deref())
+        .await;
+    assert!(refused.is_err(), "the store enforces the lock");
 }

@@ -647,7 +647,12 @@ pub async fn report_restore(
                 .map_err(ApiError::internal)?;
         }
         serde_json::json!({"phase": RestorePhase::Completed, "completedAt": at,
-            "files": i64::try_from(report.files).unwrap_or(i64::MAX)})
+        "files": i64::try_from(report.files).unwrap_or(i64::MAX),
+        "message": format!(
+            "restored {} files from the {} copy, verified by BLAKE3 before writing",
+            report.files,
+            status.source.as_deref().unwrap_or("stored")
+        )})
     } else {
         let mut error = report
             .error
