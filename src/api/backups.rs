@@ -81,30 +81,41 @@ impl BackupService {
         name: &str,
         status: serde_json::Value,
     ) -> Result<(), kube::Error> {
-        let api: Api<AgentBackup> = Api::namespaced(self.client.clone(), namespace);
-        api.patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "status": status })),
-        )
-        .await
-        .map(|_| ())
+        self.merge_status::<AgentBackup>(namespace, name, status)
+            .await
     }
 
+    /// Merges `status` into an AgentRestore's status.
     pub async fn set_restore_status(
         &self,
         namespace: &str,
         name: &str,
         status: serde_json::Value,
     ) -> Result<(), kube::Error> {
-        let api: Api<AgentRestore> = Api::namespaced(self.client.clone(), namespace);
-        api.patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "status": status })),
-        )
-        .await
-        .map(|_| ())
+        self.merge_status::<AgentRestore>(namespace, name, status)
+            .await
+    }
+
+    async fn merge_status<K>(
+        &self,
+        namespace: &str,
+        name: &str,
+        status: serde_json::Value,
+    ) -> Result<(), kube::Error>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        Api::<K>::namespaced(self.client.clone(), namespace)
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "status": status })),
+            )
+            .await
+            .map(|_| ())
     }
 }
 
@@ -436,16 +447,7 @@ pub fn completed_status(
     phase: BackupPhase,
     error: Option<&str>,
 ) -> serde_json::Value {
-    let objects: Vec<BackupObject> = version
-        .objects
-        .iter()
-        .map(|o| BackupObject {
-            location: o.location.clone(),
-            key: o.key.clone(),
-            version_id: o.version_id.clone(),
-            etag: o.etag.clone(),
-        })
-        .collect();
+    let objects: Vec<BackupObject> = version.objects.iter().map(BackupObject::from).collect();
     let status = AgentBackupStatus {
         phase: Some(phase),
         completed_at: (phase == BackupPhase::Completed).then(now),

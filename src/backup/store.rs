@@ -490,16 +490,8 @@ impl S3Store {
         key: &str,
         version_id: Option<&str>,
     ) -> Result<(String, u64), StoreError> {
-        let object = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .set_version_id(version_id.map(str::to_string))
-            .send()
-            .await
-            .map_err(|e| s3_error("GetObject", &self.bucket, key, e))?;
-        Ok(super::hash::hash_stream(object.body.into_async_read()).await?)
+        let reader = self.open(key, version_id).await?;
+        Ok(super::hash::hash_stream(reader).await?)
     }
 
     /// Multipart uploads left behind (a crash mid-upload), for cleanup.

@@ -506,16 +506,7 @@ impl Manager {
             agent_id: format!("{namespace}/{}", backup.spec.agent),
             size: u64::try_from(status.size?).ok()?,
             blake3: status.blake3.clone()?,
-            objects: status
-                .objects
-                .iter()
-                .map(|o| crate::backup::catalog::StoredObject {
-                    location: o.location.clone(),
-                    key: o.key.clone(),
-                    version_id: o.version_id.clone(),
-                    etag: o.etag.clone(),
-                })
-                .collect(),
+            objects: status.objects.iter().map(Into::into).collect(),
             created_at: status.started_at.clone().unwrap_or_else(now_rfc3339),
             verified_at: None,
             restored_at: None,

@@ -283,6 +283,28 @@ pub struct BackupObject {
     pub etag: Option<String>,
 }
 
+impl From<&crate::backup::catalog::StoredObject> for BackupObject {
+    fn from(o: &crate::backup::catalog::StoredObject) -> Self {
+        Self {
+            location: o.location.clone(),
+            key: o.key.clone(),
+            version_id: o.version_id.clone(),
+            etag: o.etag.clone(),
+        }
+    }
+}
+
+impl From<&BackupObject> for crate::backup::catalog::StoredObject {
+    fn from(o: &BackupObject) -> Self {
+        Self {
+            location: o.location.clone(),
+            key: o.key.clone(),
+            version_id: o.version_id.clone(),
+            etag: o.etag.clone(),
+        }
+    }
+}
+
 /// Restores a backup into its Agent: the controller verifies the BLAKE3 of a stored copy (the
 /// primary, else the secondary) and the sidecar verifies it again before writing a byte.
 #[allow(clippy::duplicated_attributes)]
