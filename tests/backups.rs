@@ -569,6 +569,32 @@ async fn a_backup_is_verified_in_both_stores_catalogued_and_restored_byte_for_by
     )
     .await;
 
+    // A tenant who resets the AgentBackup to New cannot make it take other bytes: a
+    // catalogued backup is never written again.
+    std::fs::write(w.data().join("memory.json"), b"tampered").unwrap();
+    Api::<AgentBackup>::namespaced(w.client.clone(), w.ns())
+        .patch_status(
+            "first",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "New"}})),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        w.catalog()
+            .get(&format!("{}/first", w.ns()))
+            .unwrap()
+            .unwrap()
+            .blake3,
+        blake3
+    );
+    assert!(
+        w.sidecar_logs().contains("already catalogued"),
+        "the sidecar was refused"
+    );
+    std::fs::write(&files[0].0, &files[0].1).unwrap();
+
     // Change the state, then restore: every byte comes back.
     std::fs::remove_dir_all(w.data().join("notes")).unwrap();
     std::fs::write(w.data().join("memory.json"), b"overwritten").unwrap();
@@ -606,8 +632,10 @@ async fn a_backup_is_verified_in_both_stores_catalogued_and_restored_byte_for_by
     assert_eq!(rs.phase, Some(RestorePhase::Completed), "{rs:?}");
     assert_eq!(rs.source.as_deref(), Some("secondary"), "{rs:?}");
     assert!(
-        rs.message.unwrap_or_default().contains("primary"),
-        "the bad copy is reported"
+        w.controller
+            .logs()
+            .contains("serving a restore from the copy that verified"),
+        "the bad primary copy is reported"
     );
     assert_eq!(std::fs::read(&files[0].0).unwrap(), files[0].1);
 
@@ -1148,6 +1176,40 @@ async fn bad_backup_requests_are_refused_with_clear_errors_and_change_nothing() 
         None,
     )
     .await;
+    // A backup made in an earlier namespace of the same name (another uid) is never served or
+    // restored here.
+    let mut ghost = w.catalog().list(&format!("{ns}/{AGENT}")).unwrap();
+    assert!(ghost.is_empty());
+    w.catalog()
+        .record(&agentry::backup::catalog::BackupVersion {
+            id: format!("{ns}/ghost"),
+            agent_id: format!("{ns}/{AGENT}"),
+            size: 1,
+            blake3: "00".repeat(32),
+            objects: vec![],
+            created_at: "2026-01-01T00:00:00Z".into(),
+            verified_at: None,
+            restored_at: None,
+            location: w.location.clone(),
+            namespace_uid: Some("a-namespace-that-was-deleted".into()),
+        })
+        .unwrap();
+    check(
+        me.get(format!("{base}{}", path(AGENT, "ghost")))
+            .bearer_auth(&mine.token)
+            .send()
+            .await
+            .unwrap(),
+        403,
+        Some("id"),
+    )
+    .await;
+    let r = w.restore("from-ghost", Some("ghost")).await.status.unwrap();
+    assert_eq!(r.phase, Some(RestorePhase::Failed));
+    assert!(r.message.unwrap_or_default().contains("earlier namespace"));
+    w.catalog().delete(&format!("{ns}/ghost")).unwrap();
+    ghost.clear();
+
     // Nothing changed: the AgentBackup is still New, nothing catalogued.
     assert_eq!(
         w.backup("target").await.status.and_then(|s| s.phase),

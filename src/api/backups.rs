@@ -4,6 +4,7 @@
 //! (`POST .../restores/{name}`). Agents never hold S3 credentials: the controller writes both
 //! stores.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,11 +49,75 @@ pub struct BackupService {
     pub backups: Store<AgentBackup>,
     pub restores: Store<AgentRestore>,
     pub locations: Store<BackupLocation>,
+    /// Transfers (uploads and restores) at once: each holds up to two 8 MiB parts.
+    pub transfers: Arc<tokio::sync::Semaphore>,
+    /// Built stores per location, with the location's resourceVersion and when they were built.
+    stores: std::sync::Mutex<HashMap<String, CachedStores>>,
 }
 
+type CachedStores = (Option<String>, std::time::Instant, Arc<Stores>);
+
+/// Transfers the controller runs at once (more get 503 and retry).
+pub const MAX_TRANSFERS: usize = 8;
+/// Built stores are rebuilt (credentials re-read) at least this often.
+const STORES_TTL: Duration = Duration::from_secs(60);
+
 impl BackupService {
-    /// The stores of the Agent's BackupLocation, if it is Available.
-    pub async fn stores_for(&self, location_name: &str) -> Result<Stores, ApiError> {
+    pub fn new(
+        engine: Engine,
+        client: Client,
+        namespace: String,
+        caches: crate::controller::backups::Caches,
+    ) -> Self {
+        Self {
+            engine,
+            client,
+            namespace,
+            backups: caches.backups,
+            restores: caches.restores,
+            locations: caches.locations,
+            transfers: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
+            stores: Default::default(),
+        }
+    }
+
+    /// A transfer slot, or 503 when all are taken.
+    pub fn transfer_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.transfers.clone().try_acquire_owned().map_err(|_| {
+            ApiError::unavailable(format!(
+                "{MAX_TRANSFERS} backup transfers are under way; try again shortly"
+            ))
+        })
+    }
+
+    /// The stores of an Available location, built at most every minute (or when it changes).
+    pub async fn cached_stores(&self, location: &BackupLocation) -> Result<Arc<Stores>, String> {
+        let name = location.name_any();
+        let version = location.metadata.resource_version.clone();
+        if let Some((v, at, stores)) = self
+            .stores
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            && *v == version
+            && at.elapsed() < STORES_TTL
+        {
+            return Ok(stores.clone());
+        }
+        let built = Arc::new(
+            location::stores(&self.client, &self.namespace, location)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+        self.stores
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, (version, std::time::Instant::now(), built.clone()));
+        Ok(built)
+    }
+
+    /// The stores of the BackupLocation `location_name`, if it is Available.
+    pub async fn stores_for(&self, location_name: &str) -> Result<Arc<Stores>, ApiError> {
         let location = self
             .locations
             .get(&ObjectRef::new(location_name))
@@ -69,7 +134,7 @@ impl BackupService {
                 "BackupLocation {location_name} is not Available (see `kubectl get backuplocation {location_name} -o yaml`); try again later"
             )));
         }
-        location::stores(&self.client, &self.namespace, &location)
+        self.cached_stores(&location)
             .await
             .map_err(|e| ApiError::unavailable(format!("BackupLocation {location_name}: {e}")))
     }
@@ -81,7 +146,20 @@ impl BackupService {
         name: &str,
         status: serde_json::Value,
     ) -> Result<(), kube::Error> {
-        self.merge_status::<AgentBackup>(namespace, name, status)
+        self.merge_status::<AgentBackup>(namespace, name, None, status)
+            .await
+    }
+
+    /// Merges `status` into an AgentBackup's status only if it is still at `resource_version`
+    /// (409 otherwise).
+    pub async fn set_backup_status_at(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: Option<&str>,
+        status: serde_json::Value,
+    ) -> Result<(), kube::Error> {
+        self.merge_status::<AgentBackup>(namespace, name, resource_version, status)
             .await
     }
 
@@ -92,7 +170,7 @@ impl BackupService {
         name: &str,
         status: serde_json::Value,
     ) -> Result<(), kube::Error> {
-        self.merge_status::<AgentRestore>(namespace, name, status)
+        self.merge_status::<AgentRestore>(namespace, name, None, status)
             .await
     }
 
@@ -100,6 +178,7 @@ impl BackupService {
         &self,
         namespace: &str,
         name: &str,
+        resource_version: Option<&str>,
         status: serde_json::Value,
     ) -> Result<(), kube::Error>
     where
@@ -112,7 +191,12 @@ impl BackupService {
             .patch_status(
                 name,
                 &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "status": status })),
+                &Patch::Merge(match resource_version {
+                    Some(v) => {
+                        serde_json::json!({"metadata": {"resourceVersion": v}, "status": status})
+                    }
+                    None => serde_json::json!({ "status": status }),
+                }),
             )
             .await
             .map(|_| ())
@@ -167,6 +251,9 @@ pub struct RestoreReport {
     /// What went wrong (at most 1 KiB kept).
     #[serde(default)]
     pub error: Option<String>,
+    /// The copy the archive came from (`x-agentry-source`): `primary` or `secondary`.
+    #[serde(default)]
+    pub source: Option<String>,
 }
 
 fn service(state: &ApiState) -> Result<&Arc<BackupService>, ApiError> {
@@ -285,11 +372,8 @@ pub async fn work(
                     return None;
                 }
                 let backup = s.backup.clone()?;
-                let version = svc
-                    .engine
-                    .catalog
-                    .get(&format!("{namespace}/{backup}"))
-                    .ok()??;
+                // The status is writable by the tenant: only this agent's backups.
+                let version = catalogued(&state, svc, &namespace, &name, &backup).ok()?;
                 Some(RestoreWork {
                     name: r.name_any(),
                     backup,
@@ -378,53 +462,104 @@ pub async fn put_backup(
             ),
         ));
     }
+    let catalogued = svc
+        .engine
+        .catalog
+        .get(&format!("{namespace}/{id}"))
+        .map_err(ApiError::internal)?;
+    if catalogued.is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            Some("id"),
+            format!("backup {id} is already catalogued; create a new AgentBackup"),
+        ));
+    }
+    let permit = svc.transfer_slot()?;
+    let conflict = |e: crate::backup::engine::EngineError| {
+        ApiError::new(StatusCode::CONFLICT, "conflict", Some("id"), e.to_string())
+    };
     let claim = svc
         .engine
         .claim(&format!("{namespace}/{id}"))
-        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "conflict", Some("id"), e.to_string()))?;
+        .map_err(conflict)?;
+    // One upload per agent at a time.
+    let agent_claim = svc
+        .engine
+        .claim(&format!("agent:{namespace}/{name}"))
+        .map_err(conflict)?;
     let stores = svc.stores_for(&spec.location).await?;
-    let started = now();
-    svc.set_backup_status(
+    let namespace_uid = state
+        .namespaces
+        .get(&kube::runtime::reflector::ObjectRef::new(&namespace))
+        .and_then(|n| n.metadata.uid.clone());
+    // Only if nothing wrote the AgentBackup since it was read (a second upload, the manager).
+    svc.set_backup_status_at(
         &namespace,
         &id,
+        backup.metadata.resource_version.as_deref(),
         serde_json::json!({
             "phase": BackupPhase::InProgress,
-            "startedAt": started,
+            "startedAt": now(),
             "location": spec.location,
             "observedGeneration": backup.metadata.generation,
         }),
     )
     .await
-    .map_err(ApiError::internal)?;
+    .map_err(|e| match e {
+        kube::Error::Api(ref r) if r.code == 409 => ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            Some("id"),
+            format!("AgentBackup {id} changed while the upload started; ask for work again"),
+        ),
+        e => ApiError::internal(e),
+    })?;
     let reader = body_reader(body);
-    let outcome = svc
-        .engine
-        .ingest(&stores, &namespace, &name, &id, reader)
-        .await;
-    drop(claim);
+    let svc = svc.clone();
+    // The transfer runs in its own task: a client that goes away (or a timeout) drops this
+    // request, not the upload's cleanup and status.
+    let task = tokio::spawn(async move {
+        let _held = (permit, claim, agent_claim);
+        let outcome = svc
+            .engine
+            .ingest(&stores, &namespace, namespace_uid, &name, &id, reader)
+            .await;
+        record_outcome(&svc, &namespace, &id, outcome).await
+    });
+    task.await.map_err(ApiError::internal)?.map(Json)
+}
+
+/// Writes what became of an upload to its AgentBackup; the API's answer.
+async fn record_outcome(
+    svc: &BackupService,
+    namespace: &str,
+    id: &str,
+    outcome: Result<Ingested, crate::backup::engine::EngineError>,
+) -> Result<BackupResult, ApiError> {
     match outcome {
         Ok(Ingested::Completed(version)) => {
             let status = completed_status(&version, BackupPhase::Completed, None);
-            svc.set_backup_status(&namespace, &id, status)
+            svc.set_backup_status(namespace, id, status)
                 .await
                 .map_err(ApiError::internal)?;
-            Ok(Json(result(&id, &version, "Completed", None)))
+            Ok(result(id, &version, "Completed", None))
         }
         Ok(Ingested::PartiallyFailed { backup, error }) => {
             tracing::warn!(backup = %format!("{namespace}/{id}"), %error, "secondary store failed; retrying in the background");
             let status = completed_status(&backup, BackupPhase::PartiallyFailed, Some(&error));
-            svc.set_backup_status(&namespace, &id, status)
+            svc.set_backup_status(namespace, id, status)
                 .await
                 .map_err(ApiError::internal)?;
-            Ok(Json(result(&id, &backup, "PartiallyFailed", Some(error))))
+            Ok(result(id, &backup, "PartiallyFailed", Some(error)))
         }
         Err(e) => {
             let message = e.to_string();
             tracing::warn!(backup = %format!("{namespace}/{id}"), error = %message, "backup failed; nothing was kept");
             let _ = svc
                 .set_backup_status(
-                    &namespace,
-                    &id,
+                    namespace,
+                    id,
                     serde_json::json!({
                         "phase": BackupPhase::Failed,
                         "completedAt": now(),
@@ -527,18 +662,13 @@ pub async fn get_backup(
     Path((namespace, name, id)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let caller = own_agent(&state, &peer, &headers, &namespace, &name, "backup:read").await?;
+    own_agent(&state, &peer, &headers, &namespace, &name, "backup:read").await?;
     check_name("id", &id)?;
     let svc = service(&state)?;
-    let version = catalogued(svc, &namespace, &name, &id)?;
-    let location = caller
-        .cert
-        .agent
-        .spec
-        .backup
-        .as_ref()
-        .map_or_else(|| "default".to_string(), |b| b.location.clone());
-    let stores = svc.stores_for(&location).await?;
+    let version = catalogued(&state, svc, &namespace, &name, &id)?;
+    let permit = svc.transfer_slot()?;
+    // The copies are where the backup was written, whatever the Agent says now.
+    let stores = svc.stores_for(&version.location).await?;
     let (source, problems, reader) =
         svc.engine
             .open_verified(&stores, &version)
@@ -554,7 +684,12 @@ pub async fn get_backup(
     if !problems.is_empty() {
         tracing::warn!(backup = %version.id, %source, problems = %problems.join("; "), "serving a restore from the copy that verified");
     }
-    let mut response = Body::from_stream(tokio_util::io::ReaderStream::new(reader)).into_response();
+    // The transfer slot is held until the body is sent (or the client goes).
+    let body = futures::StreamExt::map(tokio_util::io::ReaderStream::new(reader), move |chunk| {
+        let _held = &permit;
+        chunk
+    });
+    let mut response = Body::from_stream(body).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -568,8 +703,20 @@ pub async fn get_backup(
     Ok(response)
 }
 
-/// The catalogued backup `id` of agent `namespace/name`.
-fn catalogued(
+/// Whether `version` was made in the namespace whose uid is `uid` (backups from before the uid
+/// was recorded match any).
+pub fn same_namespace(version: &BackupVersion, uid: Option<&str>) -> bool {
+    match (&version.namespace_uid, uid) {
+        (None, _) => true,
+        (Some(made), Some(now)) => made == now,
+        (Some(_), None) => false,
+    }
+}
+
+/// The catalogued backup `id` of agent `namespace/name`, made in this very namespace (not in
+/// an earlier namespace of the same name).
+pub fn catalogued(
+    state: &ApiState,
     svc: &BackupService,
     namespace: &str,
     name: &str,
@@ -587,6 +734,18 @@ fn catalogued(
         return Err(ApiError::forbidden(
             "id",
             format!("backup {id} belongs to another agent"),
+        ));
+    }
+    let namespace_uid = state
+        .namespaces
+        .get(&kube::runtime::reflector::ObjectRef::new(namespace))
+        .and_then(|n| n.metadata.uid.clone());
+    if !same_namespace(&version, namespace_uid.as_deref()) {
+        return Err(ApiError::forbidden(
+            "id",
+            format!(
+                "backup {id} was made in an earlier namespace named {namespace} (deleted since); it is never restored into another namespace"
+            ),
         ));
     }
     Ok(version)
@@ -642,7 +801,10 @@ pub async fn report_restore(
     }
     let at = now();
     let patch = if report.ok {
-        if let Some(backup) = &status.backup {
+        // Only a backup of this agent, made in this namespace (the status is tenant-writable).
+        if let Some(backup) = &status.backup
+            && catalogued(&state, svc, &namespace, &name, backup).is_ok()
+        {
             svc.engine
                 .catalog
                 .mark_restored(&format!("{namespace}/{backup}"), &at)
@@ -650,11 +812,12 @@ pub async fn report_restore(
         }
         serde_json::json!({"phase": RestorePhase::Completed, "completedAt": at,
         "files": i64::try_from(report.files).unwrap_or(i64::MAX),
-        "message": format!(
-            "restored {} files from the {} copy, verified by BLAKE3 before writing",
-            report.files,
-            status.source.as_deref().unwrap_or("stored")
-        )})
+            "source": report.source.as_deref().filter(|s| matches!(*s, "primary" | "secondary")),
+            "message": format!(
+                "restored {} files from the {} copy, verified by BLAKE3 before writing",
+                report.files,
+                report.source.as_deref().filter(|s| matches!(*s, "primary" | "secondary")).unwrap_or("stored")
+            )})
     } else {
         let mut error = report
             .error

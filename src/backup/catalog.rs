@@ -7,6 +7,10 @@
 //! 2. `backup_versions`: every backup (id, agent, size, BLAKE3, the objects in each store as
 //!    JSON, created/verified/restored times). Rows of version 1 are carried over, so an
 //!    upgraded catalog still lists every backup it knew.
+//! 3. `backup_versions.location` (the BackupLocation the copies are in; `default` for older
+//!    rows) and `namespace_uid` (the uid of the namespace the backup was made in: a namespace
+//!    deleted and created again, perhaps for another tenant, does not get the old one's
+//!    backups; NULL for older rows, which match any).
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -47,6 +51,10 @@ fn migrations() -> Migrations<'static> {
                 FROM agent_backups
                 WHERE last_backup IS NOT NULL AND checksum IS NOT NULL AND storage_path IS NOT NULL;",
         ),
+        M::up(
+            "ALTER TABLE backup_versions ADD COLUMN location TEXT NOT NULL DEFAULT 'default';
+            ALTER TABLE backup_versions ADD COLUMN namespace_uid TEXT;",
+        ),
     ])
 }
 
@@ -76,6 +84,10 @@ pub struct BackupVersion {
     pub created_at: String,
     pub verified_at: Option<String>,
     pub restored_at: Option<String>,
+    /// The BackupLocation its copies are in.
+    pub location: String,
+    /// The uid of the namespace it was made in (None: unknown, from an older catalog).
+    pub namespace_uid: Option<String>,
 }
 
 pub struct Catalog {
@@ -159,10 +171,12 @@ impl Catalog {
         let run = |conn: &mut Connection| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
             tx.execute(
-                "INSERT INTO backup_versions (id, agent_id, size, blake3, objects, created_at, verified_at, restored_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT (id) DO UPDATE SET objects = excluded.objects, verified_at = excluded.verified_at",
-                params![b.id, b.agent_id, b.size as i64, b.blake3, objects, b.created_at, b.verified_at, b.restored_at],
+                "INSERT INTO backup_versions (id, agent_id, size, blake3, objects, created_at, verified_at, restored_at, location, namespace_uid)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (id) DO UPDATE SET objects = excluded.objects, verified_at = excluded.verified_at
+                 WHERE backup_versions.blake3 = excluded.blake3 AND backup_versions.size = excluded.size
+                   AND backup_versions.agent_id = excluded.agent_id",
+                params![b.id, b.agent_id, b.size as i64, b.blake3, objects, b.created_at, b.verified_at, b.restored_at, b.location, b.namespace_uid],
             )?;
             tx.execute(
                 "INSERT INTO agent_backups (agent_id, last_backup, storage_path, checksum, restored)
@@ -182,7 +196,7 @@ impl Catalog {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT id, agent_id, size, blake3, objects, created_at, verified_at, restored_at
+                "SELECT id, agent_id, size, blake3, objects, created_at, verified_at, restored_at, location, namespace_uid
                  FROM backup_versions WHERE agent_id = ?1 ORDER BY created_at DESC, id DESC",
             )
             .map_err(self.sql())?;
@@ -195,7 +209,7 @@ impl Catalog {
     pub fn get(&self, id: &str) -> Result<Option<BackupVersion>, StoreError> {
         self.conn()
             .query_row(
-                "SELECT id, agent_id, size, blake3, objects, created_at, verified_at, restored_at
+                "SELECT id, agent_id, size, blake3, objects, created_at, verified_at, restored_at, location, namespace_uid
                  FROM backup_versions WHERE id = ?1",
                 params![id],
                 row_to_version,
@@ -230,7 +244,7 @@ impl Catalog {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT id, agent_id, size, blake3, objects, created_at, verified_at, restored_at
+                "SELECT id, agent_id, size, blake3, objects, created_at, verified_at, restored_at, location, namespace_uid
                  FROM backup_versions ORDER BY created_at, id",
             )
             .map_err(self.sql())?;
@@ -279,6 +293,8 @@ fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<BackupVersion> {
         created_at: r.get(5)?,
         verified_at: r.get(6)?,
         restored_at: r.get(7)?,
+        location: r.get(8)?,
+        namespace_uid: r.get(9)?,
     })
 }
 
@@ -309,6 +325,8 @@ mod tests {
             created_at: created.into(),
             verified_at: Some(created.into()),
             restored_at: None,
+            location: "default".into(),
+            namespace_uid: Some("ns-uid".into()),
         }
     }
 
@@ -320,7 +338,7 @@ mod tests {
     #[test]
     fn records_lists_restores_and_deletes() {
         let c = Catalog::in_memory().unwrap();
-        assert_eq!(c.schema_version().unwrap(), 2);
+        assert_eq!(c.schema_version().unwrap(), 3);
         c.record(&version("b1", "team-a/x", "2026-11-29T10:00:00Z"))
             .unwrap();
         c.record(&version("b2", "team-a/x", "2026-11-29T11:00:00Z"))
@@ -357,9 +375,19 @@ mod tests {
         assert!(restored);
         assert!(c.delete("b1").unwrap());
         assert!(!c.delete("b1").unwrap());
-        // Recording an id again (a retried secondary copy) updates it; it never duplicates.
+        // Recording an id again (a retried secondary copy) updates it; it never duplicates,
+        // and never takes another hash, size or agent.
         c.record(&version("b2", "team-a/x", "2026-11-29T11:00:00Z"))
             .unwrap();
+        let mut other = version("b2", "team-a/x", "2026-11-29T11:00:00Z");
+        other.blake3 = "0".repeat(64);
+        other.objects.clear();
+        c.record(&other).unwrap();
+        assert_eq!(
+            c.get("b2").unwrap().unwrap().blake3,
+            blake3::hash(b"b2").to_hex().to_string()
+        );
+        assert_eq!(c.get("b2").unwrap().unwrap().objects.len(), 2);
         assert_eq!(c.list("team-a/x").unwrap().len(), 1, "ids are unique");
         assert!(
             c.get("b2").unwrap().unwrap().restored_at.is_some(),
@@ -384,9 +412,14 @@ mod tests {
             .unwrap();
         }
         let c = Catalog::open(dir.path()).unwrap();
-        assert_eq!(c.schema_version().unwrap(), 2);
+        assert_eq!(c.schema_version().unwrap(), 3);
         let x = c.list("team-a/x").unwrap();
         assert_eq!(x.len(), 1);
+        // Migration 3: older rows are in the default location, of an unknown namespace uid.
+        assert_eq!(
+            (x[0].location.as_str(), x[0].namespace_uid.as_deref()),
+            ("default", None)
+        );
         assert_eq!(x[0].blake3, "abc");
         assert_eq!(x[0].objects[0].key, "team-a/x/1.tar.zst");
         assert_eq!(x[0].restored_at.as_deref(), Some("2026-01-01T00:00:00Z"));

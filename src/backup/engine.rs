@@ -50,6 +50,11 @@ pub struct Manifest {
     pub size: u64,
     pub created_at: String,
     pub objects: Vec<StoredObject>,
+    /// The BackupLocation, and the uid of the namespace the backup was made in.
+    #[serde(default)]
+    pub location: Option<String>,
+    #[serde(default)]
+    pub namespace_uid: Option<String>,
 }
 
 impl Manifest {
@@ -117,6 +122,9 @@ impl Drop for InFlight {
 pub struct Engine {
     pub catalog: Arc<Catalog>,
     in_flight: Arc<Mutex<HashSet<String>>>,
+    /// Multipart uploads whose abort failed (the store was down): location, `primary` or
+    /// `secondary`, key, upload id. The manager retries them.
+    unaborted: Mutex<Vec<(String, &'static str, String, String)>>,
 }
 
 fn now_rfc3339() -> String {
@@ -129,6 +137,46 @@ impl Engine {
         Self {
             catalog,
             in_flight: Arc::default(),
+            unaborted: Mutex::default(),
+        }
+    }
+
+    /// Aborts an upload in `stores`' `which` store, remembering it when that fails.
+    async fn abort(&self, stores: &Stores, which: &'static str, upload: &Upload) {
+        let Some(store) = stores.by_name(which) else {
+            return;
+        };
+        if !store.abort_upload(&upload.key, &upload.upload_id).await {
+            self.unaborted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((
+                    stores.location.clone(),
+                    which,
+                    upload.key.clone(),
+                    upload.upload_id.clone(),
+                ));
+        }
+    }
+
+    /// Retries the aborts that failed in `stores`' location.
+    pub async fn retry_aborts(&self, stores: &Stores) {
+        let mine: Vec<_> = {
+            let mut all = self.unaborted.lock().unwrap_or_else(|p| p.into_inner());
+            let (mine, rest) = all.drain(..).partition(|u| u.0 == stores.location);
+            *all = rest;
+            mine
+        };
+        for (location, which, key, upload_id) in mine {
+            let Some(store) = stores.by_name(which) else {
+                continue;
+            };
+            if !store.abort_upload(&key, &upload_id).await {
+                self.unaborted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((location, which, key, upload_id));
+            }
         }
     }
 
@@ -158,6 +206,7 @@ impl Engine {
         &self,
         stores: &Stores,
         namespace: &str,
+        namespace_uid: Option<String>,
         agent: &str,
         backup: &str,
         body: R,
@@ -182,12 +231,9 @@ impl Engine {
         let mut hashing = HashingReader::new(body);
         let sent = stream_parts(stores, &mut hashing, &mut primary, &mut secondary).await;
         if let Err(e) = sent {
-            stores
-                .primary
-                .abort_upload(&primary.key, &primary.upload_id)
-                .await;
+            self.abort(stores, PRIMARY, &primary).await;
             if let Ok(s) = &secondary {
-                stores.secondary.abort_upload(&s.key, &s.upload_id).await;
+                self.abort(stores, SECONDARY, s).await;
             }
             return Err(e);
         }
@@ -202,7 +248,19 @@ impl Engine {
                 Err(e) => Err(e),
             }
         });
-        let (etag, version_id) = p.map_err(EngineError::Primary)?;
+        let (etag, version_id) = match p {
+            Ok(done) => done,
+            Err(e) => {
+                // The secondary alone is no backup: remove it.
+                if let Ok((_, version)) = &s {
+                    let _ = stores
+                        .secondary
+                        .delete(&secondary_key, version.as_deref())
+                        .await;
+                }
+                return Err(EngineError::Primary(e));
+            }
+        };
         let primary_object = StoredObject {
             location: PRIMARY.into(),
             key: primary_key,
@@ -252,11 +310,17 @@ impl Engine {
             created_at,
             verified_at: None,
             restored_at: None,
+            location: stores.location.clone(),
+            namespace_uid,
         };
         match s {
             Ok(secondary) => {
                 version.objects.push(secondary);
-                self.commit(stores, &mut version).await?;
+                if let Err(e) = self.commit(stores, &mut version).await {
+                    // Not catalogued, so not kept: a later reindex must not resurrect it.
+                    self.remove_copies(stores, &version).await;
+                    return Err(e);
+                }
                 Ok(Ingested::Completed(version))
             }
             Err(error) => Ok(Ingested::PartiallyFailed {
@@ -294,9 +358,40 @@ impl Engine {
         )
         .await?;
         version.objects.retain(|o| o.location != SECONDARY);
-        version.objects.push(object);
-        self.commit(stores, &mut version).await?;
+        version.objects.push(object.clone());
+        if let Err(e) = self.commit(stores, &mut version).await {
+            // The primary copy stays (PartiallyFailed retries); this copy and the manifests go.
+            let _ = stores
+                .secondary
+                .delete(&object.key, object.version_id.as_deref())
+                .await;
+            self.remove_manifests(stores, &version).await;
+            return Err(e);
+        }
         Ok(version)
+    }
+
+    /// Best effort: both copies and both manifests of a backup that is not catalogued.
+    async fn remove_copies(&self, stores: &Stores, version: &BackupVersion) {
+        for object in &version.objects {
+            if let Some(store) = stores.by_name(&object.location) {
+                let _ = store
+                    .delete(&object.key, object.version_id.as_deref())
+                    .await;
+            }
+        }
+        self.remove_manifests(stores, version).await;
+    }
+
+    async fn remove_manifests(&self, stores: &Stores, version: &BackupVersion) {
+        for object in &version.objects {
+            if let (Some(store), Some(stem)) = (
+                stores.by_name(&object.location),
+                object.key.strip_suffix(".tar.zst"),
+            ) {
+                let _ = store.delete(&format!("{stem}.json"), None).await;
+            }
+        }
     }
 
     /// Writes the manifests next to both copies, then the catalog row.
@@ -320,6 +415,8 @@ impl Engine {
             size: version.size,
             created_at: version.created_at.clone(),
             objects: version.objects.clone(),
+            location: Some(version.location.clone()),
+            namespace_uid: version.namespace_uid.clone(),
         };
         let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
         let metadata = HashMap::from([
@@ -542,6 +639,9 @@ impl Engine {
                     created_at: manifest.created_at.clone(),
                     verified_at: None,
                     restored_at: None,
+                    // The stores it was found in are the location's, whatever the manifest says.
+                    location: stores.location.clone(),
+                    namespace_uid: manifest.namespace_uid.clone(),
                 };
                 let catalog = self.catalog.clone();
                 tokio::task::spawn_blocking(move || catalog.record(&version))
@@ -727,7 +827,7 @@ async fn stream_parts<R: AsyncRead + Unpin>(
         if let Some(Err(e)) = s
             && let Ok(upload) = secondary.as_ref()
         {
-            stores
+            let _ = stores
                 .secondary
                 .abort_upload(&upload.key, &upload.upload_id)
                 .await;

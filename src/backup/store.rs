@@ -135,6 +135,13 @@ pub fn sdk_config(cfg: &StoreConfig) -> aws_sdk_s3::config::Builder {
             "agentry-backup-location",
         ))
         .force_path_style(cfg.force_path_style)
+        // A store that stops answering fails the request instead of hanging it.
+        .timeout_config(
+            aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .read_timeout(std::time::Duration::from_secs(120))
+                .build(),
+        )
         .request_checksum_calculation(request)
         .response_checksum_validation(response)
 }
@@ -284,7 +291,7 @@ impl S3Store {
                 done.version_id().map(str::to_string),
             )),
             Err(e) => {
-                self.abort_upload(&upload.key, &upload.upload_id).await;
+                let _ = self.abort_upload(&upload.key, &upload.upload_id).await;
                 Err(s3_error(
                     "CompleteMultipartUpload",
                     &self.bucket,
@@ -295,8 +302,9 @@ impl S3Store {
         }
     }
 
-    /// Aborts a multipart upload (logged, not returned: cleanup retries).
-    pub async fn abort_upload(&self, key: &str, upload_id: &str) {
+    /// Aborts a multipart upload; false when that failed (logged; the caller keeps it for a
+    /// later retry).
+    pub async fn abort_upload(&self, key: &str, upload_id: &str) -> bool {
         self.abort(key, upload_id).await
     }
 
@@ -455,7 +463,7 @@ impl S3Store {
         }
         .await;
         if let Err(e) = sent {
-            self.abort(&key, &upload.upload_id).await;
+            let _ = self.abort(&key, &upload.upload_id).await;
             return Err(e);
         }
         let (etag, version_id) = self.finish_upload(upload).await?;
@@ -469,7 +477,7 @@ impl S3Store {
         })
     }
 
-    async fn abort(&self, key: &str, upload_id: &str) {
+    async fn abort(&self, key: &str, upload_id: &str) -> bool {
         if let Err(e) = self
             .client
             .abort_multipart_upload()
@@ -480,7 +488,9 @@ impl S3Store {
             .await
         {
             tracing::warn!(bucket = %self.bucket, key, error = %e, "aborting a multipart upload failed; cleanup will retry");
+            return false;
         }
+        true
     }
 
     /// Re-reads a stored object (a version, when given) and returns its BLAKE3 and size,
@@ -494,21 +504,40 @@ impl S3Store {
         Ok(super::hash::hash_stream(reader).await?)
     }
 
-    /// Multipart uploads left behind (a crash mid-upload), for cleanup.
-    pub async fn pending_uploads(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let listed = self
-            .client
-            .list_multipart_uploads()
-            .bucket(&self.bucket)
-            .prefix(&self.prefix)
-            .send()
-            .await
-            .map_err(|e| s3_error("ListMultipartUploads", &self.bucket, &self.prefix, e))?;
-        Ok(listed
-            .uploads()
-            .iter()
-            .filter_map(|u| Some((u.key()?.to_string(), u.upload_id()?.to_string())))
-            .collect())
+    /// Multipart uploads left behind (a crash mid-upload), for cleanup: key, upload id and
+    /// when it began. Every page.
+    pub async fn pending_uploads(
+        &self,
+    ) -> Result<Vec<(String, String, Option<jiff::Timestamp>)>, StoreError> {
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker) = (None, None);
+        loop {
+            let listed = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(&self.prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(id_marker.take())
+                .send()
+                .await
+                .map_err(|e| s3_error("ListMultipartUploads", &self.bucket, &self.prefix, e))?;
+            out.extend(listed.uploads().iter().filter_map(|u| {
+                let initiated = u
+                    .initiated()
+                    .and_then(|t| jiff::Timestamp::from_second(t.secs()).ok());
+                Some((u.key()?.to_string(), u.upload_id()?.to_string(), initiated))
+            }));
+            if listed.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = listed.next_key_marker().map(str::to_string);
+            id_marker = listed.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() && id_marker.is_none() {
+                break;
+            }
+        }
+        Ok(out)
     }
 }
 

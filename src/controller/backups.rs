@@ -20,7 +20,7 @@ use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::DeserializeGuard;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Notify;
@@ -162,7 +162,15 @@ pub struct Manager {
     pub agents: Store<DeserializeGuard<Agent>>,
     pub config: BackupConfig,
     memory: Mutex<Memory>,
+    /// When this manager started: multipart uploads begun before it belong to no live writer.
+    started: jiff::Timestamp,
 }
+
+/// The AgentBackups of each Agent (`namespace/agent`), from one snapshot of the cache.
+type ByAgent = HashMap<String, Vec<Arc<AgentBackup>>>;
+
+/// Failed AgentBackups kept per Agent (older ones are deleted: nothing of them is stored).
+const KEEP_FAILED: usize = 5;
 
 fn now_rfc3339() -> String {
     crate::api::rfc3339(jiff::Timestamp::now().as_second())
@@ -183,6 +191,7 @@ impl Manager {
             agents,
             config,
             memory: Mutex::default(),
+            started: jiff::Timestamp::now(),
         }
     }
 
@@ -214,10 +223,7 @@ impl Manager {
         for location in self.service.locations.state() {
             let name = location.name_any();
             let built = if location::is_available(&location) {
-                location::stores(&self.service.client, &self.service.namespace, &location)
-                    .await
-                    .ok()
-                    .map(Arc::new)
+                self.service.cached_stores(&location).await.ok()
             } else {
                 None
             };
@@ -226,6 +232,11 @@ impl Manager {
         self.sweep_orphans(&stores).await;
         self.tend_backups(&stores).await;
         self.tend_restores(&stores).await;
+        let mut by_agent: ByAgent = HashMap::new();
+        for b in self.service.backups.state() {
+            let key = format!("{}/{}", b.namespace().unwrap_or_default(), b.spec.agent);
+            by_agent.entry(key).or_default().push(b);
+        }
         for agent in self.agents.state() {
             let Ok(agent) = &agent.0 else { continue };
             if agent.meta().deletion_timestamp.is_some() {
@@ -237,11 +248,18 @@ impl Manager {
             let available = stores.get(&spec.location).cloned().flatten();
             // While its location is unavailable a run could only fail: none is created (the
             // slot is taken again by RunOnce when it is back), BackupHealthy says why.
-            let next = self.schedule(agent, available.is_some()).await;
+            let key = format!(
+                "{}/{}",
+                agent.namespace().unwrap_or_default(),
+                agent.name_any()
+            );
+            let mine = by_agent.get(&key).map(Vec::as_slice).unwrap_or_default();
+            let next = self.schedule(agent, mine, available.is_some()).await;
             if let Some(stores) = &available {
                 self.retain(agent, stores).await;
             }
-            self.report(agent, available.is_some(), next).await;
+            self.forget_failed(mine).await;
+            self.report(agent, mine, available.is_some(), next).await;
         }
         Ok(())
     }
@@ -287,7 +305,12 @@ impl Manager {
 
     /// Creates the AgentBackup for the Agent's due slot (when `create`); returns the next
     /// scheduled time.
-    async fn schedule(&self, agent: &Agent, create: bool) -> Option<String> {
+    async fn schedule(
+        &self,
+        agent: &Agent,
+        mine: &[Arc<AgentBackup>],
+        create: bool,
+    ) -> Option<String> {
         let spec = agent.spec.backup.as_ref()?;
         let cron = spec.validate().ok()?;
         let jitter = spec.jitter().unwrap_or_default();
@@ -297,12 +320,8 @@ impl Manager {
             .creation_timestamp
             .as_ref()
             .map_or_else(jiff::Timestamp::now, |t| t.0);
-        let last_slot = self
-            .service
-            .backups
-            .state()
+        let last_slot = mine
             .iter()
-            .filter(|b| b.namespace().as_deref() == Some(&namespace) && b.spec.agent == name)
             .filter_map(|b| {
                 b.annotations()
                     .get(SLOT_ANNOTATION)
@@ -391,6 +410,7 @@ impl Manager {
     async fn sweep_orphans(&self, stores: &HashMap<String, Option<Arc<Stores>>>) {
         for (name, stores) in stores {
             let Some(stores) = stores else { continue };
+            self.service.engine.retry_aborts(stores).await;
             {
                 let mut memory = self.memory();
                 if memory
@@ -406,16 +426,25 @@ impl Manager {
                 let Ok(pending) = store.pending_uploads().await else {
                     continue;
                 };
-                for (key, upload_id) in pending {
-                    if self
-                        .service
-                        .engine
-                        .is_in_flight(&in_flight_id(store.prefix(), &key))
+                for (key, upload_id, initiated) in pending {
+                    // Only uploads no live writer can own: begun before this leader started
+                    // (its predecessor's), or older than the longest transfer (a CLI repair
+                    // that died). Newer ones may be a running `agentry backup scrub`'s.
+                    let stale = initiated.is_none_or(|t| {
+                        t < self.started
+                            || jiff::Timestamp::now().duration_since(t).unsigned_abs()
+                                > crate::api::backups::TRANSFER_TIMEOUT
+                    });
+                    if !stale
+                        || self
+                            .service
+                            .engine
+                            .is_in_flight(&in_flight_id(store.prefix(), &key))
                     {
                         continue;
                     }
                     tracing::info!(bucket = %store.bucket, %key, "aborting an orphaned multipart upload");
-                    store.abort_upload(&key, &upload_id).await;
+                    let _ = store.abort_upload(&key, &upload_id).await;
                 }
             }
         }
@@ -450,11 +479,19 @@ impl Manager {
                 }
                 _ => None,
             };
+            // Only over the version this pass looked at: an upload that started or finished
+            // since (a 409) is left alone.
             if let Some(patch) = patch
                 && let Err(e) = self
                     .service
-                    .set_backup_status(&namespace, &name, patch)
+                    .set_backup_status_at(
+                        &namespace,
+                        &name,
+                        backup.metadata.resource_version.as_deref(),
+                        patch,
+                    )
                     .await
+                && !matches!(&e, kube::Error::Api(r) if r.code == 409)
             {
                 tracing::warn!(backup = %id, error = %e, "writing AgentBackup status failed");
             }
@@ -483,33 +520,58 @@ impl Manager {
         }
         // The status is writable by whoever may write AgentBackups: trust no key in it but the
         // one this backup's archive must have (another agent's archive must never be copied
-        // and catalogued as this one's).
+        // and catalogued as this one's), and take nothing else from it but the hash and size
+        // (which the copy checks against the bytes themselves).
         let namespace = backup.namespace()?;
         let expected = stores.primary.key(&crate::backup::engine::archive_name(
             &namespace,
             &backup.spec.agent,
             &backup.name_any(),
         ));
-        if status
+        let primaries: Vec<_> = status
             .objects
             .iter()
-            .any(|o| o.location == "primary" && o.key != expected)
-        {
-            return Some(serde_json::json!({
+            .filter(|o| o.location == "primary")
+            .collect();
+        let refused = |why: String| {
+            Some(serde_json::json!({
                 "phase": BackupPhase::Failed,
                 "completedAt": now_rfc3339(),
-                "error": format!("status.objects names a primary copy other than {expected}; refusing to copy it"),
-            }));
+                "error": format!("{why}; refusing to copy it"),
+            }))
+        };
+        if !valid_name(&backup.spec.agent) {
+            return refused(format!(
+                "spec.agent {:?} is not an object name",
+                backup.spec.agent
+            ));
         }
+        let [primary] = primaries.as_slice() else {
+            return refused("status.objects must name exactly one primary copy".into());
+        };
+        if primary.key != expected {
+            return refused(format!(
+                "status.objects names a primary copy other than {expected}"
+            ));
+        }
+        let Ok(_claim) = self.service.engine.claim(id) else {
+            return None;
+        };
         let version = BackupVersion {
             id: id.to_string(),
             agent_id: format!("{namespace}/{}", backup.spec.agent),
             size: u64::try_from(status.size?).ok()?,
             blake3: status.blake3.clone()?,
-            objects: status.objects.iter().map(Into::into).collect(),
-            created_at: status.started_at.clone().unwrap_or_else(now_rfc3339),
+            objects: vec![(*primary).into()],
+            created_at: status
+                .started_at
+                .as_deref()
+                .filter(|t| parse_time(t).is_some())
+                .map_or_else(now_rfc3339, str::to_string),
             verified_at: None,
             restored_at: None,
+            location: stores.location.clone(),
+            namespace_uid: self.namespace_uid(&namespace).await,
         };
         match self
             .service
@@ -544,6 +606,40 @@ impl Manager {
         }
     }
 
+    /// The uid of `namespace` (None when it cannot be read).
+    async fn namespace_uid(&self, namespace: &str) -> Option<String> {
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(self.service.client.clone())
+            .get_metadata_opt(namespace)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|n| n.metadata.uid)
+    }
+
+    /// Deletes Failed AgentBackups beyond the newest few of an Agent: nothing of them is
+    /// stored, and a schedule whose sidecar is down would otherwise pile them up.
+    async fn forget_failed(&self, mine: &[Arc<AgentBackup>]) {
+        let mut failed: Vec<_> = mine
+            .iter()
+            .filter(|b| b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Failed))
+            .collect();
+        if failed.len() <= KEEP_FAILED {
+            return;
+        }
+        failed.sort_by_key(|b| {
+            std::cmp::Reverse(b.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        });
+        for b in &failed[KEEP_FAILED..] {
+            let Some(namespace) = b.namespace() else {
+                continue;
+            };
+            let api: Api<AgentBackup> = Api::namespaced(self.service.client.clone(), &namespace);
+            if let Err(e) = api.delete(&b.name_any(), &DeleteParams::default()).await {
+                tracing::debug!(backup = %b.name_any(), error = %e, "deleting an old Failed AgentBackup failed");
+            }
+        }
+    }
+
     async fn tend_restores(&self, stores: &HashMap<String, Option<Arc<Stores>>>) {
         for restore in self.service.restores.state() {
             let Some(namespace) = restore.namespace() else {
@@ -565,7 +661,9 @@ impl Manager {
         }
     }
 
-    /// Picks the backup and verifies a stored copy: Ready (the sidecar may fetch it) or Failed.
+    /// Picks the backup: Ready (the sidecar may fetch it; the copy is verified when it is
+    /// served, primary first, then the secondary) or Failed. Nothing is hashed here, so that
+    /// many AgentRestores cannot stall the manager.
     async fn prepare_restore(
         &self,
         restore: &AgentRestore,
@@ -575,6 +673,7 @@ impl Manager {
         let failed = |message: String| serde_json::json!({"phase": RestorePhase::Failed, "message": message, "completedAt": now_rfc3339(), "observedGeneration": restore.metadata.generation});
         let agent_id = format!("{namespace}/{}", restore.spec.agent);
         let catalog = &self.service.engine.catalog;
+        let uid = self.namespace_uid(namespace).await;
         let version = match &restore.spec.backup {
             Some(backup) => match catalog.get(&format!("{namespace}/{backup}")) {
                 Ok(Some(v)) if v.agent_id == agent_id => v,
@@ -587,7 +686,10 @@ impl Manager {
                 Err(e) => return failed(format!("catalog: {e}")),
             },
             None => match catalog.list(&agent_id) {
-                Ok(list) => match list.into_iter().next() {
+                Ok(list) => match list
+                    .into_iter()
+                    .find(|v| crate::api::backups::same_namespace(v, uid.as_deref()))
+                {
                     Some(v) => v,
                     None => {
                         return failed(format!(
@@ -603,32 +705,23 @@ impl Manager {
             .id
             .split_once('/')
             .map_or(version.id.clone(), |(_, b)| b.to_string());
-        let location = self
-            .service
-            .backups
-            .get(&ObjectRef::new(&backup).within(namespace))
-            .and_then(|b| b.status.as_ref().and_then(|s| s.location.clone()))
-            .unwrap_or_else(|| "default".into());
-        let Some(Some(stores)) = stores.get(&location) else {
+        if !crate::api::backups::same_namespace(&version, uid.as_deref()) {
+            return failed(format!(
+                "backup {backup} was made in an earlier namespace named {namespace} (deleted since); it is never restored into another namespace"
+            ));
+        }
+        if !matches!(stores.get(&version.location), Some(Some(_))) {
             // Not final: tried again on the next pass.
             return serde_json::json!({"phase": RestorePhase::New, "backup": backup,
-                "message": format!("waiting for BackupLocation {location} to be Available")});
-        };
-        match self.service.engine.open_verified(stores, &version).await {
-            Ok((source, problems, _reader)) => serde_json::json!({
-                "phase": RestorePhase::Ready,
-                "backup": backup,
-                "blake3": version.blake3,
-                "source": source,
-                "observedGeneration": restore.metadata.generation,
-                "message": if problems.is_empty() {
-                    format!("the {source} copy verified; waiting for the agent's sidecar")
-                } else {
-                    format!("the {source} copy verified ({}); waiting for the agent's sidecar", problems.join("; "))
-                },
-            }),
-            Err(e) => failed(e.to_string()),
+                "message": format!("waiting for BackupLocation {} to be Available", version.location)});
         }
+        serde_json::json!({
+            "phase": RestorePhase::Ready,
+            "backup": backup,
+            "blake3": version.blake3,
+            "observedGeneration": restore.metadata.generation,
+            "message": "waiting for the agent's sidecar; the copy is verified as it is served",
+        })
     }
 
     /// GFS retention over the Agent's catalogued backups.
@@ -653,11 +746,38 @@ impl Manager {
             })
             .collect();
         let plan = retention::plan(&spec.retention_policy(), &candidates);
+        // Backups an unfinished AgentRestore will read stay until it is done.
+        let restoring: std::collections::HashSet<String> = self
+            .service
+            .restores
+            .state()
+            .iter()
+            .filter(|r| r.namespace().as_deref() == Some(namespace.as_str()))
+            .filter(|r| {
+                !matches!(
+                    r.status.as_ref().and_then(|s| s.phase),
+                    Some(RestorePhase::Completed | RestorePhase::Failed)
+                )
+            })
+            .flat_map(|r| {
+                [
+                    r.spec.backup.clone(),
+                    r.status.as_ref().and_then(|s| s.backup.clone()),
+                ]
+            })
+            .flatten()
+            .map(|b| format!("{namespace}/{b}"))
+            .collect();
         for id in plan.delete {
             let Some(version) = versions.iter().find(|v| v.id == id) else {
                 continue;
             };
-            if locked(stores, version) {
+            // Only copies in the stores at hand (a backup in an earlier location waits for
+            // `agentry backup purge`), not locked, not being restored.
+            if version.location != stores.location
+                || locked(stores, version)
+                || restoring.contains(&id)
+            {
                 continue;
             }
             match self.service.engine.delete(stores, version).await {
@@ -681,7 +801,13 @@ impl Manager {
     }
 
     /// Writes `status.backup` and `BackupHealthy` when they changed.
-    async fn report(&self, agent: &Agent, available: bool, next: Option<String>) {
+    async fn report(
+        &self,
+        agent: &Agent,
+        mine: &[Arc<AgentBackup>],
+        available: bool,
+        next: Option<String>,
+    ) {
         let Some(namespace) = agent.namespace() else {
             return;
         };
@@ -694,13 +820,6 @@ impl Manager {
             .list(&agent_id)
             .ok()
             .and_then(|l| l.into_iter().next());
-        let mine: Vec<_> = self
-            .service
-            .backups
-            .state()
-            .into_iter()
-            .filter(|b| b.namespace().as_deref() == Some(&namespace) && b.spec.agent == name)
-            .collect();
         let pending_secondary = mine.iter().find(|b| {
             b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::PartiallyFailed)
         });
@@ -836,6 +955,18 @@ fn locked(stores: &Stores, version: &BackupVersion) -> bool {
         .checked_add(jiff::SignedDuration::from_hours(24 * (i64::from(days) + 1)))
         .unwrap_or(jiff::Timestamp::MAX);
     jiff::Timestamp::now() < until
+}
+
+/// A Kubernetes object name (DNS-1123 subdomain).
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.'])
+        && !name.ends_with(['-', '.'])
+        && !name.contains("..")
 }
 
 /// The in-flight id (`namespace/backup`) of an archive key under `prefix`.

@@ -286,14 +286,12 @@ fn start_backups(
         changed.clone(),
         stop.clone(),
     );
-    let service = Arc::new(crate::api::backups::BackupService {
-        engine: Engine::new(Arc::new(catalog)),
-        client: ctx.client.clone(),
-        namespace: ctx.config.namespace.clone(),
-        backups: caches.backups,
-        restores: caches.restores,
-        locations: caches.locations,
-    });
+    let service = Arc::new(crate::api::backups::BackupService::new(
+        Engine::new(Arc::new(catalog)),
+        ctx.client.clone(),
+        ctx.config.namespace.clone(),
+        caches,
+    ));
     let manager = Arc::new(super::backups::Manager::new(
         service.clone(),
         agents,

@@ -206,7 +206,10 @@ pub struct StoreStatus {
 #[serde(rename_all = "camelCase")]
 pub struct AgentBackupSpec {
     /// The Agent (in this namespace) to back up.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub agent: String,
 }
 
@@ -335,11 +338,17 @@ impl From<&BackupObject> for crate::backup::catalog::StoredObject {
 #[serde(rename_all = "camelCase")]
 pub struct AgentRestoreSpec {
     /// The Agent (in this namespace) to restore into.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub agent: String,
     /// The AgentBackup to restore; the Agent's latest Completed backup when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub backup: Option<String>,
 }
 

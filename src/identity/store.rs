@@ -636,6 +636,8 @@ fn move_legacy_ledger(data_dir: &Path, dir: &Path) -> std::io::Result<()> {
 /// WAL survives a crash mid-write; FULL makes each commit durable before its result is handed
 /// out (a certificate, a catalogued backup).
 pub fn durable(conn: &Connection) -> rusqlite::Result<()> {
+    // Another process (the `agentry backup` CLI) may hold the write lock for a moment.
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")
 }

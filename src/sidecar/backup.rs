@@ -64,7 +64,9 @@ pub async fn work(
     for restore in &work.restores {
         let outcome = apply_restore(client, token, &base, restore, &roots, scratch).await;
         let report = match &outcome {
-            Ok(files) => serde_json::json!({"ok": true, "files": files}),
+            Ok((files, source)) => {
+                serde_json::json!({"ok": true, "files": files, "source": source})
+            }
             Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
         };
         if let Err(e) = client
@@ -76,7 +78,7 @@ pub async fn work(
             continue;
         }
         match outcome {
-            Ok(files) => {
+            Ok((files, _)) => {
                 tracing::info!(restore = %restore.name, backup = %restore.backup, files, "restored");
                 done.restores.push(restore.name.clone());
             }
@@ -127,7 +129,8 @@ pub enum RestoreError {
     Scratch { path: String, error: std::io::Error },
 }
 
-/// Downloads, verifies, checks and unpacks one restore; the number of files written.
+/// Downloads, verifies, checks and unpacks one restore; the number of files written and the
+/// copy (`primary`/`secondary`) the API served.
 pub async fn apply_restore(
     client: &ApiClient,
     token: &str,
@@ -135,7 +138,7 @@ pub async fn apply_restore(
     restore: &crate::api::backups::RestoreWork,
     roots: &[PathBuf],
     scratch: &Path,
-) -> Result<u64, RestoreError> {
+) -> Result<(u64, Option<String>), RestoreError> {
     let scratch_err = |error| RestoreError::Scratch {
         path: scratch.display().to_string(),
         error,
@@ -145,15 +148,27 @@ pub async fn apply_restore(
     let response = client
         .get_stream(&format!("{base}/backups/{}", restore.backup), token)
         .await?;
-    let served = response
-        .headers()
-        .get(BLAKE3_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let served = header(BLAKE3_HEADER);
+    let source = header(crate::api::backups::SOURCE_HEADER);
+    let mut received = 0u64;
     let mut hasher = blake3::Hasher::new();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ClientError::Transport(e.to_string()))?;
+        received += chunk.len() as u64;
+        if received > restore.size {
+            return Err(RestoreError::Refused(format!(
+                "the archive is longer than the catalog's {} bytes",
+                restore.size
+            )));
+        }
         hasher.update(&chunk);
         file.write_all(&chunk).map_err(scratch_err)?;
     }
@@ -168,7 +183,7 @@ pub async fn apply_restore(
     }
     file.flush().map_err(scratch_err)?;
     let roots = roots.to_vec();
-    tokio::task::spawn_blocking(move || -> Result<u64, RestoreError> {
+    let files = tokio::task::spawn_blocking(move || -> Result<u64, RestoreError> {
         file.seek(SeekFrom::Start(0)).map_err(scratch_err_owned)?;
         archive::check(&mut file, &roots, MAX_RESTORE_BYTES)
             .map_err(|e| RestoreError::Refused(e.to_string()))?;
@@ -178,7 +193,8 @@ pub async fn apply_restore(
         Ok(summary.files)
     })
     .await
-    .map_err(|e| RestoreError::Write(e.to_string()))?
+    .map_err(|e| RestoreError::Write(e.to_string()))??;
+    Ok((files, source))
 }
 
 fn scratch_err_owned(error: std::io::Error) -> RestoreError {

@@ -100,8 +100,9 @@ impl ApiClient {
             .timeout(Duration::from_secs(15))
             .build()
             .map_err(|e| e.to_string())?;
+        // A response can wait while the controller re-reads both copies of a large backup.
         let bulk = builder()
-            .read_timeout(Duration::from_secs(120))
+            .read_timeout(Duration::from_secs(30 * 60))
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Self {
@@ -296,6 +297,9 @@ impl Sidecar {
         let mut registered_for: Option<Loaded> = None;
         let mut tick = tokio::time::interval(self.poll);
         let mut last_work: Option<std::time::Instant> = None;
+        // Backup work runs in its own task, so a long transfer does not stop registration and
+        // token refreshes; one round at a time.
+        let mut working: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -332,26 +336,30 @@ impl Sidecar {
                 }
             }
             let due = !self.backup_poll.is_zero()
-                && last_work.is_none_or(|at| at.elapsed() >= self.backup_poll);
+                && last_work.is_none_or(|at| at.elapsed() >= self.backup_poll)
+                && working.as_ref().is_none_or(|w| w.is_finished());
             if due {
                 last_work = Some(std::time::Instant::now());
                 let token = state.read().await.token.clone().unwrap_or_default();
-                match backup::work(
-                    client,
-                    &token,
-                    &self.id,
-                    &self.scratch_dir,
-                    self.path_root.as_deref(),
-                )
-                .await
-                {
-                    Ok(done) => {
-                        if !done.errors.is_empty() {
-                            state.write().await.last_error = Some(done.errors.join("; "));
+                let (client, id, scratch, root, state) = (
+                    client.clone(),
+                    self.id.clone(),
+                    self.scratch_dir.clone(),
+                    self.path_root.clone(),
+                    state.clone(),
+                );
+                working = Some(tokio::spawn(async move {
+                    match backup::work(&client, &token, &id, &scratch, root.as_deref()).await {
+                        Ok(done) => {
+                            if !done.errors.is_empty() {
+                                state.write().await.last_error = Some(done.errors.join("; "));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "asking for backup work failed; retrying")
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "asking for backup work failed; retrying"),
-                }
+                }));
             }
         }
     }

@@ -331,9 +331,19 @@ fn pod_template(
 /// An emptyDir for the state of an Agent that has backups but no persistent volume.
 fn ephemeral_state(agent: &Agent) -> Option<Volume> {
     let persistent = agent.spec.state.as_ref().is_some_and(|s| s.persistent);
+    // As large as a persistent volume would be (spec.state.size, 1Gi by default): the
+    // node's disk is shared.
+    let size = agent
+        .spec
+        .state
+        .as_ref()
+        .map_or_else(|| "1Gi".to_string(), |s| s.size.clone());
     (!persistent && agent.spec.backup.is_some()).then(|| Volume {
         name: "state".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity(size)),
+            ..Default::default()
+        }),
         ..Default::default()
     })
 }
