@@ -49,6 +49,17 @@ pub async fn work(
     };
     let mut done = Done::default();
     let roots: Vec<PathBuf> = work.paths.iter().map(|p| under(root, p)).collect();
+    if let Some(p) = work.paths.iter().find(|p| touches_identity(p)) {
+        let why = format!(
+            "spec.backup.paths: {p:?} covers the identity mount {}; the private key and token are never backed up",
+            crate::workload::IDENTITY_MOUNT
+        );
+        tracing::warn!("{why}");
+        return Ok(Done {
+            errors: vec![why],
+            ..Done::default()
+        });
+    }
     for backup in &work.backups {
         match send_backup(client, token, &base, backup, &roots).await {
             Ok(answer) => {
@@ -89,6 +100,13 @@ pub async fn work(
         }
     }
     Ok(done)
+}
+
+/// Whether a backup path is, holds or lies inside the identity mount (`/`, `/var`, ...).
+pub fn touches_identity(path: &str) -> bool {
+    let identity = Path::new(crate::workload::IDENTITY_MOUNT);
+    let path = Path::new(path);
+    identity.starts_with(path) || path.starts_with(identity)
 }
 
 /// `path` (absolute, from `spec.backup.paths`) below `root`, when the sidecar runs outside the
@@ -201,5 +219,34 @@ fn scratch_err_owned(error: std::io::Error) -> RestoreError {
     RestoreError::Scratch {
         path: "the staged download".into(),
         error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_identity_is_never_packed() {
+        for p in [
+            "/",
+            "/var",
+            "/var/run",
+            "/var/run/agentry/identity",
+            "/var/run/agentry/identity/tls.key",
+        ] {
+            assert!(touches_identity(p), "{p}");
+        }
+        for p in ["/var/lib/agent", "/var/run/other", "/data"] {
+            assert!(!touches_identity(p), "{p}");
+        }
+        assert_eq!(
+            under(Some(Path::new("/demo/root")), "/var/lib/agent"),
+            PathBuf::from("/demo/root/var/lib/agent")
+        );
+        assert_eq!(
+            under(None, "/var/lib/agent"),
+            PathBuf::from("/var/lib/agent")
+        );
     }
 }
