@@ -501,7 +501,8 @@ impl Engine {
                 .await
                 .map_err(wrap)?;
             if let Some(manifest) = object.key.strip_suffix(".tar.zst") {
-                // Every version of the manifest goes (a reindex must not resurrect the backup).
+                // The manifest goes too (on a versioned bucket: a delete marker, which a reindex, listing
+                // current objects only, does not see), so it cannot resurrect the backup.
                 store
                     .delete(&format!("{manifest}.json"), None)
                     .await
