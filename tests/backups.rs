@@ -712,6 +712,26 @@ async fn a_backup_is_verified_in_both_stores_catalogued_and_restored_byte_for_by
     );
     let _ = data_dir;
 
+    // Turning backups off drops what the backup manager wrote on the Agent.
+    let agents: Api<Agent> = Api::namespaced(w.client.clone(), w.ns());
+    agents
+        .patch(
+            AGENT,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"backup": null}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "status.backup and BackupHealthy to go with spec.backup",
+        || async {
+            let st = agents.get(AGENT).await.unwrap().status.unwrap_or_default();
+            st.backup.is_none() && !st.conditions.iter().any(|c| c.type_ == "BackupHealthy")
+        },
+    )
+    .await;
+
     // Deleting the Agent leaves its backups (until retention or `agentry backup purge`).
     Api::<Agent>::namespaced(w.client.clone(), w.ns())
         .delete(AGENT, &DeleteParams::default())

@@ -155,6 +155,8 @@ struct Memory {
     written: HashMap<String, serde_json::Value>,
     /// When orphaned uploads were last swept, per location.
     swept: HashMap<String, Instant>,
+    /// Agents (by uid and generation) whose backup status was released once already.
+    released: std::collections::HashSet<(String, Option<i64>)>,
 }
 
 pub struct Manager {
@@ -243,6 +245,7 @@ impl Manager {
                 continue;
             }
             let Some(spec) = &agent.spec.backup else {
+                self.release(agent).await;
                 continue;
             };
             let available = stores.get(&spec.location).cloned().flatten();
@@ -798,6 +801,43 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// An Agent whose `spec.backup` was removed: drops the `status.backup` and `BackupHealthy`
+    /// this manager wrote (an empty apply under its field manager releases them).
+    async fn release(&self, agent: &Agent) {
+        let status = agent.status.as_ref();
+        let ours = status.is_some_and(|s| {
+            s.backup.is_some() || s.conditions.iter().any(|c| c.type_ == BACKUP_HEALTHY)
+        });
+        let (Some(namespace), true) = (agent.namespace(), ours) else {
+            return;
+        };
+        // Once per generation: fields another manager owns would not go, and must not be
+        // asked for again on every pass.
+        let key = (agent.uid().unwrap_or_default(), agent.metadata.generation);
+        if !self.memory().released.insert(key) {
+            return;
+        }
+        let patch = serde_json::json!({
+            "apiVersion": Agent::api_version(&()),
+            "kind": Agent::kind(&()),
+            "status": {},
+        });
+        let api: Api<Agent> = Api::namespaced(self.service.client.clone(), &namespace);
+        if let Err(e) = api
+            .patch_status(
+                &agent.name_any(),
+                &PatchParams::apply(BACKUP_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            tracing::debug!(agent = %agent.name_any(), error = %e, "releasing the backup status failed");
+        }
+        self.memory()
+            .written
+            .remove(&agent.uid().unwrap_or_default());
     }
 
     /// Writes `status.backup` and `BackupHealthy` when they changed.
