@@ -56,26 +56,32 @@ pyenv: ## Python venv for the tests' independent checks (PyJWT, a2a-sdk, boto3, 
 	    'boto3==1.44.8' 'blake3==1.0.11' -r examples/python/requirements.txt
 
 .PHONY: e2e
+.PHONY: redis-up
+redis-up: ## Start the local Redis servers for messaging: standalone and a 3-master cluster (Debian's redis-server, installed when missing)
+	hack/redis install
+	hack/redis up
+
 .PHONY: s3-up
 s3-up: ## Build (cached) and start the two local S3 stores: versitygw (primary) and SeaweedFS (secondary)
 	hack/build-s3
 	hack/s3-stores up >/dev/null
 
-e2e: cluster-up pyenv s3-up ## End-to-end tests against the local control plane and S3 stores
+e2e: cluster-up pyenv s3-up redis-up ## End-to-end tests against the local control plane and S3 stores
 	KUBECONFIG=$(KUBECONFIG_LOCAL) cargo test --test '*' -- --test-threads=2
 
 .PHONY: test
 test: lint unit e2e ## Everything: fmt, clippy, unit and end-to-end tests
 
 .PHONY: demo
-demo: build cluster-up s3-up ## Local control plane, S3 stores, CRDs, controller, examples, then what to look at
+demo: build cluster-up s3-up redis-up ## Local control plane, S3 stores, CRDs, controller, examples, then what to look at
 	hack/demo up
 
 .PHONY: demo-down
-demo-down: ## Stop the demo controller, the local control plane and the S3 stores
+demo-down: ## Stop the demo controller, the local control plane, the S3 stores and Redis
 	hack/demo down
 	hack/local-cluster down
 	hack/s3-stores down
+	hack/redis down
 
 # The backup bench's BLAKE3 baseline, built once into the cache (its own temporary target dir).
 B3SUM_VERSION := 1.8.7
