@@ -468,7 +468,16 @@ impl Manager {
                 .map(|t| jiff::Timestamp::now().duration_since(t.0).unsigned_abs())
                 .unwrap_or_default();
             let fail = |message: String| serde_json::json!({"phase": BackupPhase::Failed, "completedAt": now_rfc3339(), "error": message});
+            // The catalog, not the (tenant-writable) status, says whether a backup is done: a
+            // catalogued one shown as anything else is put back to Completed.
+            let catalogued = match status.phase {
+                Some(BackupPhase::Completed) => None,
+                _ => self.service.engine.catalog.get(&id).ok().flatten(),
+            };
             let patch = match status.phase {
+                _ if catalogued.is_some() && !self.service.engine.is_in_flight(&id) => {
+                    catalogued.map(|v| completed_status(&v, BackupPhase::Completed, None))
+                }
                 None => Some(serde_json::json!({"phase": BackupPhase::New, "observedGeneration": backup.metadata.generation})),
                 Some(BackupPhase::New) if age > self.config.pickup_timeout => Some(fail(format!(
                     "no data arrived within {}s: is the agent's sidecar running, and does the Agent have backup:write?",
