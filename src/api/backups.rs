@@ -286,14 +286,7 @@ async fn own_agent(
 }
 
 fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
-    let ok = !value.is_empty()
-        && value.len() <= 253
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && !value.starts_with(['-', '.'])
-        && !value.ends_with(['-', '.']);
-    if ok {
+    if crate::crd::units::is_object_name(value) {
         Ok(())
     } else {
         Err(ApiError::invalid(
@@ -412,18 +405,7 @@ pub async fn put_backup(
 ) -> Result<Json<BackupResult>, ApiError> {
     let caller = own_agent(&state, &peer, &headers, &namespace, &name, "backup:write").await?;
     check_name("id", &id)?;
-    let content_type = super::body::content_type(&headers);
-    if !matches!(
-        content_type,
-        Some("application/zstd" | "application/octet-stream")
-    ) {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            Some("content-type"),
-            "send the archive as application/zstd",
-        ));
-    }
+    check_archive_type(&headers)?;
     let svc = service(&state)?;
     let Some(spec) = caller.cert.agent.spec.backup.clone() else {
         return Err(ApiError::new(
@@ -433,10 +415,62 @@ pub async fn put_backup(
             "the Agent has no spec.backup; add one to back it up",
         ));
     };
-    let api: Api<AgentBackup> = Api::namespaced(svc.client.clone(), &namespace);
-    // Read live, not from the cache: two uploads must not both see New.
+    let backup = upload_target(svc, &namespace, &name, &id).await?;
+    let permit = svc.transfer_slot()?;
+    let conflict = |e: crate::backup::engine::EngineError| {
+        ApiError::new(StatusCode::CONFLICT, "conflict", Some("id"), e.to_string())
+    };
+    let claim = svc
+        .engine
+        .claim(&format!("{namespace}/{id}"))
+        .map_err(conflict)?;
+    // One upload per agent at a time.
+    let agent_claim = svc
+        .engine
+        .claim(&format!("agent:{namespace}/{name}"))
+        .map_err(conflict)?;
+    let stores = svc.stores_for(&spec.location).await?;
+    mark_in_progress(svc, &backup, &spec.location).await?;
+    let namespace_uid = state.namespace_uid(&namespace);
+    let reader = body_reader(body);
+    let svc = svc.clone();
+    // The transfer runs in its own task: a client that goes away (or a timeout) drops this
+    // request, not the upload's cleanup and status.
+    let task = tokio::spawn(async move {
+        let _held = (permit, claim, agent_claim);
+        let outcome = svc
+            .engine
+            .ingest(&stores, &namespace, namespace_uid, &name, &id, reader)
+            .await;
+        record_outcome(&svc, &namespace, &id, outcome).await
+    });
+    task.await.map_err(ApiError::internal)?.map(Json)
+}
+
+/// The body must be the archive.
+fn check_archive_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    match super::body::content_type(headers) {
+        Some("application/zstd" | "application/octet-stream") => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            Some("content-type"),
+            "send the archive as application/zstd",
+        )),
+    }
+}
+
+/// The AgentBackup an upload fills: it exists, is this agent's, is New and is not catalogued.
+/// Read live, not from the cache: two uploads must not both see New.
+async fn upload_target(
+    svc: &BackupService,
+    namespace: &str,
+    name: &str,
+    id: &str,
+) -> Result<AgentBackup, ApiError> {
+    let api: Api<AgentBackup> = Api::namespaced(svc.client.clone(), namespace);
     let backup = api
-        .get_opt(&id)
+        .get_opt(id)
         .await
         .map_err(ApiError::internal)?
         .ok_or_else(|| {
@@ -475,25 +509,17 @@ pub async fn put_backup(
             format!("backup {id} is already catalogued; create a new AgentBackup"),
         ));
     }
-    let permit = svc.transfer_slot()?;
-    let conflict = |e: crate::backup::engine::EngineError| {
-        ApiError::new(StatusCode::CONFLICT, "conflict", Some("id"), e.to_string())
-    };
-    let claim = svc
-        .engine
-        .claim(&format!("{namespace}/{id}"))
-        .map_err(conflict)?;
-    // One upload per agent at a time.
-    let agent_claim = svc
-        .engine
-        .claim(&format!("agent:{namespace}/{name}"))
-        .map_err(conflict)?;
-    let stores = svc.stores_for(&spec.location).await?;
-    let namespace_uid = state
-        .namespaces
-        .get(&kube::runtime::reflector::ObjectRef::new(&namespace))
-        .and_then(|n| n.metadata.uid.clone());
-    // Only if nothing wrote the AgentBackup since it was read (a second upload, the manager).
+    Ok(backup)
+}
+
+/// InProgress, only if nothing wrote the AgentBackup since it was read (a second upload, the
+/// manager).
+async fn mark_in_progress(
+    svc: &BackupService,
+    backup: &AgentBackup,
+    location: &str,
+) -> Result<(), ApiError> {
+    let (namespace, id) = (backup.namespace().unwrap_or_default(), backup.name_any());
     svc.set_backup_status_at(
         &namespace,
         &id,
@@ -501,7 +527,7 @@ pub async fn put_backup(
         serde_json::json!({
             "phase": BackupPhase::InProgress,
             "startedAt": now(),
-            "location": spec.location,
+            "location": location,
             "observedGeneration": backup.metadata.generation,
         }),
     )
@@ -514,20 +540,7 @@ pub async fn put_backup(
             format!("AgentBackup {id} changed while the upload started; ask for work again"),
         ),
         e => ApiError::internal(e),
-    })?;
-    let reader = body_reader(body);
-    let svc = svc.clone();
-    // The transfer runs in its own task: a client that goes away (or a timeout) drops this
-    // request, not the upload's cleanup and status.
-    let task = tokio::spawn(async move {
-        let _held = (permit, claim, agent_claim);
-        let outcome = svc
-            .engine
-            .ingest(&stores, &namespace, namespace_uid, &name, &id, reader)
-            .await;
-        record_outcome(&svc, &namespace, &id, outcome).await
-    });
-    task.await.map_err(ApiError::internal)?.map(Json)
+    })
 }
 
 /// Writes what became of an upload to its AgentBackup; the API's answer.
@@ -736,11 +749,7 @@ pub fn catalogued(
             format!("backup {id} belongs to another agent"),
         ));
     }
-    let namespace_uid = state
-        .namespaces
-        .get(&kube::runtime::reflector::ObjectRef::new(namespace))
-        .and_then(|n| n.metadata.uid.clone());
-    if !same_namespace(&version, namespace_uid.as_deref()) {
+    if !same_namespace(&version, state.namespace_uid(namespace).as_deref()) {
         return Err(ApiError::forbidden(
             "id",
             format!(

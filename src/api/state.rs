@@ -116,6 +116,15 @@ impl ApiState {
         CachedAgent::new(self.agents.get(&ObjectRef::new(name).within(namespace))?)
     }
 
+    /// The uid of a namespace, from the namespace cache.
+    pub fn namespace_uid(&self, namespace: &str) -> Option<String> {
+        self.namespaces
+            .get(&ObjectRef::new(namespace))?
+            .metadata
+            .uid
+            .clone()
+    }
+
     /// The annotation `key` of a namespace, from the namespace cache.
     pub fn namespace_annotation(&self, namespace: &str, key: &str) -> Option<String> {
         self.namespaces

@@ -104,6 +104,28 @@ pub enum EngineError {
     Busy(String),
 }
 
+impl EngineError {
+    /// A store failure, named after the store (`primary` or `secondary`).
+    fn in_store(location: &str, e: StoreError) -> Self {
+        if location == PRIMARY {
+            EngineError::Primary(e)
+        } else {
+            EngineError::Secondary(e)
+        }
+    }
+}
+
+/// Runs a catalog call on the blocking pool (SQLite waits on the disk).
+async fn on_catalog<T: Send + 'static>(
+    catalog: &Arc<Catalog>,
+    call: impl FnOnce(&Catalog) -> Result<T, crate::identity::store::StoreError> + Send + 'static,
+) -> Result<T, EngineError> {
+    let catalog = catalog.clone();
+    Ok(tokio::task::spawn_blocking(move || call(&catalog))
+        .await
+        .map_err(|e| EngineError::Stream(std::io::Error::other(e)))??)
+}
+
 /// Marks a backup as being written by this process until dropped.
 pub struct InFlight {
     set: Arc<Mutex<HashSet<String>>>,
@@ -433,12 +455,8 @@ impl Engine {
         );
         p.map_err(EngineError::Primary)?;
         s.map_err(EngineError::Secondary)?;
-        let catalog = self.catalog.clone();
         let row = version.clone();
-        tokio::task::spawn_blocking(move || catalog.record(&row))
-            .await
-            .map_err(|e| EngineError::Stream(std::io::Error::other(e)))??;
-        Ok(())
+        on_catalog(&self.catalog, move |c| c.record(&row)).await
     }
 
     /// Finds a copy of `version` whose BLAKE3 and size match the catalog, primary first, and
@@ -489,13 +507,7 @@ impl Engine {
             let store = stores.by_name(&object.location).ok_or_else(|| {
                 EngineError::NoGoodCopy(version.id.clone(), "unknown location".into())
             })?;
-            let wrap = |e| {
-                if object.location == PRIMARY {
-                    EngineError::Primary(e)
-                } else {
-                    EngineError::Secondary(e)
-                }
-            };
+            let wrap = |e| EngineError::in_store(&object.location, e);
             store
                 .delete(&object.key, object.version_id.as_deref())
                 .await
@@ -509,11 +521,8 @@ impl Engine {
                     .map_err(wrap)?;
             }
         }
-        let catalog = self.catalog.clone();
         let id = version.id.clone();
-        tokio::task::spawn_blocking(move || catalog.delete(&id))
-            .await
-            .map_err(|e| EngineError::Stream(std::io::Error::other(e)))??;
+        on_catalog(&self.catalog, move |c| c.delete(&id)).await?;
         Ok(())
     }
 
@@ -573,11 +582,11 @@ impl Engine {
             objects.push(object);
             repaired.push(format!("{location}: {problem}"));
         }
-        let catalog = self.catalog.clone();
         let (id, now) = (version.id.clone(), now_rfc3339());
-        tokio::task::spawn_blocking(move || catalog.update_objects(&id, &objects, &now))
-            .await
-            .map_err(|e| EngineError::Stream(std::io::Error::other(e)))??;
+        on_catalog(&self.catalog, move |c| {
+            c.update_objects(&id, &objects, &now)
+        })
+        .await?;
         Ok(ScrubResult::Repaired(repaired))
     }
 
@@ -588,13 +597,10 @@ impl Engine {
         let mut out = Reindexed::default();
         let mut seen = HashSet::new();
         for (location, store) in [(PRIMARY, &stores.primary), (SECONDARY, &stores.secondary)] {
-            let listed = store.list("").await.map_err(|e| {
-                if location == PRIMARY {
-                    EngineError::Primary(e)
-                } else {
-                    EngineError::Secondary(e)
-                }
-            })?;
+            let listed = store
+                .list("")
+                .await
+                .map_err(|e| EngineError::in_store(location, e))?;
             let sizes: HashMap<&str, u64> =
                 listed.iter().map(|l| (l.key.as_str(), l.size)).collect();
             for item in listed.iter().filter(|l| l.key.ends_with(".json")) {
@@ -620,12 +626,9 @@ impl Engine {
                 if !seen.insert(id.clone()) {
                     continue;
                 }
-                let catalog = self.catalog.clone();
                 let known = {
                     let id = id.clone();
-                    tokio::task::spawn_blocking(move || catalog.get(&id))
-                        .await
-                        .map_err(|e| EngineError::Stream(std::io::Error::other(e)))??
+                    on_catalog(&self.catalog, move |c| c.get(&id)).await?
                 };
                 if known.is_some() {
                     out.known += 1;
@@ -644,10 +647,7 @@ impl Engine {
                     location: stores.location.clone(),
                     namespace_uid: manifest.namespace_uid.clone(),
                 };
-                let catalog = self.catalog.clone();
-                tokio::task::spawn_blocking(move || catalog.record(&version))
-                    .await
-                    .map_err(|e| EngineError::Stream(std::io::Error::other(e)))??;
+                on_catalog(&self.catalog, move |c| c.record(&version)).await?;
                 out.added += 1;
             }
         }
@@ -682,12 +682,7 @@ fn check_manifest(
     sizes: &HashMap<&str, u64>,
     location: &str,
 ) -> Result<(), String> {
-    let dns = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 253
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-    };
+    let dns = crate::crd::units::is_object_name;
     if m.format != 1 {
         return Err(format!("unknown manifest format {}", m.format));
     }
@@ -728,13 +723,7 @@ async fn verify(
     let (found, found_size) = store
         .hash_object(&object.key, object.version_id.as_deref())
         .await
-        .map_err(|e| {
-            if location == PRIMARY {
-                EngineError::Primary(e)
-            } else {
-                EngineError::Secondary(e)
-            }
-        })?;
+        .map_err(|e| EngineError::in_store(location, e))?;
     if found != blake3 || found_size != size {
         return Err(EngineError::Mismatch {
             location,

@@ -257,12 +257,17 @@ impl Manager {
                 agent.name_any()
             );
             let mine = by_agent.get(&key).map(Vec::as_slice).unwrap_or_default();
+            // The Agent's catalogued backups, newest first, read once for retention and status
+            // (retention never deletes the newest).
+            let versions = self.service.engine.catalog.list(&key).unwrap_or_default();
             let next = self.schedule(agent, mine, available.is_some()).await;
             if let Some(stores) = &available {
-                self.retain(agent, stores).await;
+                self.retain(agent, stores, &versions).await;
             }
             self.forget_failed(mine).await;
-            self.report(agent, mine, available.is_some(), next).await;
+            let latest = versions.into_iter().next();
+            self.report(agent, mine, latest, available.is_some(), next)
+                .await;
         }
         Ok(())
     }
@@ -552,7 +557,7 @@ impl Manager {
                 "error": format!("{why}; refusing to copy it"),
             }))
         };
-        if !valid_name(&backup.spec.agent) {
+        if !crate::crd::units::is_object_name(&backup.spec.agent) {
             return refused(format!(
                 "spec.agent {:?} is not an object name",
                 backup.spec.agent
@@ -737,15 +742,11 @@ impl Manager {
     }
 
     /// GFS retention over the Agent's catalogued backups.
-    async fn retain(&self, agent: &Agent, stores: &Stores) {
+    async fn retain(&self, agent: &Agent, stores: &Stores, versions: &[BackupVersion]) {
         let Some(spec) = &agent.spec.backup else {
             return;
         };
         let Some(namespace) = agent.namespace() else {
-            return;
-        };
-        let agent_id = format!("{namespace}/{}", agent.name_any());
-        let Ok(versions) = self.service.engine.catalog.list(&agent_id) else {
             return;
         };
         let candidates: Vec<Candidate> = versions
@@ -854,6 +855,7 @@ impl Manager {
         &self,
         agent: &Agent,
         mine: &[Arc<AgentBackup>],
+        latest: Option<BackupVersion>,
         available: bool,
         next: Option<String>,
     ) {
@@ -862,13 +864,6 @@ impl Manager {
         };
         let name = agent.name_any();
         let agent_id = format!("{namespace}/{name}");
-        let latest = self
-            .service
-            .engine
-            .catalog
-            .list(&agent_id)
-            .ok()
-            .and_then(|l| l.into_iter().next());
         let pending_secondary = mine.iter().find(|b| {
             b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::PartiallyFailed)
         });
@@ -1004,18 +999,6 @@ fn locked(stores: &Stores, version: &BackupVersion) -> bool {
         .checked_add(jiff::SignedDuration::from_hours(24 * (i64::from(days) + 1)))
         .unwrap_or(jiff::Timestamp::MAX);
     jiff::Timestamp::now() < until
-}
-
-/// A Kubernetes object name (DNS-1123 subdomain).
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && !name.starts_with(['-', '.'])
-        && !name.ends_with(['-', '.'])
-        && !name.contains("..")
 }
 
 /// The in-flight id (`namespace/backup`) of an archive key under `prefix`.

@@ -336,6 +336,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// A Kubernetes object name (DNS-1123 subdomain): at most 253 lowercase letters, digits, '-'
+/// and '.', starting and ending with a letter or digit, no empty label.
+pub fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.'])
+        && !name.ends_with(['-', '.'])
+        && !name.contains("..")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
