@@ -435,6 +435,45 @@ pub struct ControllerArgs {
     /// Manage only BackupLocations matching this label selector (sharding, tests).
     #[arg(long)]
     backup_location_selector: Option<String>,
+    /// Redis for agent messaging, as redis://host:port or rediss://host:port (TLS); with
+    /// --redis-cluster, comma-separated seed nodes of a Redis Cluster. Unset: no messaging
+    /// (Agents with spec.messaging report MessagingReady Unknown, NotConfigured).
+    #[arg(long, value_delimiter = ',')]
+    redis_url: Vec<String>,
+    /// The --redis-url nodes are a Redis Cluster.
+    #[arg(long)]
+    redis_cluster: bool,
+    /// The controller's Redis user: it creates agents' ACL users, streams and groups, and relays
+    /// messages (needs `+@all ~* &*`, or at least ACL, stream commands and DEL on `agentry:*`).
+    #[arg(long, default_value = "default")]
+    redis_username: String,
+    /// A file holding that user's password (e.g. a mounted Secret). The environment variable
+    /// AGENTRY_REDIS_PASSWORD is read when this is unset.
+    #[arg(long)]
+    redis_password_file: Option<PathBuf>,
+    /// The Redis URL(s) agents are given in their identity Secret (`redis.json`), when they
+    /// reach Redis at another address than the controller (default: --redis-url).
+    #[arg(long, value_delimiter = ',')]
+    redis_agent_url: Vec<String>,
+    /// Connections in the controller's Redis pool (each multiplexed); the relay adds one per
+    /// shard for its blocking reads.
+    #[arg(long, default_value_t = agentry::messaging::conn::DEFAULT_POOL_SIZE as u16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    redis_pool_size: u16,
+    /// Outbox shards: the relay reads each shard's outboxes with one blocking read.
+    #[arg(long, default_value_t = agentry::messaging::DEFAULT_SHARDS, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    relay_shards: u16,
+    /// The largest message body the relay delivers (bigger ones are refused with a notice to
+    /// the sender).
+    #[arg(long, default_value = "64Ki", value_parser = parse_body_limit)]
+    message_body_limit: usize,
+}
+
+fn parse_body_limit(s: &str) -> Result<usize, String> {
+    let bytes = agentry::crd::units::parse_memory(s)?;
+    if bytes == 0 || bytes > 64 * 1024 * 1024 {
+        return Err("give a size from 1 to 64Mi, e.g. 64Ki".into());
+    }
+    Ok(bytes as usize)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -473,8 +512,49 @@ pub fn render_ca_status(set: &CaSet, dropped: &[String], now: i64) -> String {
 }
 
 impl ControllerArgs {
+    fn messaging(&self) -> Result<Option<agentry::controller::messaging::MessagingConfig>, String> {
+        let urls: Vec<String> = self
+            .redis_url
+            .iter()
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Ok(None);
+        }
+        let password = match &self.redis_password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("--redis-password-file {}: {e}", path.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+            ),
+            None => std::env::var("AGENTRY_REDIS_PASSWORD").ok(),
+        };
+        let target = agentry::messaging::conn::Target {
+            urls: urls.clone(),
+            cluster: self.redis_cluster,
+            username: Some(self.redis_username.clone()),
+            password,
+        };
+        target.validate()?;
+        let agent_urls = if self.redis_agent_url.is_empty() {
+            urls
+        } else {
+            self.redis_agent_url.clone()
+        };
+        Ok(Some(agentry::controller::messaging::MessagingConfig {
+            target,
+            agent_urls,
+            pool_size: usize::from(self.redis_pool_size),
+            shards: self.relay_shards,
+            body_limit: self.message_body_limit,
+        }))
+    }
+
     /// The controller's configuration from its flags.
     pub fn into_config(self) -> Result<agentry::controller::Config, String> {
+        let messaging = self.messaging()?;
         let replica = self.replica.unwrap_or_else(|| {
             let host = hostname::get()
                 .map(|h| h.to_string_lossy().into_owned())
@@ -518,6 +598,7 @@ impl ControllerArgs {
                 location_selector: self.backup_location_selector.filter(|s| !s.is_empty()),
             });
         Ok(agentry::controller::Config {
+            messaging,
             backup,
             api,
             sidecar,

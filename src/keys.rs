@@ -58,6 +58,9 @@ pub mod reasons {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const PERMISSION_DENIED: &str = "PermissionDenied";
     pub const NOT_IMPLEMENTED: &str = "NotImplemented";
+    pub const INBOX_READY: &str = "InboxReady";
+    pub const REDIS_UNAVAILABLE: &str = "RedisUnavailable";
+    pub const NOT_CONFIGURED: &str = "NotConfigured";
     pub const RECONCILE_FAILED: &str = "ReconcileFailed";
     pub const UNTRUSTED_IDENTITY: &str = "UntrustedIdentity";
     pub const REVOKED: &str = "Revoked";

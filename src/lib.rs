@@ -8,6 +8,7 @@ pub mod controller;
 pub mod crd;
 pub mod identity;
 pub mod keys;
+pub mod messaging;
 pub mod sidecar;
 pub mod telemetry;
 pub mod workload;

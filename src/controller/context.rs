@@ -44,6 +44,8 @@ pub struct Context {
     pub config: Config,
     pub authority: Arc<Authority>,
     pub stores: ChildStores,
+    /// Redis messaging (None: the controller runs without `--redis-url`).
+    pub messaging: Option<Arc<super::messaging::Messaging>>,
     applied: std::sync::Mutex<HashMap<String, Applied>>,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: std::sync::Mutex<HashMap<String, u32>>,
@@ -71,9 +73,15 @@ impl Context {
             config,
             authority,
             stores,
+            messaging: None,
             applied: Default::default(),
             failures: Default::default(),
         }
+    }
+
+    pub fn with_messaging(mut self, messaging: Option<Arc<super::messaging::Messaging>>) -> Self {
+        self.messaging = messaging;
+        self
     }
 
     /// Records one more failure of `key` and returns the delay before the next try:

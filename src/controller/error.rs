@@ -44,6 +44,8 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("object has no namespace")]
     MissingNamespace,
+    #[error("messaging: removing the Agent's Redis user and streams: {0}")]
+    Messaging(String),
 }
 
 impl Error {
@@ -61,6 +63,7 @@ impl Error {
                 _ => "finalizer",
             },
             Error::MissingNamespace => "missing_namespace",
+            Error::Messaging(_) => "messaging",
         }
     }
 
@@ -78,6 +81,7 @@ impl Error {
                 _ => false,
             },
             Error::MissingNamespace => true,
+            Error::Messaging(_) => false,
         }
     }
 

@@ -6,6 +6,7 @@ pub mod backups;
 pub mod conditions;
 pub mod context;
 pub mod error;
+pub mod messaging;
 pub mod runtime;
 
 use std::net::SocketAddr;
@@ -43,6 +44,8 @@ pub struct Config {
     pub sidecar: Option<crate::workload::SidecarSpec>,
     /// The backup manager and the backup routes (None: no backups; always None without the API).
     pub backup: Option<backups::BackupConfig>,
+    /// Messaging: inboxes, ACL users and the relay (None: no `--redis-url`).
+    pub messaging: Option<messaging::MessagingConfig>,
 }
 
 /// Where and as what the agent API is served.

@@ -225,15 +225,33 @@ async fn reconcile_agents(
         services,
         service_accounts,
     };
-    let ctx = Arc::new(Context::new(client, metrics, config, authority, stores));
+    // Agents as the reconcile (and the API and the relay) need them.
+    let (agents, writer) = reflector::store();
+    let messaging = match config.messaging.clone() {
+        Some(m) => {
+            let started = crate::controller::messaging::Messaging::start(
+                m,
+                agents.clone(),
+                &authority.config.trust_domain,
+                &config.replica,
+            )
+            .await
+            .context("connecting to Redis (--redis-url)")?;
+            started.spawn_relay(stop.clone());
+            tracing::info!(urls = ?started.config.target.urls, cluster = started.config.target.cluster, "messaging: relay started");
+            Some(started)
+        }
+        None => None,
+    };
+    let ctx = Arc::new(
+        Context::new(client, metrics, config, authority, stores).with_messaging(messaging),
+    );
     let children = [
         deployment_events,
         statefulset_events,
         service_events,
         service_account_events,
     ];
-    // Agents as the reconcile (and the API) need them.
-    let (agents, writer) = reflector::store();
     let backups = match ctx.config.backup.clone() {
         Some(config) => Some(start_backups(&ctx, config, agents.clone(), stop.clone())?),
         None => None,

@@ -579,6 +579,29 @@ pub struct MessagingSpec {
     #[serde(default = "default_max_len")]
     #[schemars(range(min = 1, max = 10_000_000))]
     pub max_len: i64,
+    /// Whom this agent may send to. Unset: the Agents of its own namespace; `[]`: nobody.
+    /// A message is delivered only when the sender's `allowTo` and the receiver's `allowFrom`
+    /// both allow it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub allow_to: Option<Vec<PeerSelector>>,
+    /// Who may send to this agent. Unset: the Agents of its own namespace; `[]`: nobody.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub allow_from: Option<Vec<PeerSelector>>,
+}
+
+/// A set of peer Agents, for `allowTo` / `allowFrom`: those in one of `namespaces` (empty: this
+/// Agent's own namespace; `*`: any) that have one of `capabilities` (empty: any).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerSelector {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 63)))]
+    pub namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 63)))]
+    pub capabilities: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -727,8 +750,19 @@ pub struct AssignedResources {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct MessagingStatus {
+    /// The stream the agent reads (consumer group `agent`).
     pub inbox: String,
+    /// The stream the agent writes to send; the relay delivers from it.
+    #[serde(default)]
+    pub outbox: String,
+    /// Where messages go after 5 failed deliveries.
+    #[serde(default)]
+    pub dead_letters: String,
+    /// The agent's Redis ACL user (its password is `redis-password` in the identity Secret).
     pub user: String,
+    /// The Redis the agent connects to.
+    #[serde(default)]
+    pub endpoint: String,
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]

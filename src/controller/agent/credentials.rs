@@ -91,6 +91,7 @@ struct Stored {
     /// Empty when the Secret has no usable key.
     key_pem: String,
     token: Option<String>,
+    redis_password: Option<String>,
 }
 
 fn read_stored(secret: &Secret) -> Option<Stored> {
@@ -103,6 +104,7 @@ fn read_stored(secret: &Secret) -> Option<Stored> {
         cert_pem: get("tls.crt")?,
         key_pem: get("tls.key").unwrap_or_default(),
         token: get("token"),
+        redis_password: get("redis-password"),
     })
 }
 
@@ -367,6 +369,8 @@ pub async fn step(
     let token_ttl = authority.scaled(spec.token_ttl).max(Duration::from_secs(1));
     let stored_token = stored.as_ref().and_then(|s| s.token.clone());
     let (token, claims) = token(&t, &leaf, stored_token, token_ttl, ctx).await?;
+    let stored_password = stored.as_ref().and_then(|s| s.redis_password.as_deref());
+    let messaging = super::inbox::password(agent, stored_password, leaf.changed, ctx).await;
     let desired = identity_secret(
         agent,
         &secret_name,
@@ -374,6 +378,7 @@ pub async fn step(
         &leaf.key_pem,
         &authority.bundle(),
         &token,
+        messaging.as_ref().map(|(p, e)| (p.as_str(), e.as_str())),
     );
     write_secret(&t, existing.as_ref(), &desired, revoke.is_some(), ctx).await?;
     if let Some(nearest) = with_ledger(authority, |l| l.nearest_active_expiry()).await? {
@@ -714,14 +719,19 @@ pub fn identity_secret(
     key: &str,
     bundle: &str,
     token: &str,
+    messaging: Option<(&str, &str)>,
 ) -> Secret {
-    let data: BTreeMap<String, ByteString> = [
+    let mut files = vec![
         ("tls.crt", cert),
         ("tls.key", key),
         ("ca.crt", bundle),
         ("token", token),
-    ]
-    .into_iter()
+    ];
+    if let Some((password, endpoint)) = messaging {
+        files.extend([("redis-password", password), ("redis.json", endpoint)]);
+    }
+    let data: BTreeMap<String, ByteString> = files
+        .into_iter()
     .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
     .collect();
     Secret {

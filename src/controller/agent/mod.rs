@@ -28,8 +28,6 @@ use crate::keys::{FINALIZER, reasons};
 use crate::telemetry::ResultLabels;
 use crate::workload::MemoryPlan;
 
-/// What `spec.messaging` and `spec.backup` report until this version carries them out.
-const NOT_YET: &str = "accepted in the spec, but this version of Agentry does not provide it yet";
 
 /// The longest we wait between two passes over a healthy Agent (a safety net; renewals requeue
 /// at their own exact times).
@@ -96,7 +94,9 @@ async fn apply(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
     let workload = pass.run(rollout).await?;
     pass.facts.assigned_resources = Some(crate::workload::assigned_resources(&spec, &plan));
     pass.facts.endpoint = Some(crate::workload::endpoint(&agent));
-    let mut last = vec![workload, inbox::step(&agent)];
+    let messaging = inbox::step(&agent, ctx).await;
+    pass.facts.messaging = messaging.status;
+    let mut last = vec![workload, messaging.report];
     if ctx.config.backup.is_none() {
         last.push(backups::step(&agent));
     }
@@ -105,10 +105,15 @@ async fn apply(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
 
 /// Releases what lives outside Kubernetes; children go with their owner references.
 async fn cleanup(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
+    let released = inbox::cleanup(&agent, ctx)
+        .await
+        .map_err(|e| Error::Messaging(e.to_string()))?;
     let revoked = credentials::cleanup(&agent, ctx).await?;
     ctx.forget_applied(&agent.namespace().unwrap_or_default(), &agent.name_any());
-    let note =
-        format!("revoked {revoked} certificate(s) and published the CRL; removing the finalizer");
+    let note = format!(
+        "revoked {revoked} certificate(s) and published the CRL{}; removing the finalizer",
+        if released { ", removed its Redis user and streams" } else { "" }
+    );
     events::publish(
         ctx,
         &agent,

@@ -25,6 +25,8 @@ pub struct Facts {
     pub endpoint: Option<String>,
     /// Where the API serves the agent's card (None: no API).
     pub agent_card_url: Option<String>,
+    /// Some: set `status.messaging` to this (Some(None) clears it).
+    pub messaging: Option<Option<crate::crd::MessagingStatus>>,
 }
 
 /// The status after a pass (pure): `previous` as stored, this pass's `reports` in pipeline order.
@@ -59,6 +61,9 @@ pub fn compute(
     }
     if facts.agent_card_url.is_some() {
         s.agent_card_url = facts.agent_card_url;
+    }
+    if let Some(messaging) = facts.messaging {
+        s.messaging = messaging;
     }
     if !reports.is_empty() {
         health(&mut s, reports, generation);
