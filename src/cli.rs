@@ -51,6 +51,11 @@ pub enum Command {
     /// (against the catalog and the stores, where the controller's data directory is).
     #[command(subcommand)]
     Backup(crate::cli_backup::BackupCommand),
+    /// Send a message from this agent's outbox (spec.messaging): prints its id.
+    Send(crate::cli_messaging::SendArgs),
+    /// Receive this agent's messages as JSON lines (acknowledged once printed, or once
+    /// --exec succeeds); --dead lists the dead-letter stream.
+    Recv(crate::cli_messaging::RecvArgs),
 }
 
 /// Where an agent's credentials are.
@@ -133,6 +138,10 @@ pub struct SidecarArgs {
     /// AgentRestores ready to apply). 0s: never.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub backup_poll: Duration,
+    /// The largest message body sent through /v1/messages (the controller's
+    /// --message-body-limit).
+    #[arg(long, default_value = "64Ki", value_parser = parse_body_limit)]
+    pub message_body_limit: usize,
     /// Where a restore's archive is staged (an unnamed file) and verified before it is written.
     #[arg(long, default_value = "/tmp", env = "AGENTRY_SCRATCH_DIR")]
     pub scratch_dir: std::path::PathBuf,
@@ -214,7 +223,13 @@ pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
         };
         let state = std::sync::Arc::new(tokio::sync::RwLock::new(Default::default()));
         let stop = tokio_util::sync::CancellationToken::new();
-        let app = agentry::sidecar::local_router(state.clone(), creds.api.clone(), creds.id.clone());
+        let mut app = agentry::sidecar::local_router(state.clone(), creds.api.clone(), creds.id.clone());
+        // Messaging on localhost, when the identity directory is mounted (redis.json appears
+        // there once spec.messaging is enabled; until then the routes answer 503).
+        if let Some(dir) = &creds.identity_dir {
+            let consumer = std::env::var("POD_NAME").unwrap_or_else(|_| creds.id.replace('/', "."));
+            app = app.merge(agentry::sidecar::messages::router(dir.clone(), consumer, args.message_body_limit));
+        }
         let sidecar = agentry::sidecar::Sidecar {
             api: creds.api,
             files,
@@ -226,7 +241,7 @@ pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
             scratch_dir: args.scratch_dir,
             path_root: args.path_root,
         };
-        tracing::info!(addr = %args.listen, "sidecar serving /token, /status, /card and /agents on localhost");
+        tracing::info!(addr = %args.listen, "sidecar serving /token, /status, /card, /agents and /v1/messages on localhost");
         let worker = tokio::spawn(sidecar.run(state, stop.clone()));
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(agentry::controller::runtime::shutdown_signal())

@@ -4,6 +4,7 @@
 
 mod cli;
 mod cli_backup;
+mod cli_messaging;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,8 @@ fn main() -> ExitCode {
         }
         Command::Register(args) => cli::run_register(args),
         Command::Backup(command) => cli_backup::run(command),
+        Command::Send(args) => cli_messaging::run_send(args),
+        Command::Recv(args) => cli_messaging::run_recv(args),
         Command::Sidecar(args) => cli::run_sidecar(args),
         Command::Openapi => {
             print!("{}", agentry::api::openapi::document());

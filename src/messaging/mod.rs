@@ -110,6 +110,10 @@ pub enum Refusal {
     NoSuchAgent(String),
     #[error("policy: {0}")]
     Forbidden(String),
+    #[error(
+        "to: {0} cannot be reached: there is no such Agent with spec.messaging.enabled, or its spec.messaging.allowFrom or your allowTo does not allow it"
+    )]
+    Unreachable(String),
     #[error("missing field {0}")]
     Missing(&'static str),
 }

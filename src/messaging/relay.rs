@@ -437,11 +437,21 @@ impl Relay {
         if std::str::from_utf8(&body).is_err() {
             return Err(refuse(Refusal::NotText));
         }
-        let receiver = self
-            .directory
-            .peer(ns, name)
-            .ok_or_else(|| refuse(Refusal::NoSuchAgent(to.clone())))?;
-        policy::check(sender, &receiver).map_err(|why| refuse(Refusal::Forbidden(why)))?;
+        // Across namespaces, one answer for "no such Agent" and "not allowed": a sender learns
+        // nothing about namespaces it may not talk to.
+        let foreign = ns != sender.namespace;
+        let receiver = self.directory.peer(ns, name).ok_or_else(|| {
+            refuse(match foreign {
+                true => Refusal::Unreachable(to.clone()),
+                false => Refusal::NoSuchAgent(to.clone()),
+            })
+        })?;
+        policy::check(sender, &receiver).map_err(|why| {
+            refuse(match foreign {
+                true => Refusal::Unreachable(to.clone()),
+                false => Refusal::Forbidden(why),
+            })
+        })?;
         Ok(Delivery {
             inbox: Keys::of(ns, name, self.settings.shards).inbox,
             max_len: receiver.messaging.max_len,

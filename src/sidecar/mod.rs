@@ -10,6 +10,7 @@ use serde_json::Value;
 use tokio::sync::RwLock;
 
 pub mod backup;
+pub mod messages;
 
 /// The client's User-Agent (recorded as the registration's clientVersion).
 pub const USER_AGENT: &str = concat!("agentry-sidecar/", env!("CARGO_PKG_VERSION"));
