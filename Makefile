@@ -49,11 +49,11 @@ PYTHON_VENV := $(AGENTRY_CACHE)/venv
 export AGENTRY_PYTHON ?= $(PYTHON_VENV)/bin/python3
 
 .PHONY: pyenv
-pyenv: ## Python venv for the tests' independent checks (PyJWT, a2a-sdk, boto3, blake3) and the example client (httpx)
+pyenv: ## Python venv for the tests' independent checks (PyJWT, a2a-sdk, boto3, blake3) and the example clients (httpx, redis)
 	@test -x $(PYTHON_VENV)/bin/python3 || python3 -m venv $(PYTHON_VENV)
-	@$(PYTHON_VENV)/bin/python3 -c 'import jwt, cryptography, a2a, httpx, boto3, blake3' 2>/dev/null || \
+	@$(PYTHON_VENV)/bin/python3 -c 'import jwt, cryptography, a2a, httpx, boto3, blake3, redis' 2>/dev/null || \
 	  $(PYTHON_VENV)/bin/python3 -m pip install -q 'pyjwt[crypto]==2.15.1' 'a2a-sdk[signing]==1.3.0' \
-	    'boto3==1.44.8' 'blake3==1.0.11' -r examples/python/requirements.txt
+	    'boto3==1.44.8' 'blake3==1.0.11' 'redis==8.1.0' -r examples/python/requirements.txt
 
 .PHONY: e2e
 .PHONY: redis-up
@@ -94,9 +94,10 @@ bench-tools: ## b3sum for the backup bench (cached; without it the bench compare
 	  echo "b3sum could not be installed: the backup bench compares with the blake3 crate instead"
 
 .PHONY: bench
-bench: cluster-up s3-up bench-tools ## Benchmarks (ratios against a baseline in the same run) -> target/bench/*.json
+bench: cluster-up s3-up redis-up bench-tools ## Benchmarks (ratios against a baseline in the same run) -> target/bench/*.json
 	mkdir -p target/bench
 	AGENTRY_BENCH_OUT=$(CURDIR)/target/bench cargo bench --bench identity
 	AGENTRY_BENCH_OUT=$(CURDIR)/target/bench cargo bench --bench api
 	AGENTRY_BENCH_OUT=$(CURDIR)/target/bench KUBECONFIG=$(KUBECONFIG_LOCAL) cargo bench --bench controller
 	AGENTRY_BENCH_OUT=$(CURDIR)/target/bench cargo bench --bench backup
+	eval "$$(hack/redis env)" && AGENTRY_BENCH_OUT=$(CURDIR)/target/bench cargo bench --bench messaging

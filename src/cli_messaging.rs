@@ -115,7 +115,10 @@ pub fn run_send(args: SendArgs) -> ExitCode {
             match read {
                 Ok(b) => b,
                 Err(e) => {
-                    eprintln!("error: --body-file {}: {e} (the body must be UTF-8 text)", path.display());
+                    eprintln!(
+                        "error: --body-file {}: {e} (the body must be UTF-8 text)",
+                        path.display()
+                    );
                     return ExitCode::from(2);
                 }
             }

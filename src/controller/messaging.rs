@@ -1,7 +1,7 @@
 //! Messaging in the controller: the admin connection pool, the directory the relay reads
 //! (the Agent cache, and which outboxes are provisioned), and the relay itself.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -80,9 +80,7 @@ pub fn peer_of(agent: &Agent, trust_domain: &str) -> Option<Peer> {
 
 impl Directory for StoreDirectory {
     fn peer(&self, namespace: &str, name: &str) -> Option<Peer> {
-        let guard = self
-            .agents
-            .get(&ObjectRef::new(name).within(namespace))?;
+        let guard = self.agents.get(&ObjectRef::new(name).within(namespace))?;
         let agent = guard.0.as_ref().ok()?;
         peer_of(agent, &self.trust_domain)
     }
@@ -107,7 +105,13 @@ pub struct Messaging {
     pub directory: Arc<StoreDirectory>,
     pub relay: Arc<Relay>,
     pub trust_domain: String,
+    /// The password hashes last set or verified per Agent: Redis keeps ACL users in memory, so
+    /// after a restart they are put back from here (see [`Messaging::keep`]).
+    hashes: std::sync::Mutex<HashMap<String, Vec<String>>>,
 }
+
+/// How often the ACL users of listed Agents are put back even without a sign of a restart.
+const RESYNC: Duration = Duration::from_secs(60);
 
 impl Messaging {
     /// Opens the pool (lazily on a standalone server; a cluster is asked for its topology now).
@@ -142,11 +146,71 @@ impl Messaging {
             directory,
             relay,
             trust_domain: trust_domain.to_string(),
+            hashes: Default::default(),
         }))
     }
 
-    pub fn spawn_relay(&self, stop: CancellationToken) {
-        tokio::spawn(self.relay.clone().run(stop));
+    /// Starts the relay, and the keeper that puts ACL users back after Redis lost them.
+    pub fn spawn_relay(self: &Arc<Self>, stop: CancellationToken) {
+        tokio::spawn(self.relay.clone().run(stop.clone()));
+        tokio::spawn(self.clone().keep(stop));
+    }
+
+    /// Remembers the password hashes an Agent's user has now.
+    pub fn remember(&self, ns: &str, name: &str, hashes: Vec<String>) {
+        let mut h = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
+        h.insert(format!("{ns}/{name}"), hashes);
+    }
+
+    fn forget(&self, ns: &str, name: &str) {
+        let mut h = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
+        h.remove(&format!("{ns}/{name}"));
+    }
+
+    /// After the relay reconnects (Redis may have restarted without an ACL file), and every
+    /// minute: re-applies every listed Agent's user with the passwords it had, so running agents
+    /// are not locked out (and their passwords are not needlessly rotated).
+    async fn keep(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.relay.reconnected.notified() => {},
+                _ = tokio::time::sleep(RESYNC) => {},
+            }
+            // Right after a restart some pooled connections still fail once: retry for a while.
+            for attempt in 1..=30 {
+                match self.restore().await {
+                    Ok(restored) => {
+                        tracing::debug!(restored, "messaging: ACL users re-applied");
+                        break;
+                    }
+                    Err(e) if attempt == 30 => {
+                        tracing::warn!(error = %e, "messaging: restoring ACL users failed; trying again later");
+                    }
+                    Err(_) => {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {},
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn restore(&self) -> redis::RedisResult<usize> {
+        let users: Vec<(String, Vec<String>)> = {
+            let h = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
+            h.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        for (agent, hashes) in &users {
+            let Some((ns, name)) = agent.split_once('/') else {
+                continue;
+            };
+            let keys = self.keys(ns, name);
+            crate::messaging::acl::provision(&mut self.pool.get(), &keys, Some(hashes)).await?;
+        }
+        Ok(users.len())
     }
 
     pub fn keys(&self, ns: &str, name: &str) -> Keys {
@@ -179,8 +243,12 @@ impl Messaging {
 
     /// Before an Agent's outbox is removed.
     pub async fn unlisted(&self, ns: &str, name: &str) {
+        self.forget(ns, name);
         if self.directory.remove(ns, name) {
-            let _ = self.relay.wake(shard_of(ns, name, self.config.shards)).await;
+            let _ = self
+                .relay
+                .wake(shard_of(ns, name, self.config.shards))
+                .await;
         }
     }
 }

@@ -61,18 +61,13 @@ pub fn rules(keys: &Keys, passwords: Option<&[String]>) -> Vec<String> {
         rules.push("resetpass".into());
         rules.extend(hashes.iter().map(|h| format!("#{h}")));
     }
-    rules.extend(
-        [
-            "resetkeys",
-            "resetchannels",
-            "clearselectors",
-            "nocommands",
-        ]
-        .map(String::from),
-    );
+    rules.extend(["resetkeys", "resetchannels", "clearselectors", "nocommands"].map(String::from));
     rules.extend(ROOT_COMMANDS.iter().map(|c| c.to_string()));
     rules.push(format!("({INBOX_COMMANDS} ~{})", keys.inbox));
-    rules.push(format!("({WRITE_COMMANDS} ~{} ~{})", keys.outbox, keys.dead));
+    rules.push(format!(
+        "({WRITE_COMMANDS} ~{} ~{})",
+        keys.outbox, keys.dead
+    ));
     rules
 }
 
@@ -171,7 +166,15 @@ mod tests {
         assert!(!inbox.contains('*'), "no key glob");
         let write = r.iter().find(|s| s.contains(&keys.outbox)).unwrap();
         assert!(write.contains("+xadd") && write.contains(&keys.dead));
-        for forbidden in ["+xtrim", "+del", "+xdel", "+xgroup", "+@", "allkeys", "allchannels"] {
+        for forbidden in [
+            "+xtrim",
+            "+del",
+            "+xdel",
+            "+xgroup",
+            "+@",
+            "allkeys",
+            "allchannels",
+        ] {
             assert!(r.iter().all(|s| !s.contains(forbidden)), "{forbidden}");
         }
         // Without passwords, the rules leave them alone.

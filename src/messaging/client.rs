@@ -141,7 +141,11 @@ impl Mailbox {
 
     /// Up to `count` messages: first those another consumer left unacknowledged for
     /// `claim_idle` (when a check is due), then new ones, waiting up to `block` for them.
-    pub async fn recv(&mut self, count: usize, block: Duration) -> Result<Vec<Message>, MailboxError> {
+    pub async fn recv(
+        &mut self,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Message>, MailboxError> {
         if Instant::now() >= self.next_claim {
             self.next_claim = Instant::now() + self.options.claim_idle / 2;
             let claimed = self.reclaim(count).await?;
@@ -203,7 +207,8 @@ impl Mailbox {
         let mut deliveries = std::collections::HashMap::new();
         for p in &stuck.ids {
             if p.times_delivered >= MAX_DELIVERIES {
-                self.dead_letter(&p.id, p.times_delivered, &p.consumer).await?;
+                self.dead_letter(&p.id, p.times_delivered, &p.consumer)
+                    .await?;
             } else {
                 deliveries.insert(p.id.clone(), p.times_delivered + 1);
             }
@@ -261,7 +266,10 @@ impl Mailbox {
     }
 
     /// The dead-letter stream, oldest first.
-    pub async fn dead_letters(&mut self, count: usize) -> Result<Vec<(Message, String)>, MailboxError> {
+    pub async fn dead_letters(
+        &mut self,
+        count: usize,
+    ) -> Result<Vec<(Message, String)>, MailboxError> {
         let range: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
             .arg(&self.endpoint.dead)
             .arg("-")

@@ -103,25 +103,63 @@ impl Target {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(response_timeout))
-            .set_number_of_retries(6)
-            .set_max_delay(Duration::from_secs(2));
-        Ok(Conn::Single(ConnectionManager::new_lazy_with_config(
-            client, config,
-        )?))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        Ok(Conn::Single(Single {
+            recipe: Arc::new((client, config)),
+            current: Arc::new(std::sync::Mutex::new(manager)),
+        }))
+    }
+}
+
+/// A standalone connection that is rebuilt after a dropped connection. redis-rs's
+/// `ConnectionManager` reconnects by itself, but after its retries are spent while the server
+/// is down (a restart) it can keep answering with the old error; a fresh one does not.
+#[derive(Clone)]
+pub struct Single {
+    /// What a fresh manager is made from.
+    recipe: Arc<(redis::Client, ConnectionManagerConfig)>,
+    current: Arc<std::sync::Mutex<ConnectionManager>>,
+}
+
+impl Single {
+    fn manager(&self) -> ConnectionManager {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn check<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let Err(e) = &result
+            && (e.is_connection_dropped() || e.is_io_error() || e.is_unrecoverable_error())
+            && let Ok(fresh) = ConnectionManager::new_lazy_with_config(
+                self.recipe.0.clone(),
+                self.recipe.1.clone(),
+            )
+        {
+            *self.current.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        }
+        result
     }
 }
 
 /// One connection to standalone Redis or to a cluster.
 #[derive(Clone)]
 pub enum Conn {
-    Single(ConnectionManager),
+    Single(Single),
     Cluster(ClusterConnection),
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Single(s) => Box::pin(async move {
+                let mut m = s.manager();
+                let result = m.req_packed_command(cmd).await;
+                s.check(result)
+            }),
             Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -133,14 +171,18 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Single(s) => Box::pin(async move {
+                let mut m = s.manager();
+                let result = m.req_packed_commands(pipeline, offset, count).await;
+                s.check(result)
+            }),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(c) => c.get_db(),
+            Conn::Single(s) => s.manager().get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
     }
@@ -205,8 +247,16 @@ mod tests {
 
     #[test]
     fn urls_are_checked_with_the_flag_named() {
-        assert!(target(&["redis://127.0.0.1:6379"], false).validate().is_ok());
-        assert!(target(&["rediss://redis.example:6380"], false).validate().is_ok());
+        assert!(
+            target(&["redis://127.0.0.1:6379"], false)
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            target(&["rediss://redis.example:6380"], false)
+                .validate()
+                .is_ok()
+        );
         assert!(
             target(&["redis://a:1", "redis://b:2"], true)
                 .validate()
@@ -214,9 +264,15 @@ mod tests {
         );
         for (t, want) in [
             (target(&[], false), "at least one"),
-            (target(&["redis://a:1", "redis://b:2"], false), "--redis-cluster"),
+            (
+                target(&["redis://a:1", "redis://b:2"], false),
+                "--redis-cluster",
+            ),
             (target(&["http://a:1"], false), "not a Redis URL"),
-            (target(&["redis://:pw@a:1"], false), "no password in the URL"),
+            (
+                target(&["redis://:pw@a:1"], false),
+                "no password in the URL",
+            ),
         ] {
             let e = t.validate().unwrap_err();
             assert!(e.starts_with("--redis-url: ") && e.contains(want), "{e}");

@@ -90,9 +90,7 @@ pub struct Message {
 /// Why a message cannot be sent or was not delivered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error(
-        "to: {0:?} is not an Agent reference; use namespace/name, e.g. team-a/summarizer"
-    )]
+    #[error("to: {0:?} is not an Agent reference; use namespace/name, e.g. team-a/summarizer")]
     BadTarget(String),
     #[error(
         "type: must be 1 to {MAX_TYPE_LEN} printable characters, e.g. task.request (got {0} bytes)"
@@ -195,17 +193,24 @@ mod tests {
         assert_eq!(k.user, "agent:team-a:summarizer");
         let shard = shard_of("team-a", "summarizer", 8);
         assert!(shard < 8);
-        assert_eq!(k.outbox, format!("agentry:{{out:{shard}}}:team-a/summarizer"));
+        assert_eq!(
+            k.outbox,
+            format!("agentry:{{out:{shard}}}:team-a/summarizer")
+        );
         // Same inputs, same shard; shards spread.
-        let spread: std::collections::HashSet<u16> =
-            (0..200).map(|i| shard_of("ns", &format!("a{i}"), 8)).collect();
+        let spread: std::collections::HashSet<u16> = (0..200)
+            .map(|i| shard_of("ns", &format!("a{i}"), 8))
+            .collect();
         assert_eq!(spread.len(), 8);
         assert_eq!(shard_of("x", "y", 0), 0);
     }
 
     #[test]
     fn checks_name_the_field_and_the_fix() {
-        assert_eq!(parse_target("team-a/summarizer"), Ok(("team-a", "summarizer")));
+        assert_eq!(
+            parse_target("team-a/summarizer"),
+            Ok(("team-a", "summarizer"))
+        );
         for bad in ["", "a", "a/", "/b", "A/b", "a/b/c", "a b/c", "a/{b}"] {
             let e = parse_target(bad).unwrap_err();
             assert!(e.to_string().starts_with("to: "), "{bad}: {e}");

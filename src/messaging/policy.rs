@@ -33,7 +33,9 @@ fn admits(own_namespace: &str, selectors: Option<&[PeerSelector]>, other: &Peer)
                 .any(|n| n == "*" || *n == other.namespace)
         };
         let capability = s.capabilities.is_empty()
-            || s.capabilities.iter().any(|c| other.capabilities.contains(c));
+            || s.capabilities
+                .iter()
+                .any(|c| other.capabilities.contains(c));
         namespace && capability
     })
 }
@@ -105,7 +107,10 @@ mod tests {
         let mut a_open = a.clone();
         a_open.messaging.allow_to = Some(vec![sel(&["team-b"], &[])]);
         let e = check(&a_open, &b).unwrap_err();
-        assert!(e.contains("team-b/b does not accept") && e.contains("allowFrom"), "{e}");
+        assert!(
+            e.contains("team-b/b does not accept") && e.contains("allowFrom"),
+            "{e}"
+        );
         b.messaging.allow_from = Some(vec![sel(&["*"], &["plan"])]);
         assert!(check(&a_open, &b).is_ok());
         // The capability selector narrows: a2 has no "plan".

@@ -85,6 +85,9 @@ pub struct Relay {
     directory: Arc<dyn Directory>,
     settings: Settings,
     pub counters: Counters,
+    /// Signalled when a shard reconnected after losing Redis (it may have restarted and lost
+    /// its ACL users, which live in memory unless Redis has an ACL file).
+    pub reconnected: tokio::sync::Notify,
 }
 
 /// How long one blocking read waits before the shard re-reads its list of outboxes.
@@ -112,6 +115,7 @@ impl Relay {
             directory,
             settings,
             counters: Counters::default(),
+            reconnected: tokio::sync::Notify::new(),
         }
     }
 
@@ -149,13 +153,21 @@ impl Relay {
         // First, what this consumer read but did not finish before it stopped.
         let mut pending_due = Some(Instant::now());
         let mut claim_due = Instant::now();
+        let mut lost = false;
         let wake = wake_key(shard);
         while !stop.is_cancelled() {
             let mut c = match conn.take() {
                 Some(c) => c,
                 None => match self.open(&wake).await {
-                    Ok(c) => c,
+                    Ok(c) => {
+                        if std::mem::take(&mut lost) {
+                            self.reconnected.notify_one();
+                            pending_due = Some(Instant::now());
+                        }
+                        c
+                    }
                     Err(e) => {
+                        lost = true;
                         tracing::warn!(shard, error = %e, "relay: connecting to Redis failed; retrying");
                         self.pause(&mut backoff, &stop).await;
                         continue;
@@ -182,12 +194,15 @@ impl Relay {
             let reply = match read {
                 Ok(reply) => reply,
                 Err(e) if is_no_group(&e) => {
-                    // An outbox lost its group (Redis lost data, or a new key): recreate.
+                    // A stream lost its group (Redis lost data, or a new key): recreate the
+                    // outboxes' here and the wake stream's on reconnecting.
+                    tracing::info!(shard, error = %e, "relay: recreating consumer groups");
                     self.ensure_groups(&outboxes).await;
-                    conn = Some(c);
+                    self.pause(&mut backoff, &stop).await;
                     continue;
                 }
                 Err(e) => {
+                    lost = true;
                     tracing::warn!(shard, error = %e, "relay: reading the outboxes failed; reconnecting");
                     self.counters.failed.fetch_add(1, Ordering::Relaxed);
                     self.pause(&mut backoff, &stop).await;
@@ -195,22 +210,29 @@ impl Relay {
                 }
             };
             conn = Some(c);
-            let mut all_ok = true;
-            let mut read_any = false;
             let owners: HashMap<&str, &str> = outboxes
                 .iter()
                 .map(|(owner, key)| (key.as_str(), owner.as_str()))
                 .collect();
-            for stream in reply.map(|r| r.keys).unwrap_or_default() {
-                read_any |= !stream.ids.is_empty();
-                if stream.key == wake {
-                    let ids: Vec<&str> = stream.ids.iter().map(|e| e.id.as_str()).collect();
-                    all_ok &= self.finish(&wake, &ids).await;
-                    continue;
+            let streams = reply.map(|r| r.keys).unwrap_or_default();
+            let read_any = streams.iter().any(|s| !s.ids.is_empty());
+            // The outboxes of one read are relayed at once, not one after the other.
+            let this: &Relay = &self;
+            let jobs = streams.iter().map(|stream| {
+                let (wake, owners, this) = (&wake, &owners, this);
+                async move {
+                    if stream.key == *wake {
+                        let ids: Vec<&str> = stream.ids.iter().map(|e| e.id.as_str()).collect();
+                        return this.finish(wake, &ids).await;
+                    }
+                    let owner = owners.get(stream.key.as_str()).copied();
+                    this.relay(&stream.key, owner, &stream.ids).await
                 }
-                let owner = owners.get(stream.key.as_str()).copied();
-                all_ok &= self.relay(&stream.key, owner, &stream.ids).await;
-            }
+            });
+            let all_ok = futures::future::join_all(jobs)
+                .await
+                .into_iter()
+                .all(|ok| ok);
             if all_ok {
                 backoff = Duration::from_millis(100);
                 if pending && !read_any {
@@ -335,7 +357,11 @@ impl Relay {
             .and_then(|(ns, name)| self.directory.peer(ns, name));
         let Some(sender) = sender else {
             // The owner is gone (or turned messaging off) since it wrote: nobody to send as.
-            tracing::info!(outbox, entries = entries.len(), "relay: dropping entries of an outbox whose Agent is gone");
+            tracing::info!(
+                outbox,
+                entries = entries.len(),
+                "relay: dropping entries of an outbox whose Agent is gone"
+            );
             let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
             return self.finish(outbox, &ids).await;
         };

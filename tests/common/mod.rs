@@ -2,6 +2,7 @@
 //! KUBECONFIG), one namespace per test, and controller processes run from the built binary.
 #![allow(dead_code)]
 
+pub mod redis;
 pub mod s3;
 
 use std::path::{Path, PathBuf};

@@ -732,8 +732,8 @@ pub fn identity_secret(
     }
     let data: BTreeMap<String, ByteString> = files
         .into_iter()
-    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
-    .collect();
+        .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+        .collect();
     Secret {
         metadata: ObjectMeta {
             name: Some(name.to_string()),

@@ -30,7 +30,11 @@ fn enabled(agent: &Agent) -> bool {
 pub async fn step(agent: &Agent, ctx: &Context) -> Outcome {
     let (ns, name) = (agent.namespace().unwrap_or_default(), agent.name_any());
     let Some(m) = &ctx.messaging else {
-        let level = if enabled(agent) { Level::Unknown } else { Level::Absent };
+        let level = if enabled(agent) {
+            Level::Unknown
+        } else {
+            Level::Absent
+        };
         return Outcome {
             report: Report::optional(
                 MESSAGING_READY,
@@ -43,7 +47,12 @@ pub async fn step(agent: &Agent, ctx: &Context) -> Outcome {
     };
     let keys = m.keys(&ns, &name);
     if !enabled(agent) {
-        if agent.status.as_ref().and_then(|s| s.messaging.as_ref()).is_none() {
+        if agent
+            .status
+            .as_ref()
+            .and_then(|s| s.messaging.as_ref())
+            .is_none()
+        {
             return Outcome {
                 report: Report::optional(MESSAGING_READY, Level::Absent, reasons::INBOX_READY, ""),
                 status: None,
@@ -131,13 +140,17 @@ pub async fn password(
     if let Some(p) = valid
         && !rotate
     {
+        m.remember(&ns, &name, known);
         return Some((p.to_string(), endpoint));
     }
     let new = acl::new_password();
     let mut hashes = vec![acl::password_hash(&new)];
     hashes.extend(valid.map(acl::password_hash));
     match acl::provision(&mut conn, &keys, Some(&hashes)).await {
-        Ok(()) => Some((new, endpoint)),
+        Ok(()) => {
+            m.remember(&ns, &name, hashes);
+            Some((new, endpoint))
+        }
         Err(e) => {
             tracing::warn!(user = %keys.user, error = %e, "setting the agent's Redis password failed; keeping the old one");
             valid.map(|p| (p.to_string(), endpoint))

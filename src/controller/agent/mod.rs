@@ -28,7 +28,6 @@ use crate::keys::{FINALIZER, reasons};
 use crate::telemetry::ResultLabels;
 use crate::workload::MemoryPlan;
 
-
 /// The longest we wait between two passes over a healthy Agent (a safety net; renewals requeue
 /// at their own exact times).
 const RESYNC: Duration = Duration::from_secs(600);
@@ -112,7 +111,11 @@ async fn cleanup(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
     ctx.forget_applied(&agent.namespace().unwrap_or_default(), &agent.name_any());
     let note = format!(
         "revoked {revoked} certificate(s) and published the CRL{}; removing the finalizer",
-        if released { ", removed its Redis user and streams" } else { "" }
+        if released {
+            ", removed its Redis user and streams"
+        } else {
+            ""
+        }
     );
     events::publish(
         ctx,
