@@ -45,7 +45,8 @@ pub enum Command {
     /// Register an agent with the API once (`POST /v1/agents/register`) and print the answer.
     Register(RegisterArgs),
     /// Run beside an agent: register at start and whenever the mounted identity changes, keep
-    /// a fresh token, and serve the agent on localhost (/token, /status, /card, /agents).
+    /// a fresh token, and serve the agent on localhost (/token, /status, /card, /agents, and
+    /// /v1/messages when spec.messaging is enabled).
     Sidecar(SidecarArgs),
     /// Backups: ls, create, restore (through the cluster); verify, scrub, reindex, purge
     /// (against the catalog and the stores, where the controller's data directory is).
