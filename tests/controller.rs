@@ -66,10 +66,10 @@ async fn reconcile_adds_finalizer_conditions_and_observed_generation() {
     assert_eq!(agent.metadata.generation, Some(2));
 }
 
-/// Parts the spec accepts but this version does not carry out are reported, not faked; a
+/// Messaging on a controller run without --redis-url is reported as not configured, not faked; a
 /// backup whose BackupLocation does not exist is reported unhealthy, and Ready is not held back.
 #[tokio::test]
-async fn messaging_is_reported_not_implemented_and_a_missing_backup_location_unhealthy() {
+async fn messaging_without_redis_is_not_configured_and_a_missing_backup_location_unhealthy() {
     let (client, ns) = setup("ctl-notyet").await;
     let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
     let m = agent_manifest(
@@ -89,8 +89,9 @@ async fn messaging_is_reported_not_implemented_and_a_missing_backup_location_unh
     let c = condition(&agent, "MessagingReady").expect("MessagingReady");
     assert_eq!(
         (c.status.as_str(), c.reason.as_str()),
-        ("Unknown", "NotImplemented")
+        ("Unknown", "NotConfigured")
     );
+    assert!(c.message.contains("--redis-url"), "{}", c.message);
     let agent = wait_agent(
         &client,
         &ns.name,
