@@ -290,9 +290,7 @@ impl Mailbox {
 }
 
 fn text(e: &StreamId, field: &str) -> String {
-    e.map
-        .get(field)
-        .and_then(|v| redis::from_redis_value::<Vec<u8>>(v.clone()).ok())
+    super::field(e, field)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
 }

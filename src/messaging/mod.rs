@@ -157,6 +157,14 @@ pub fn check_body(body: &[u8], limit: usize) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// One field of a stream entry, as bytes (None: absent or not a string).
+pub fn field(entry: &redis::streams::StreamId, name: &str) -> Option<Vec<u8>> {
+    entry
+        .map
+        .get(name)
+        .and_then(|v| redis::from_redis_value::<Vec<u8>>(v.clone()).ok())
+}
+
 /// A new message id: 128 random bits, hex.
 pub fn new_id() -> String {
     let bytes: [u8; 16] = rand::random();

@@ -210,29 +210,9 @@ impl Relay {
                 }
             };
             conn = Some(c);
-            let owners: HashMap<&str, &str> = outboxes
-                .iter()
-                .map(|(owner, key)| (key.as_str(), owner.as_str()))
-                .collect();
             let streams = reply.map(|r| r.keys).unwrap_or_default();
             let read_any = streams.iter().any(|s| !s.ids.is_empty());
-            // The outboxes of one read are relayed at once, not one after the other.
-            let this: &Relay = &self;
-            let jobs = streams.iter().map(|stream| {
-                let (wake, owners, this) = (&wake, &owners, this);
-                async move {
-                    if stream.key == *wake {
-                        let ids: Vec<&str> = stream.ids.iter().map(|e| e.id.as_str()).collect();
-                        return this.finish(wake, &ids).await;
-                    }
-                    let owner = owners.get(stream.key.as_str()).copied();
-                    this.relay(&stream.key, owner, &stream.ids).await
-                }
-            });
-            let all_ok = futures::future::join_all(jobs)
-                .await
-                .into_iter()
-                .all(|ok| ok);
+            let all_ok = self.handle(&wake, &outboxes, &streams).await;
             if all_ok {
                 backoff = Duration::from_millis(100);
                 if pending && !read_any {
@@ -243,6 +223,35 @@ impl Relay {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+
+    /// Relays what one read returned: the outboxes at once, not one after the other; the wake
+    /// entries are only removed. False when some entry must be tried again.
+    async fn handle(
+        &self,
+        wake: &str,
+        outboxes: &[(String, String)],
+        streams: &[redis::streams::StreamKey],
+    ) -> bool {
+        let owners: HashMap<&str, &str> = outboxes
+            .iter()
+            .map(|(owner, key)| (key.as_str(), owner.as_str()))
+            .collect();
+        let jobs = streams.iter().map(|stream| {
+            let owners = &owners;
+            async move {
+                if stream.key == wake {
+                    let ids: Vec<&str> = stream.ids.iter().map(|e| e.id.as_str()).collect();
+                    return self.finish(wake, &ids).await;
+                }
+                let owner = owners.get(stream.key.as_str()).copied();
+                self.relay(&stream.key, owner, &stream.ids).await
+            }
+        });
+        futures::future::join_all(jobs)
+            .await
+            .into_iter()
+            .all(|ok| ok)
     }
 
     async fn pause(&self, backoff: &mut Duration, stop: &CancellationToken) {
@@ -440,12 +449,7 @@ impl Relay {
         entry: &StreamId,
         now: i64,
     ) -> Result<Delivery, (Refusal, String, String)> {
-        let field = |name: &str| -> Option<Vec<u8>> {
-            entry
-                .map
-                .get(name)
-                .and_then(|v| redis::from_redis_value::<Vec<u8>>(v.clone()).ok())
-        };
+        let field = |name: &str| super::field(entry, name);
         let text = |name: &str| field(name).map(|b| String::from_utf8_lossy(&b).into_owned());
         let id = text("id")
             .filter(|id| check_id(id).is_ok())
