@@ -206,6 +206,22 @@ async fn a_planted_certificate_with_another_agents_serial_revokes_nothing() {
         agentry::identity::ca::leaf_facts(&planted).unwrap().serial,
         serial_of(&after)
     );
+    // One request, one new certificate: a cached copy of the Agent that still shows the
+    // (already cleared) request must not revoke and re-issue a second time.
+    let attackers: i64 = rusqlite::Connection::open(controller.data_dir().join("ledger/ledger.db"))
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM certificates WHERE namespace = ?1",
+            [&tenant_a.name],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        attackers,
+        2,
+        "the attacker's first certificate and exactly one re-issue; controller log:\n{}",
+        controller.logs()
+    );
     // B is untouched.
     assert_eq!(
         secret_key(&client, &tenant_b.name, "victim-identity", "tls.crt")

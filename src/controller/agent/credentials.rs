@@ -344,7 +344,7 @@ pub async fn step(
     }
     let (stored, trusted) = read_trusted(existing.as_ref(), &t.uid, authority).await?;
     let mut events: Vec<Note> = untrusted_note(&t, &trusted).into_iter().collect();
-    let revoke = agent.annotations().get(REVOKE_ANNOTATION).cloned();
+    let revoke = pending_revocation(agent, &t, ctx).await?;
     if let Some(reason) = &revoke {
         events.push(revoke_on_request(&t, reason, &trusted, ctx).await?);
     }
@@ -451,6 +451,26 @@ async fn write_secret(
             .await?;
     }
     Ok(())
+}
+
+/// The revocation request to act on, confirmed against a fresh read of the Agent: the cache
+/// can still show a request this controller already handled and cleared (the watch event for
+/// the clearing patch may not have arrived yet), and acting on it twice would revoke the
+/// certificate just issued in its place.
+async fn pending_revocation(
+    agent: &Agent,
+    t: &Target<'_>,
+    ctx: &Context,
+) -> Result<Option<String>, IdentityError> {
+    if !agent.annotations().contains_key(REVOKE_ANNOTATION) {
+        return Ok(None);
+    }
+    let fresh = Api::<Agent>::namespaced(ctx.client.clone(), &t.ns)
+        .get_opt(&t.name)
+        .await?;
+    Ok(fresh
+        .filter(|a| a.uid().as_deref() == Some(t.uid.as_str()))
+        .and_then(|a| a.annotations().get(REVOKE_ANNOTATION).cloned()))
 }
 
 /// Revokes on request what is actually deployed (once verified) and the active row;
