@@ -57,6 +57,9 @@ pub enum Command {
     /// Receive this agent's messages as JSON lines (acknowledged once printed, or once
     /// --exec succeeds); --dead lists the dead-letter stream.
     Recv(crate::cli_messaging::RecvArgs),
+    /// Check an installation end to end (CRDs, leader, CA and CRL, API over mTLS, Redis, backup
+    /// stores, Litestream's replica) and print what to fix; exit 1 if any check fails.
+    Verify(crate::cli_verify::VerifyArgs),
 }
 
 /// Where an agent's credentials are.
@@ -484,6 +487,41 @@ pub struct ControllerArgs {
     message_body_limit: usize,
 }
 
+/// The Redis connection the `--redis-*` flags describe; None without a URL. The password is
+/// read from the file, or from AGENTRY_REDIS_PASSWORD.
+pub fn redis_target(
+    urls: &[String],
+    cluster: bool,
+    username: &str,
+    password_file: Option<&std::path::Path>,
+) -> Result<Option<agentry::messaging::conn::Target>, String> {
+    let urls: Vec<String> = urls
+        .iter()
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Ok(None);
+    }
+    let password = match password_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("--redis-password-file {}: {e}", path.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+        ),
+        None => std::env::var("AGENTRY_REDIS_PASSWORD").ok(),
+    };
+    let target = agentry::messaging::conn::Target {
+        urls,
+        cluster,
+        username: Some(username.to_string()),
+        password,
+    };
+    target.validate()?;
+    Ok(Some(target))
+}
+
 fn parse_body_limit(s: &str) -> Result<usize, String> {
     let bytes = agentry::crd::units::parse_memory(s)?;
     if bytes == 0 || bytes > 64 * 1024 * 1024 {
@@ -529,31 +567,16 @@ pub fn render_ca_status(set: &CaSet, dropped: &[String], now: i64) -> String {
 
 impl ControllerArgs {
     fn messaging(&self) -> Result<Option<agentry::controller::messaging::MessagingConfig>, String> {
-        let urls: Vec<String> = self
-            .redis_url
-            .iter()
-            .map(|u| u.trim().to_string())
-            .filter(|u| !u.is_empty())
-            .collect();
-        if urls.is_empty() {
+        let Some(target) = redis_target(
+            &self.redis_url,
+            self.redis_cluster,
+            &self.redis_username,
+            self.redis_password_file.as_deref(),
+        )?
+        else {
             return Ok(None);
-        }
-        let password = match &self.redis_password_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| format!("--redis-password-file {}: {e}", path.display()))?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string(),
-            ),
-            None => std::env::var("AGENTRY_REDIS_PASSWORD").ok(),
         };
-        let target = agentry::messaging::conn::Target {
-            urls: urls.clone(),
-            cluster: self.redis_cluster,
-            username: Some(self.redis_username.clone()),
-            password,
-        };
-        target.validate()?;
+        let urls = target.urls.clone();
         let agent_urls = if self.redis_agent_url.is_empty() {
             urls
         } else {

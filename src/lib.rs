@@ -11,4 +11,5 @@ pub mod keys;
 pub mod messaging;
 pub mod sidecar;
 pub mod telemetry;
+pub mod verify;
 pub mod workload;

@@ -5,6 +5,7 @@
 mod cli;
 mod cli_backup;
 mod cli_messaging;
+mod cli_verify;
 
 use std::process::ExitCode;
 
@@ -42,6 +43,7 @@ fn main() -> ExitCode {
         Command::Send(args) => cli_messaging::run_send(args),
         Command::Recv(args) => cli_messaging::run_recv(args),
         Command::Sidecar(args) => cli::run_sidecar(args),
+        Command::Verify(args) => cli_verify::run(args),
         Command::Openapi => {
             print!("{}", agentry::api::openapi::document());
             ExitCode::SUCCESS

@@ -109,6 +109,8 @@ pub struct Upload {
 pub struct Listed {
     pub key: String,
     pub size: u64,
+    /// Unix seconds (0 when the store did not say).
+    pub last_modified: i64,
 }
 
 /// The SDK configuration for a store (interceptors may be added before `build`).
@@ -400,6 +402,7 @@ impl S3Store {
                     out.push(Listed {
                         key: key.to_string(),
                         size: o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                        last_modified: o.last_modified().map_or(0, |t| t.secs()),
                     });
                 }
             }

@@ -10,7 +10,7 @@
 //! consumer gone for a minute are claimed by the live one), so a message can arrive twice,
 //! never zero times; receivers drop duplicates by `id`, which is the same on every copy.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -154,6 +154,10 @@ impl Relay {
         let mut pending_due = Some(Instant::now());
         let mut claim_due = Instant::now();
         let mut lost = false;
+        // Outboxes whose pending entries were read back (with id 0) since this loop started.
+        // The directory may learn of an outbox after the first read (the Agent cache is still
+        // filling when a restarted controller starts relaying): each new one gets its read.
+        let mut seen: HashSet<String> = HashSet::new();
         let wake = wake_key(shard);
         while !stop.is_cancelled() {
             let mut c = match conn.take() {
@@ -175,12 +179,14 @@ impl Relay {
                 },
             };
             let outboxes = self.directory.outboxes(shard);
-            if Instant::now() >= claim_due {
-                claim_due = Instant::now() + CLAIM_EVERY;
-                if !self.claim_orphans(&outboxes).await {
-                    pending_due.get_or_insert(Instant::now() + backoff);
-                }
-            }
+            self.arm_reads(
+                &outboxes,
+                &mut seen,
+                &mut pending_due,
+                &mut claim_due,
+                backoff,
+            )
+            .await;
             let pending = pending_due.is_some_and(|due| Instant::now() >= due);
             let block = match pending_due {
                 _ if pending => None,
@@ -221,6 +227,28 @@ impl Relay {
             } else {
                 pending_due = Some(Instant::now() + backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+
+    /// Before a read: a pending read (id 0) for outboxes the directory did not list before,
+    /// and, when due, a take-over of entries stuck at a consumer that stopped.
+    async fn arm_reads(
+        &self,
+        outboxes: &[(String, String)],
+        seen: &mut HashSet<String>,
+        pending_due: &mut Option<Instant>,
+        claim_due: &mut Instant,
+        backoff: Duration,
+    ) {
+        if outboxes.iter().any(|(_, key)| !seen.contains(key)) {
+            *seen = outboxes.iter().map(|(_, key)| key.clone()).collect();
+            *pending_due = Some(Instant::now());
+        }
+        if Instant::now() >= *claim_due {
+            *claim_due = Instant::now() + CLAIM_EVERY;
+            if !self.claim_orphans(outboxes).await {
+                pending_due.get_or_insert(Instant::now() + backoff);
             }
         }
     }
