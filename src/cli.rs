@@ -403,6 +403,10 @@ pub struct ControllerArgs {
     /// How often the leader checks signing-key age, CA rotation steps and the CRL.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     maintenance_interval: Duration,
+    /// The longest a healthy Agent waits for its next full pass (renewals come back at their
+    /// own times). A pass over a healthy Agent writes nothing.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    resync_interval: Duration,
     /// How many Agents are reconciled at once (0: no limit).
     #[arg(long, default_value_t = 32)]
     concurrency: u16,
@@ -667,6 +671,7 @@ impl ControllerArgs {
                 ttl_divisor: self.ttl_divisor,
             },
             maintenance_interval: self.maintenance_interval,
+            resync: self.resync_interval.max(Duration::from_secs(1)),
             concurrency: self.concurrency,
         })
     }

@@ -34,6 +34,8 @@ pub struct Config {
     pub ops_addr: SocketAddr,
     /// How often the leader checks signing-key age, CA rotation steps and the CRL.
     pub maintenance_interval: Duration,
+    /// The longest between two passes over a healthy Agent.
+    pub resync: Duration,
     /// Agents reconciled at once (0: unbounded).
     pub concurrency: u16,
     /// The CA, ledger, token keys and what they publish.

@@ -250,11 +250,21 @@ pub fn token_refresh(
     None
 }
 
-/// 2/3 of the way from issuance (notBefore + backdate) to notAfter.
+/// 2/3 of the way from issuance (notBefore + backdate) to notAfter, brought forward by up to
+/// a tenth of the lifetime, by a fraction taken from the serial: certificates issued in the
+/// same second (a fleet created together, a CA rotation) renew spread over that tenth, not in
+/// one burst. Deterministic, so every pass computes the same time (and writes nothing).
 pub fn renewal_time(f: &ca::LeafFacts) -> i64 {
     let issued = f.not_before.saturating_add(BACKDATE.as_secs() as i64);
     let life = f.not_after.saturating_sub(issued).max(0) as i128;
-    clamp_i64(issued as i128 + life * 2 / 3)
+    let spread = life / 10 * i128::from(jitter_per_mille(&f.serial)) / 1000;
+    clamp_i64(issued as i128 + life * 2 / 3 - spread)
+}
+
+/// 0..1000 from a serial (random hex): where in the spread window this certificate renews.
+fn jitter_per_mille(serial: &str) -> u16 {
+    let head = serial.get(..8).unwrap_or(serial);
+    u32::from_str_radix(head, 16).map_or(0, |v| (v % 1000) as u16)
 }
 
 /// 80% of the way from iat to exp. Total over any claims (a stored token is tenant-writable):
@@ -789,6 +799,30 @@ mod tests {
         }
     }
 
+    /// 1,000 certificates issued in the same second renew spread over the last tenth before
+    /// 2/3 of their life (24h: 2.4h wide), never after 2/3, and the same serial always gets
+    /// the same time.
+    #[test]
+    fn renewals_of_certificates_issued_together_are_spread() {
+        let issued = 1_000_000;
+        let times: Vec<i64> = (0..1000u32)
+            .map(|i| {
+                let mut f = facts(issued - BACKDATE.as_secs() as i64, issued + 86_400);
+                f.serial = format!("{:08x}{:024x}", i.wrapping_mul(2_654_435_761), i);
+                renewal_time(&f)
+            })
+            .collect();
+        let latest = issued + 86_400 * 2 / 3;
+        assert!(times.iter().all(|&t| t <= latest && t >= latest - 8_640));
+        let distinct: std::collections::BTreeSet<_> = times.iter().collect();
+        assert!(distinct.len() > 900, "{} distinct renewal times", distinct.len());
+        let spread = times.iter().max().unwrap() - times.iter().min().unwrap();
+        assert!(spread > 8_000, "spread {spread}s");
+        let mut f = facts(issued, issued + 86_400);
+        f.serial = "deadbeef00".into();
+        assert_eq!(renewal_time(&f), renewal_time(&f.clone()));
+    }
+
     #[test]
     fn keeps_a_good_certificate_and_renews_at_two_thirds() {
         let ttl = Duration::from_secs(3000);
@@ -804,9 +838,10 @@ mod tests {
         };
         let good = want("k1", "spiffe://td/ns/a/agent/b", ttl);
         let check = |now| reissue_reason(&f, &good, now);
-        assert_eq!(renewal_time(&f), issued + 2000);
-        assert_eq!(check(issued + 1999), None);
-        assert_eq!(check(issued + 2000), Some(ReissueReason::RenewalDue));
+        // Serial "ab" (171): 171/1000 of a tenth of the life earlier than 2/3.
+        assert_eq!(renewal_time(&f), issued + 2000 - 300 * 171 / 1000);
+        assert_eq!(check(issued + 1948), None);
+        assert_eq!(check(issued + 1949), Some(ReissueReason::RenewalDue));
         // Each change forces a new certificate, with its own constant reason.
         let cases = [
             (

@@ -28,10 +28,6 @@ use crate::keys::{FINALIZER, reasons};
 use crate::telemetry::ResultLabels;
 use crate::workload::MemoryPlan;
 
-/// The longest we wait between two passes over a healthy Agent (a safety net; renewals requeue
-/// at their own exact times).
-const RESYNC: Duration = Duration::from_secs(600);
-
 pub async fn reconcile(
     guard: Arc<DeserializeGuard<Agent>>,
     ctx: Arc<Context>,
@@ -171,8 +167,9 @@ impl<'a> Pass<'a> {
             .iter()
             .filter_map(|r| r.requeue_after)
             .min()
-            .unwrap_or(RESYNC);
-        Ok(Action::requeue(next.min(RESYNC)))
+            .unwrap_or(self.ctx.config.resync);
+        // The longest between two passes (a safety net; renewals come back at their own times).
+        Ok(Action::requeue(next.min(self.ctx.config.resync)))
     }
 
     async fn write(&mut self, last: Vec<Report>) -> Result<(), Error> {

@@ -1,0 +1,267 @@
+//! Zero writes at rest: once N healthy Agents are Ready, full passes over all of them write
+//! nothing to the apiserver and nothing to the ledger.
+//!
+//! Counted independently of the controller: the local apiserver writes an audit log of every
+//! write (create, update, patch, delete) by members of `system:serviceaccounts:agentry-audited`
+//! (`hack/local-cluster`), and the controller runs with the token of a ServiceAccount in that
+//! namespace. The ledger is watched on disk (its database and WAL files).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+use agentry::crd::Agent;
+
+/// The namespace whose ServiceAccounts' writes the local apiserver audits.
+const AUDITED: &str = "agentry-audited";
+
+fn audit_log() -> PathBuf {
+    let kubeconfig = std::env::var("KUBECONFIG").expect("KUBECONFIG");
+    let log = Path::new(&kubeconfig).with_file_name("audit.log");
+    assert!(
+        log.exists(),
+        "{} is missing: this cluster predates audit logging; restart it with \
+         `hack/local-cluster down && hack/local-cluster up`",
+        log.display()
+    );
+    log
+}
+
+/// A kubeconfig for a cluster-admin ServiceAccount `sa` in the audited namespace: the same
+/// server and CA as $KUBECONFIG, authenticated by a bound token.
+async fn audited_kubeconfig(client: &kube::Client, sa: &str, dir: &Path) -> PathBuf {
+    let apply = PatchParams::apply("agentry-e2e").force();
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            AUDITED,
+            &apply,
+            &Patch::Apply(
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": AUDITED}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), AUDITED);
+    sas.patch(
+        sa,
+        &apply,
+        &Patch::Apply(
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa}}),
+        ),
+    )
+    .await
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .patch(
+            sa,
+            &apply,
+            &Patch::Apply(json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": sa},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+                "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": AUDITED}],
+            })),
+        )
+        .await
+        .unwrap();
+    let request = k8s_openapi::api::authentication::v1::TokenRequest {
+        spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token = sas
+        .create_subresource::<k8s_openapi::api::authentication::v1::TokenRequest>(
+            "token",
+            sa,
+            &PostParams::default(),
+            &request,
+        )
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let path = std::env::var("KUBECONFIG").unwrap();
+    let mut config = kube::config::Kubeconfig::read_from(&path).unwrap();
+    for named in &mut config.auth_infos {
+        named.auth_info = Some(kube::config::AuthInfo {
+            token: Some(token.clone().into()),
+            ..Default::default()
+        });
+    }
+    let out = dir.join("audited.kubeconfig");
+    std::fs::write(&out, serde_json::to_string(&config).unwrap()).unwrap();
+    out
+}
+
+/// Audit events by `user` after byte `from` of the log: (verb, resource, namespace/name).
+fn writes_since(log: &Path, from: u64, user: &str) -> Vec<(String, String, String)> {
+    let text = std::fs::read(log).unwrap();
+    let text = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["user"]["username"] == user && e["stage"] == "ResponseComplete")
+        .map(|e| {
+            let o = &e["objectRef"];
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (
+                s(&e["verb"]),
+                format!(
+                    "{}{}",
+                    s(&o["resource"]),
+                    o["subresource"]
+                        .as_str()
+                        .map(|x| format!("/{x}"))
+                        .unwrap_or_default()
+                ),
+                format!("{}/{}", s(&o["namespace"]), s(&o["name"])),
+            )
+        })
+        .collect()
+}
+
+/// Size and modification time of each of the ledger's files (database, WAL).
+fn ledger_state(data_dir: &Path) -> Vec<(String, u64, SystemTime)> {
+    let dir = data_dir.join("ledger");
+    let mut out: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ledger.db"))
+        .filter(|e| !e.file_name().to_string_lossy().ends_with("-shm"))
+        .map(|e| {
+            let m = e.metadata().unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                m.len(),
+                m.modified().unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn agents_at_rest() -> usize {
+    std::env::var("AGENTRY_REST_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
+
+/// N = 200 Agents (AGENTRY_REST_AGENTS to change) reach Ready; then, over three full resync
+/// periods (`--resync-interval 4s`: every Agent is reconciled again, checked on the reconcile
+/// counter), the controller's ServiceAccount makes 0 writes (its leader Lease renewals aside)
+/// and the ledger's files do not change.
+#[tokio::test(flavor = "multi_thread")]
+async fn healthy_agents_at_rest_cost_no_writes() {
+    let n = agents_at_rest();
+    let (client, ns) = setup("rest").await;
+    let log = audit_log();
+    let dir = tempfile::tempdir().unwrap();
+    let sa = format!("controller-{}", ns.name);
+    let user = format!("system:serviceaccount:{AUDITED}:{sa}");
+    let kubeconfig = audited_kubeconfig(&client, &sa, dir.path()).await;
+    let mut opts = ControllerOptions::new(&ns.name);
+    opts.kubeconfig = Some(&kubeconfig);
+    opts.extra_args = ["--resync-interval", "4s", "--concurrency", "32"]
+        .map(String::from)
+        .to_vec();
+    let controller = ControllerProcess::start(opts);
+
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (client, ns) = (client.clone(), ns.name.clone());
+            async move {
+                create_agent(&client, &ns, agent_manifest(&format!("a{i:05}"), json!({})))
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let agents: Api<Agent> = Api::namespaced(client.clone(), &ns.name);
+    eventually(
+        Duration::from_secs(600),
+        &format!("{n} Agents Ready"),
+        || async {
+            agents.list(&ListParams::default()).await.is_ok_and(|l| {
+                l.items
+                    .iter()
+                    .filter(|a| condition(a, "Ready").is_some_and(|c| c.status == "True"))
+                    .count()
+                    == n
+            })
+        },
+    )
+    .await;
+
+    // Settled: no write by the controller (other than its Lease) for 5 s.
+    let quiet = |from: u64| {
+        writes_since(&log, from, &user)
+            .into_iter()
+            .filter(|w| w.1 != "leases")
+            .collect::<Vec<_>>()
+    };
+    let mut from = std::fs::metadata(&log).unwrap().len();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let writes = quiet(from);
+        if writes.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the controller never settled; still writing: {:?}",
+            &writes[..writes.len().min(20)]
+        );
+        from = std::fs::metadata(&log).unwrap().len();
+    }
+
+    // At rest: three resync periods.
+    let from = std::fs::metadata(&log).unwrap().len();
+    let ledger_before = ledger_state(&controller.data_dir());
+    let reconciles_before = controller.metric("agentry_reconcile_total").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    let reconciles =
+        controller.metric("agentry_reconcile_total").await.unwrap() - reconciles_before;
+    let writes = quiet(from);
+    let lease_writes = writes_since(&log, from, &user).len() - writes.len();
+    assert!(
+        reconciles >= 2.0 * n as f64,
+        "only {reconciles} reconciles in three resync periods of {n} Agents: the window proves nothing"
+    );
+    assert!(
+        writes.is_empty(),
+        "{} writes at rest over {reconciles} reconciles, e.g. {:?}",
+        writes.len(),
+        &writes[..writes.len().min(20)]
+    );
+    assert!(
+        lease_writes > 0,
+        "no Lease renewal audited: is the audit log being written?"
+    );
+    assert_eq!(
+        ledger_state(&controller.data_dir()),
+        ledger_before,
+        "the ledger was written at rest"
+    );
+    eprintln!(
+        "{n} Agents at rest: {reconciles} reconciles, 0 writes, {lease_writes} Lease renewals, ledger unchanged"
+    );
+    let _ = Api::<ClusterRoleBinding>::all(client.clone())
+        .delete(&sa, &Default::default())
+        .await;
+}
