@@ -44,7 +44,10 @@ fn build_image() -> (String, PathBuf) {
     let script = Path::new(ROOT).join("hack/build-image");
     let name = stdout(&run(&mut Command::new(&script)));
     let path = stdout(&run(Command::new(&script).arg("--print-path")));
-    (name.lines().last().unwrap_or_default().to_string(), path.into())
+    (
+        name.lines().last().unwrap_or_default().to_string(),
+        path.into(),
+    )
 }
 
 /// The archive unpacked: the OCI layout's directory.
@@ -150,22 +153,33 @@ fn image_is_an_oci_archive_of_a_static_binary_on_an_empty_base() {
     assert_eq!(run_config["User"], "65532:65532", "{config}");
     assert_eq!(run_config["Entrypoint"], serde_json::json!([ENTRYPOINT]));
     assert!(run_config["Cmd"].is_null(), "no Cmd: {config}");
-    assert_eq!((&config["os"], &config["architecture"]), (&"linux".into(), &"amd64".into()));
+    assert_eq!(
+        (&config["os"], &config["architecture"]),
+        (&"linux".into(), &"amd64".into())
+    );
     let labels = &run_config["Labels"];
     assert_eq!(labels["org.opencontainers.image.title"], "agentry");
     assert_eq!(labels["org.opencontainers.image.version"], VERSION);
-    assert_eq!(labels["org.opencontainers.image.licenses"], env!("CARGO_PKG_LICENSE"));
+    assert_eq!(
+        labels["org.opencontainers.image.licenses"],
+        env!("CARGO_PKG_LICENSE")
+    );
     assert_eq!(
         labels["org.opencontainers.image.source"],
         "https://github.com/agentry-dev/agentry"
     );
-    let revision = labels["org.opencontainers.image.revision"].as_str().unwrap();
+    let revision = labels["org.opencontainers.image.revision"]
+        .as_str()
+        .unwrap();
     assert!(
         revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit()),
         "revision: {revision}"
     );
     let created = labels["org.opencontainers.image.created"].as_str().unwrap();
-    assert!(created.parse::<jiff::Timestamp>().is_ok(), "created: {created}");
+    assert!(
+        created.parse::<jiff::Timestamp>().is_ok(),
+        "created: {created}"
+    );
 
     // One layer, the one the config's rootfs names.
     let layers = manifest["layers"].as_array().unwrap();
@@ -219,7 +233,10 @@ fn image_is_an_oci_archive_of_a_static_binary_on_an_empty_base() {
     let group = std::fs::read_to_string(rootfs.join("etc/group")).unwrap();
     assert!(group.contains("nonroot:x:65532:"), "{group}");
     let bundle = std::fs::read_to_string(rootfs.join("etc/ssl/certs/ca-certificates.crt")).unwrap();
-    assert!(bundle.matches("BEGIN CERTIFICATE").count() > 50, "a CA bundle");
+    assert!(
+        bundle.matches("BEGIN CERTIFICATE").count() > 50,
+        "a CA bundle"
+    );
 
     // It runs with the layer as its root directory, with an empty environment.
     let version = in_image_root(&rootfs, &["--version"], &[]);
@@ -247,7 +264,7 @@ fn in_image_root(rootfs: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
 #[test]
 fn chart_default_image_is_the_one_make_image_names() {
     let name = stdout(&run(
-        Command::new(Path::new(ROOT).join("hack/build-image")).arg("--print-name"),
+        Command::new(Path::new(ROOT).join("hack/build-image")).arg("--print-name")
     ));
     let chart = Path::new(ROOT).join("charts/agentry");
     let rendered = stdout(&run(Command::new(common::tool_dir().join("helm"))
