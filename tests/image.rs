@@ -221,13 +221,7 @@ fn image_is_an_oci_archive_of_a_static_binary_on_an_empty_base() {
         ("-rwxr-xr-x".into(), "0/0".into())
     );
     assert_eq!(entries["tmp"], ("drwxrwxrwt".into(), "0/0".into()));
-    let rootfs = layout.dir.path().join("rootfs");
-    std::fs::create_dir(&rootfs).unwrap();
-    run(Command::new("tar")
-        .args(["--no-same-owner", "-xzf"])
-        .arg(&layer_path)
-        .arg("-C")
-        .arg(&rootfs));
+    let rootfs = extract(&layout, &layer_path);
     let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap();
     assert!(passwd.contains("nonroot:x:65532:65532:"), "{passwd}");
     let group = std::fs::read_to_string(rootfs.join("etc/group")).unwrap();
@@ -244,6 +238,18 @@ fn image_is_an_oci_archive_of_a_static_binary_on_an_empty_base() {
         version.status.success() && stdout(&version).contains(VERSION),
         "agentry --version from the image: {version:?}"
     );
+}
+
+/// The layer extracted into the layout's dir: the image's root directory.
+fn extract(layout: &Layout, layer: &Path) -> PathBuf {
+    let rootfs = layout.dir.path().join("rootfs");
+    std::fs::create_dir(&rootfs).unwrap();
+    run(Command::new("tar")
+        .args(["--no-same-owner", "-xzf"])
+        .arg(layer)
+        .arg("-C")
+        .arg(&rootfs));
+    rootfs
 }
 
 /// Runs the image's binary with the extracted layer as `/` (an unprivileged user namespace, so
@@ -289,5 +295,113 @@ fn chart_default_image_is_the_one_make_image_names() {
     assert_eq!(
         chart_yaml["appVersion"], VERSION,
         "Chart.yaml appVersion must follow Cargo.toml's version"
+    );
+}
+
+/// From the image's root directory the binary resolves a name (glibc's built-in lookups read
+/// /etc/hosts, as in a pod, where the kubelet mounts it) and speaks TLS to the apiserver (rustls
+/// with aws-lc, statically linked), which answers. Needs the local cluster.
+#[test]
+fn image_binary_reaches_the_apiserver_by_name_over_tls() {
+    let (name, archive) = build_image();
+    let layout = Layout::unpack(&archive);
+    let (manifest, _) = manifest_and_config(&layout, &name);
+    let layer = layout.dir.path().join("layer.tar.gz");
+    std::fs::write(&layer, layout.blob(&manifest["layers"][0])).unwrap();
+    let rootfs = extract(&layout, &layer);
+    std::fs::write(
+        rootfs.join("etc/hosts"),
+        "127.0.0.1 localhost\n127.0.0.1 kubernetes.default.svc\n",
+    )
+    .unwrap();
+    // The apiserver by a name on its certificate instead of 127.0.0.1.
+    let path = std::env::var("KUBECONFIG").expect("KUBECONFIG: run with `make test`");
+    let config = kube::config::Kubeconfig::read_from(&path).unwrap();
+    let mut config = serde_json::to_value(&config).unwrap();
+    for cluster in config["clusters"].as_array_mut().unwrap() {
+        let server = cluster["cluster"]["server"].as_str().unwrap();
+        let port = server.rsplit(':').next().unwrap();
+        cluster["cluster"]["server"] = format!("https://kubernetes.default.svc:{port}").into();
+    }
+    std::fs::write(rootfs.join("tmp/kubeconfig"), config.to_string()).unwrap();
+    let out = in_image_root(
+        &rootfs,
+        &[
+            "ca",
+            "status",
+            "--namespace",
+            "default",
+            "--ca-secret",
+            "agentry-image-check",
+        ],
+        &[("KUBECONFIG", "/tmp/kubeconfig")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("secrets \"agentry-image-check\" not found")
+            && stderr.contains("code: 404"),
+        "the apiserver's answer (404 for a Secret that does not exist) expected: {out:?}"
+    );
+}
+
+/// A `crane registry serve` on 127.0.0.1, stopped when dropped.
+struct Registry {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Registry {
+    fn start(crane: &Path) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(crane)
+            .args(["registry", "serve", "--address", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting crane registry serve");
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let port = stderr
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.split("serving on port ").nth(1).map(str::to_string))
+            .and_then(|p| p.trim().parse().ok())
+            .expect("crane registry serve printed no port");
+        Self { child, port }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// docs/install.md's push: `crane push` of the unpacked archive (an OCI layout directory) to a
+/// registry serves the very manifest and config the archive holds.
+#[test]
+fn image_pushes_from_its_unpacked_layout() {
+    let (name, archive) = build_image();
+    let layout = Layout::unpack(&archive);
+    let (_, config) = manifest_and_config(&layout, &name);
+    let crane_dir = stdout(&run(
+        Command::new(Path::new(ROOT).join("hack/build-crane")).arg("--print-dir")
+    ));
+    let crane = Path::new(&crane_dir).join("crane");
+    let registry = Registry::start(&crane);
+    let reference = format!("127.0.0.1:{}/agentry:{VERSION}", registry.port);
+    run(Command::new(&crane)
+        .arg("push")
+        .arg(layout.dir.path())
+        .arg(&reference));
+    let pushed: Value = serde_json::from_str(&stdout(&run(
+        Command::new(&crane).args(["config", &reference])
+    )))
+    .unwrap();
+    assert_eq!(pushed, config);
+    let digest = stdout(&run(Command::new(&crane).args(["digest", &reference])));
+    assert_eq!(
+        layout.json("index.json")["manifests"][0]["digest"],
+        digest.as_str()
     );
 }
