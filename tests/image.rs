@@ -359,12 +359,20 @@ impl Registry {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("starting crane registry serve");
+        // Its log goes on being read (a closed pipe would end it at its next line).
         let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-        let port = stderr
-            .lines()
-            .map_while(Result::ok)
-            .find_map(|l| l.split("serving on port ").nth(1).map(str::to_string))
-            .and_then(|p| p.trim().parse().ok())
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if let Some(port) = line.split("serving on port ").nth(1) {
+                    let _ = tx.send(port.trim().parse::<u16>().ok());
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .ok()
+            .flatten()
             .expect("crane registry serve printed no port");
         Self { child, port }
     }
