@@ -979,25 +979,9 @@ fn helm_refuses(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// The chart lints clean (--strict: warnings fail too) in each shape, and values.schema.json
-/// refuses bad values before anything renders, naming the field: types, enums, patterns
-/// (durations, quantities, URLs), bounds, and a typo'd key anywhere. Needs helm only.
-#[test]
-fn chart_lints_and_its_schema_names_the_bad_field() {
-    for extra in [
-        &[][..],
-        &["--set", "watchNamespaces={team-a}"],
-        &["--set", "replicas=2"],
-        &[
-            "--set",
-            "networkPolicy.enabled=true,serviceMonitor.enabled=true,api.enabled=false",
-        ],
-    ] {
-        let mut args = vec!["lint", "--strict", CHART];
-        args.extend(extra);
-        helm(&args);
-    }
-    let cases: &[(&[&str], &str)] = &[
+/// Bad values and what helm's schema error must say about them (the field's path).
+fn bad_values() -> &'static [(&'static [&'static str], &'static str)] {
+    &[
         (
             &["--set", "logFormat=xml"],
             "at '/logFormat': value must be one of 'json', 'text'",
@@ -1051,7 +1035,28 @@ fn chart_lints_and_its_schema_names_the_bad_field() {
             &["--set", "litestream.enabled=true"],
             "at '/litestream/bucket'",
         ),
-    ];
+    ]
+}
+
+/// The chart lints clean (--strict: warnings fail too) in each shape, and values.schema.json
+/// refuses bad values before anything renders, naming the field: types, enums, patterns
+/// (durations, quantities, URLs), bounds, and a typo'd key anywhere. Needs helm only.
+#[test]
+fn chart_lints_and_its_schema_names_the_bad_field() {
+    for extra in [
+        &[][..],
+        &["--set", "watchNamespaces={team-a}"],
+        &["--set", "replicas=2"],
+        &[
+            "--set",
+            "networkPolicy.enabled=true,serviceMonitor.enabled=true,api.enabled=false",
+        ],
+    ] {
+        let mut args = vec!["lint", "--strict", CHART];
+        args.extend(extra);
+        helm(&args);
+    }
+    let cases = bad_values();
     let mut wrong = Vec::new();
     for (set, field) in cases {
         let mut args = vec!["template", "agentry", CHART];
@@ -1310,12 +1315,76 @@ async fn helm_install_upgrade_uninstall() {
     let (ns, team) = (home.name.as_str(), watched.name.as_str());
     let release = format!("agentry-{}", ns.rsplit('-').next().unwrap());
     let _volume = volume_for(&client, ns).await;
+    let notes = install_and_check(&client, &release, ns, team).await;
+
+    // The controller, as the chart's ServiceAccount, and the Agent of the notes.
+    let (ok, token, err) = tool(
+        "kubectl",
+        &["create", "token", "agentry", "-n", ns, "--duration", "1h"],
+        None,
+    );
+    assert!(ok, "kubectl create token: {err}");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = token_kubeconfig(dir.path(), token.trim());
+    let controller = Controller::start(&kubeconfig, ns, team);
+    let (ok, out, err) = tool("kubectl", &["apply", "-f", "-"], Some(&notes_agent(&notes)));
+    assert!(ok, "applying the notes' Agent: {err}\n{out}");
+    let ready = |a: &Agent| condition(a, "Ready").is_some_and(|c| c.status == "True");
+    wait_agent(
+        &client,
+        team,
+        "hello",
+        Duration::from_secs(60),
+        "Ready under the installed release",
+        ready,
+    )
+    .await;
+    let (ok, described, _) = tool("kubectl", &["-n", team, "describe", "agent", "hello"], None);
+    assert!(ok && described.contains("CertificateIssued"), "{described}");
+
+    upgrade_changes_the_deployment(&client, &release, ns).await;
+
+    // Uninstall as docs/install.md says: Agents first (their finalizers need the controller).
+    let (ok, _, err) = tool(
+        "kubectl",
+        &[
+            "delete",
+            "agents",
+            "--all",
+            "-n",
+            team,
+            "--wait",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert!(ok, "deleting the Agent: {err}\n{}", controller.logs());
+    let forbidden = controller.forbidden();
+    assert!(
+        forbidden.is_empty(),
+        "refused under the release's RBAC:\n{}",
+        forbidden.join("\n")
+    );
+    drop(controller);
+    let (ok, out, err) = tool("helm", &["uninstall", &release, "-n", ns, "--wait"], None);
+    assert!(ok, "helm uninstall: {err}\n{out}");
+    uninstall_leaves_what_is_documented(&release, ns, team);
+    let pvcs: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(client.clone(), ns);
+    pvcs.delete("agentry-data", &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+/// `helm install --wait` of one watched namespace: the chart's objects are there, labelled with
+/// the release, and the disruption controller lets a drain take the single replica. The notes.
+async fn install_and_check(client: &Client, release: &str, ns: &str, team: &str) -> String {
     let watch = format!("watchNamespaces={{{team}}}");
     let (ok, notes, err) = tool(
         "helm",
         &[
             "install",
-            &release,
+            release,
             CHART,
             "-n",
             ns,
@@ -1376,64 +1445,7 @@ async fn helm_install_upgrade_uninstall() {
         },
     )
     .await;
-
-    // The controller, as the chart's ServiceAccount, and the Agent of the notes.
-    let (ok, token, err) = tool(
-        "kubectl",
-        &["create", "token", "agentry", "-n", ns, "--duration", "1h"],
-        None,
-    );
-    assert!(ok, "kubectl create token: {err}");
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = token_kubeconfig(dir.path(), token.trim());
-    let controller = Controller::start(&kubeconfig, ns, team);
-    let (ok, out, err) = tool("kubectl", &["apply", "-f", "-"], Some(&notes_agent(&notes)));
-    assert!(ok, "applying the notes' Agent: {err}\n{out}");
-    let ready = |a: &Agent| condition(a, "Ready").is_some_and(|c| c.status == "True");
-    wait_agent(
-        &client,
-        team,
-        "hello",
-        Duration::from_secs(60),
-        "Ready under the installed release",
-        ready,
-    )
-    .await;
-    let (ok, described, _) = tool("kubectl", &["-n", team, "describe", "agent", "hello"], None);
-    assert!(ok && described.contains("CertificateIssued"), "{described}");
-
-    upgrade_changes_the_deployment(&client, &release, ns).await;
-
-    // Uninstall as docs/install.md says: Agents first (their finalizers need the controller).
-    let (ok, _, err) = tool(
-        "kubectl",
-        &[
-            "delete",
-            "agents",
-            "--all",
-            "-n",
-            team,
-            "--wait",
-            "--timeout=60s",
-        ],
-        None,
-    );
-    assert!(ok, "deleting the Agent: {err}\n{}", controller.logs());
-    let forbidden = controller.forbidden();
-    assert!(
-        forbidden.is_empty(),
-        "refused under the release's RBAC:\n{}",
-        forbidden.join("\n")
-    );
-    drop(controller);
-    let (ok, out, err) = tool("helm", &["uninstall", &release, "-n", ns, "--wait"], None);
-    assert!(ok, "helm uninstall: {err}\n{out}");
-    uninstall_leaves_what_is_documented(&release, ns, team);
-    let pvcs: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
-        Api::namespaced(client.clone(), ns);
-    pvcs.delete("agentry-data", &DeleteParams::default())
-        .await
-        .unwrap();
+    notes
 }
 
 /// `helm upgrade --reuse-values` with another concurrency: the Deployment's args follow.

@@ -148,54 +148,8 @@ fn image_is_an_oci_archive_of_a_static_binary_on_an_empty_base() {
     let layout = Layout::unpack(&archive);
     let (manifest, config) = manifest_and_config(&layout, &name);
 
-    // The config: who and what runs, and the labels.
-    let run_config = &config["config"];
-    assert_eq!(run_config["User"], "65532:65532", "{config}");
-    assert_eq!(run_config["Entrypoint"], serde_json::json!([ENTRYPOINT]));
-    assert!(run_config["Cmd"].is_null(), "no Cmd: {config}");
-    assert_eq!(
-        (&config["os"], &config["architecture"]),
-        (&"linux".into(), &"amd64".into())
-    );
-    let labels = &run_config["Labels"];
-    assert_eq!(labels["org.opencontainers.image.title"], "agentry");
-    assert_eq!(labels["org.opencontainers.image.version"], VERSION);
-    assert_eq!(
-        labels["org.opencontainers.image.licenses"],
-        env!("CARGO_PKG_LICENSE")
-    );
-    assert_eq!(
-        labels["org.opencontainers.image.source"],
-        "https://github.com/agentry-dev/agentry"
-    );
-    let revision = labels["org.opencontainers.image.revision"]
-        .as_str()
-        .unwrap();
-    assert!(
-        revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit()),
-        "revision: {revision}"
-    );
-    let created = labels["org.opencontainers.image.created"].as_str().unwrap();
-    assert!(
-        created.parse::<jiff::Timestamp>().is_ok(),
-        "created: {created}"
-    );
-
-    // One layer, the one the config's rootfs names.
-    let layers = manifest["layers"].as_array().unwrap();
-    assert_eq!(layers.len(), 1, "one layer on an empty base: {manifest}");
-    assert_eq!(
-        layers[0]["mediaType"],
-        "application/vnd.oci.image.layer.v1.tar+gzip"
-    );
-    let compressed = layout.blob(&layers[0]);
-    let layer_path = layout.dir.path().join("layer.tar.gz");
-    std::fs::write(&layer_path, &compressed).unwrap();
-    let uncompressed = run(Command::new("gzip").arg("-dc").arg(&layer_path)).stdout;
-    assert_eq!(
-        config["rootfs"]["diff_ids"],
-        serde_json::json!([format!("sha256:{}", sha256_hex(&uncompressed))])
-    );
+    check_config(&config);
+    let layer_path = single_layer(&layout, &manifest, &config);
 
     // What the layer holds: exactly this, owned by root; no shell, no libc, no loader.
     let entries = layer_entries(&layer_path);
@@ -238,6 +192,60 @@ fn image_is_an_oci_archive_of_a_static_binary_on_an_empty_base() {
         version.status.success() && stdout(&version).contains(VERSION),
         "agentry --version from the image: {version:?}"
     );
+}
+
+/// The config: who and what runs, and the labels.
+fn check_config(config: &Value) {
+    let run_config = &config["config"];
+    assert_eq!(run_config["User"], "65532:65532", "{config}");
+    assert_eq!(run_config["Entrypoint"], serde_json::json!([ENTRYPOINT]));
+    assert!(run_config["Cmd"].is_null(), "no Cmd: {config}");
+    assert_eq!(
+        (&config["os"], &config["architecture"]),
+        (&"linux".into(), &"amd64".into())
+    );
+    let labels = &run_config["Labels"];
+    assert_eq!(labels["org.opencontainers.image.title"], "agentry");
+    assert_eq!(labels["org.opencontainers.image.version"], VERSION);
+    assert_eq!(
+        labels["org.opencontainers.image.licenses"],
+        env!("CARGO_PKG_LICENSE")
+    );
+    assert_eq!(
+        labels["org.opencontainers.image.source"],
+        "https://github.com/agentry-dev/agentry"
+    );
+    let revision = labels["org.opencontainers.image.revision"]
+        .as_str()
+        .unwrap();
+    assert!(
+        revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit()),
+        "revision: {revision}"
+    );
+    let created = labels["org.opencontainers.image.created"].as_str().unwrap();
+    assert!(
+        created.parse::<jiff::Timestamp>().is_ok(),
+        "created: {created}"
+    );
+}
+
+/// The image's one layer (checked against the config's rootfs diff_id), written out as a file.
+fn single_layer(layout: &Layout, manifest: &Value, config: &Value) -> PathBuf {
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "one layer on an empty base: {manifest}");
+    assert_eq!(
+        layers[0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    let compressed = layout.blob(&layers[0]);
+    let layer_path = layout.dir.path().join("layer.tar.gz");
+    std::fs::write(&layer_path, &compressed).unwrap();
+    let uncompressed = run(Command::new("gzip").arg("-dc").arg(&layer_path)).stdout;
+    assert_eq!(
+        config["rootfs"]["diff_ids"],
+        serde_json::json!([format!("sha256:{}", sha256_hex(&uncompressed))])
+    );
+    layer_path
 }
 
 /// The layer extracted into the layout's dir: the image's root directory.
@@ -305,10 +313,8 @@ fn chart_default_image_is_the_one_make_image_names() {
 fn image_binary_reaches_the_apiserver_by_name_over_tls() {
     let (name, archive) = build_image();
     let layout = Layout::unpack(&archive);
-    let (manifest, _) = manifest_and_config(&layout, &name);
-    let layer = layout.dir.path().join("layer.tar.gz");
-    std::fs::write(&layer, layout.blob(&manifest["layers"][0])).unwrap();
-    let rootfs = extract(&layout, &layer);
+    let (manifest, config) = manifest_and_config(&layout, &name);
+    let rootfs = extract(&layout, &single_layer(&layout, &manifest, &config));
     std::fs::write(
         rootfs.join("etc/hosts"),
         "127.0.0.1 localhost\n127.0.0.1 kubernetes.default.svc\n",
