@@ -66,7 +66,13 @@ s3-up: ## Build (cached) and start the two local S3 stores: versitygw (primary) 
 	hack/build-s3
 	hack/s3-stores up >/dev/null
 
-e2e: cluster-up pyenv s3-up redis-up ## End-to-end tests against the local control plane and S3 stores
+# The controller image as an OCI archive (target/image/agentry-<version>.oci.tar), built with
+# crane on an empty base from a static release binary; no Docker. tests/image.rs checks it.
+.PHONY: image
+image: ## Build the controller image: target/image/agentry-<version>.oci.tar (docker/podman load, ctr import)
+	hack/build-image
+
+e2e: cluster-up pyenv s3-up redis-up image ## End-to-end tests against the local control plane and S3 stores
 	KUBECONFIG=$(KUBECONFIG_LOCAL) cargo test --test '*' -- --test-threads=2
 
 .PHONY: test

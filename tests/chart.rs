@@ -427,6 +427,15 @@ fn notes_say_what_each_mode_reaches() {
             && cluster.contains("watchNamespaces"),
         "cluster-wide NOTES must warn and point to watchNamespaces:\n{cluster}"
     );
+    // What to do next: the controller, an Agent, why it is (not) Ready, the docs.
+    for next in [
+        "logs deployment/agentry",
+        "kubectl apply -f - <<EOF",
+        "describe agent hello",
+        "docs/install.md",
+    ] {
+        assert!(cluster.contains(next), "NOTES without {next:?}:\n{cluster}");
+    }
     let namespaced = notes(Some("team-a"));
     assert!(
         !namespaced.contains("WARNING") && namespaced.contains("Agents in team-a only"),
@@ -955,4 +964,599 @@ async fn chart_rbac_is_sufficient_and_least_privilege() {
         Some(403),
         "watch every Namespace"
     );
+}
+
+/// `helm template` that must fail: its stderr.
+fn helm_refuses(args: &[&str]) -> String {
+    let out = Command::new(tool_dir().join("helm"))
+        .args(args)
+        .output()
+        .expect("running helm");
+    assert!(
+        !out.status.success(),
+        "helm {args:?} accepted what it should refuse"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Bad values and what helm's schema error must say about them (the field's path).
+fn bad_values() -> &'static [(&'static [&'static str], &'static str)] {
+    &[
+        (
+            &["--set", "logFormat=xml"],
+            "at '/logFormat': value must be one of 'json', 'text'",
+        ),
+        (&["--set", "replicas=0"], "at '/replicas'"),
+        (
+            &["--set", "watchNamespaces={a,b}"],
+            "at '/watchNamespaces': maxItems",
+        ),
+        (
+            &["--set", "watchNamespaces={Team_A}"],
+            "at '/watchNamespaces/0'",
+        ),
+        (
+            &["--set", "replica=2"],
+            "additional properties 'replica' not allowed",
+        ),
+        (
+            &["--set", "api.prot=8443"],
+            "additional properties 'prot' not allowed",
+        ),
+        (&["--set-string", "leaseDuration=15"], "at '/leaseDuration'"),
+        (
+            &["--set", "identity.signingKeyRotation=30d"],
+            "at '/identity/signingKeyRotation'",
+        ),
+        (&["--set", "persistence.size=1GB"], "at '/persistence/size'"),
+        (
+            &["--set", "api.service.type=External"],
+            "at '/api/service/type'",
+        ),
+        (&["--set", "api.port=70000"], "at '/api/port'"),
+        (
+            &["--set", "image.pullPolicy=Sometimes"],
+            "at '/image/pullPolicy'",
+        ),
+        (
+            &["--set", "messaging.redisURL=localhost:6379"],
+            "at '/messaging/redisURL'",
+        ),
+        (&["--set", "concurrency=many"], "at '/concurrency'"),
+        (
+            &["--set", "serviceMonitor.labels.release=1"],
+            "at '/serviceMonitor/labels/release'",
+        ),
+        (
+            &["--set", "litestream.syncInterval=often"],
+            "at '/litestream/syncInterval'",
+        ),
+        (
+            &["--set", "litestream.enabled=true"],
+            "at '/litestream/bucket'",
+        ),
+    ]
+}
+
+/// The chart lints clean (--strict: warnings fail too) in each shape, and values.schema.json
+/// refuses bad values before anything renders, naming the field: types, enums, patterns
+/// (durations, quantities, URLs), bounds, and a typo'd key anywhere. Needs helm only.
+#[test]
+fn chart_lints_and_its_schema_names_the_bad_field() {
+    for extra in [
+        &[][..],
+        &["--set", "watchNamespaces={team-a}"],
+        &["--set", "replicas=2"],
+        &[
+            "--set",
+            "networkPolicy.enabled=true,serviceMonitor.enabled=true,api.enabled=false",
+        ],
+    ] {
+        let mut args = vec!["lint", "--strict", CHART];
+        args.extend(extra);
+        helm(&args);
+    }
+    let cases = bad_values();
+    let mut wrong = Vec::new();
+    for (set, field) in cases {
+        let mut args = vec!["template", "agentry", CHART];
+        args.extend(*set);
+        let err = helm_refuses(&args);
+        if !(err.contains("don't meet the specifications of the schema") && err.contains(field)) {
+            wrong.push(format!("{set:?}: want {field:?} in:\n{err}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // What the schema lets through renders.
+    render(
+        "agentry-system",
+        None,
+        &[
+            "--set",
+            "leaseDuration=1m30s,persistence.size=10Gi,messaging.redisURL=rediss://redis:6380",
+            "--set",
+            "messaging.passwordSecret.name=redis,messaging.bodyLimit=1Mi",
+            "--set",
+            "litestream.enabled=true,litestream.bucket=ledger,litestream.credentialsSecret.name=s3",
+            "--set-string",
+            "grafanaDashboard.labels.grafana_dashboard=1",
+        ],
+    );
+}
+
+/// Two releases in two namespaces (the same release name, as `helm install agentry` twice
+/// would) share no cluster-scoped object, and every object carries the release's labels (what
+/// `helm uninstall` leaves can be listed by them). Needs helm only.
+#[test]
+fn two_releases_share_no_cluster_scoped_name() {
+    let everything = [
+        "--set",
+        "networkPolicy.enabled=true,serviceMonitor.enabled=true",
+    ];
+    for (a_watch, b_watch) in [(None, None), (Some("team-a"), Some("team-b"))] {
+        let a = render("team-a-agentry", a_watch, &everything);
+        let b = render("team-b-agentry", b_watch, &everything);
+        let cluster_scoped = |docs: &[Value]| -> BTreeSet<String> {
+            docs.iter()
+                .filter(|d| d["metadata"]["namespace"].is_null())
+                .map(|d| format!("{} {}", kind(d), d["metadata"]["name"].as_str().unwrap()))
+                .collect()
+        };
+        let (in_a, in_b) = (cluster_scoped(&a), cluster_scoped(&b));
+        assert!(
+            in_a.iter()
+                .any(|k| k.starts_with("ValidatingAdmissionPolicy "))
+                && in_a.iter().any(|k| k.starts_with("ClusterRole ")),
+            "{in_a:?}"
+        );
+        let shared: Vec<_> = in_a.intersection(&in_b).collect();
+        assert!(shared.is_empty(), "both releases would own {shared:?}");
+        for doc in &a {
+            let labels = &doc["metadata"]["labels"];
+            assert!(
+                labels["app.kubernetes.io/instance"] == "agentry"
+                    && labels["app.kubernetes.io/managed-by"] == "Helm",
+                "{} {} lacks the release labels",
+                kind(doc),
+                doc["metadata"]["name"]
+            );
+        }
+    }
+}
+
+/// The PodDisruptionBudget never blocks a drain of the leader's node (values.yaml explains
+/// each case): with the API on only the leader is Ready, so the budget must allow every pod to
+/// go; without it every replica is Ready and one must stay. Needs helm only.
+#[test]
+fn disruption_budget_fits_leader_election() {
+    let pdb = |extra: &[&str]| -> Value {
+        let docs = render("agentry-system", None, extra);
+        let found = docs.into_iter().find(|d| kind(d) == "PodDisruptionBudget");
+        found.expect("a PodDisruptionBudget")["spec"].clone()
+    };
+    for (extra, key, value) in [
+        (&[][..], "maxUnavailable", 1),
+        (&["--set", "replicas=3"], "maxUnavailable", 3),
+        (
+            &["--set", "replicas=3,api.enabled=false"],
+            "minAvailable",
+            1,
+        ),
+        (&["--set", "api.enabled=false"], "maxUnavailable", 1),
+    ] {
+        let spec = pdb(extra);
+        assert_eq!(spec[key], value, "{extra:?}: {spec}");
+        assert_eq!(spec["unhealthyPodEvictionPolicy"], "AlwaysAllow", "{spec}");
+    }
+    let docs = render(
+        "agentry-system",
+        None,
+        &["--set", "podDisruptionBudget.enabled=false"],
+    );
+    assert!(!docs.iter().any(|d| kind(d) == "PodDisruptionBudget"));
+}
+
+/// Runs a tool from hack/'s bin dir (kubectl, helm) against the local cluster, `stdin` fed in;
+/// (success, stdout, stderr).
+fn tool(name: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(tool_dir().join(name))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {name}: {e}"));
+    let mut input = child.stdin.take().unwrap();
+    input
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every object `helm template` renders, checked by the local apiserver (`kubectl apply
+/// --dry-run=server --validate=strict`: schemas, unknown fields, admission) in the shapes people
+/// install: defaults, one watched namespace, HA, and with the NetworkPolicy. The
+/// ServiceMonitor, Grafana dashboard and PrometheusRule stay off: their CRDs (Prometheus
+/// Operator) are not on this cluster.
+#[tokio::test]
+async fn rendered_manifests_pass_server_side_dry_run() {
+    let (client, home) = setup("chart-dry").await;
+    let watched = TestNamespace::new(&client, "chart-dry-team").await;
+    let watch = format!("watchNamespaces={{{}}}", watched.name);
+    let peers = "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring";
+    let shapes: [(&str, Vec<&str>); 4] = [
+        ("defaults", vec![]),
+        ("namespaced", vec!["--set", &watch]),
+        ("HA", vec!["--set", "replicas=2"]),
+        (
+            "network policy",
+            vec!["--set", "networkPolicy.enabled=true", "--set", peers],
+        ),
+    ];
+    for (shape, extra) in shapes {
+        let mut args = vec!["template", "agentry", CHART, "--namespace", &home.name];
+        args.extend(&extra);
+        let rendered = helm(&args);
+        let objects = serde_saphyr::from_multiple::<Value>(&rendered)
+            .unwrap()
+            .into_iter()
+            .filter(|d| !d.is_null())
+            .count();
+        let (ok, out, err) = tool(
+            "kubectl",
+            &["apply", "--dry-run=server", "--validate=strict", "-f", "-"],
+            Some(&rendered),
+        );
+        assert!(
+            ok,
+            "{shape}: the apiserver refused the chart:\n{err}\n{out}"
+        );
+        assert_eq!(
+            out.matches("(server dry run)").count(),
+            objects,
+            "{shape}: every rendered object checked:\n{out}"
+        );
+    }
+}
+
+/// A kubeconfig for the current cluster that authenticates with `token` alone.
+fn token_kubeconfig(dir: &Path, token: &str) -> PathBuf {
+    let path = std::env::var("KUBECONFIG").expect("KUBECONFIG");
+    let config = kube::config::Kubeconfig::read_from(&path).unwrap();
+    let mut config = serde_json::to_value(&config).unwrap();
+    for user in config["users"].as_array_mut().unwrap() {
+        user["user"] = json!({"token": token});
+    }
+    let out = dir.join("token.kubeconfig");
+    std::fs::write(&out, config.to_string()).unwrap();
+    out
+}
+
+/// A PersistentVolume bound in advance to the release's agentry-data claim (the local cluster
+/// has no provisioner), deleted when the guard drops.
+async fn volume_for(client: &Client, namespace: &str) -> ClusterScoped {
+    use k8s_openapi::api::core::v1::PersistentVolume;
+    let name = format!("{namespace}-data");
+    let pv: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "claimRef": {"namespace": namespace, "name": "agentry-data"},
+            "hostPath": {"path": format!("/tmp/{name}")}
+        }
+    }))
+    .unwrap();
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .unwrap();
+    let ar = kube::discovery::ApiResource::erase::<PersistentVolume>(&());
+    ClusterScoped {
+        objects: vec![(ar, name)],
+    }
+}
+
+/// The Agent of the install notes' step 2 (the heredoc), as printed.
+fn notes_agent(notes: &str) -> String {
+    let (_, rest) = notes
+        .split_once("kubectl apply -f - <<EOF\n")
+        .unwrap_or_else(|| panic!("no Agent to apply in the NOTES:\n{notes}"));
+    let (manifest, _) = rest.split_once("\n  EOF").unwrap();
+    manifest
+        .lines()
+        .map(|l| l.strip_prefix("  ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// (kind, name) of every object of the given kinds in a namespace (or cluster-wide, `None`),
+/// optionally selected by label.
+fn listed(kinds: &str, namespace: Option<&str>, selector: Option<&str>) -> BTreeSet<String> {
+    let mut args = vec!["get", kinds, "-o", "name"];
+    if let Some(ns) = namespace {
+        args.extend(["-n", ns]);
+    }
+    if let Some(s) = selector {
+        args.extend(["-l", s]);
+    }
+    let (ok, out, err) = tool("kubectl", &args, None);
+    assert!(ok, "kubectl {args:?}: {err}");
+    out.lines().map(str::to_string).collect()
+}
+
+/// What the chart names in the release namespace, and the kinds to look for leftovers of.
+const RELEASE_KINDS: &str = "deployments,replicasets,pods,services,serviceaccounts,roles,rolebindings,\
+     poddisruptionbudgets,networkpolicies,persistentvolumeclaims,secrets,configmaps,leases";
+const CLUSTER_KINDS: &str = "clusterroles,clusterrolebindings,validatingadmissionpolicies,\
+     validatingadmissionpolicybindings";
+
+/// `helm install` into the local control plane, the way docs/install.md says, with one watched
+/// namespace; then the controller reconciles the notes' Agent to Ready; `helm upgrade` changes
+/// the Deployment; `helm uninstall` leaves only what docs/install.md says stays.
+///
+/// The Deployment's pod does not really run here (kwok marks it Running), so the controller
+/// binary runs as a local process authenticated with a token of the chart's ServiceAccount
+/// (`kubectl create token`, the TokenRequest API): every call it makes is authorised by the
+/// installed release's RBAC, as in the pod.
+#[tokio::test]
+async fn helm_install_upgrade_uninstall() {
+    let (client, home) = setup("chart-e2e").await;
+    let watched = TestNamespace::new(&client, "chart-e2e-team").await;
+    let (ns, team) = (home.name.as_str(), watched.name.as_str());
+    let release = format!("agentry-{}", ns.rsplit('-').next().unwrap());
+    let _volume = volume_for(&client, ns).await;
+    let notes = install_and_check(&client, &release, ns, team).await;
+
+    // The controller, as the chart's ServiceAccount, and the Agent of the notes.
+    let (ok, token, err) = tool(
+        "kubectl",
+        &["create", "token", "agentry", "-n", ns, "--duration", "1h"],
+        None,
+    );
+    assert!(ok, "kubectl create token: {err}");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = token_kubeconfig(dir.path(), token.trim());
+    let controller = Controller::start(&kubeconfig, ns, team);
+    let (ok, out, err) = tool("kubectl", &["apply", "-f", "-"], Some(&notes_agent(&notes)));
+    assert!(ok, "applying the notes' Agent: {err}\n{out}");
+    let ready = |a: &Agent| condition(a, "Ready").is_some_and(|c| c.status == "True");
+    wait_agent(
+        &client,
+        team,
+        "hello",
+        Duration::from_secs(60),
+        "Ready under the installed release",
+        ready,
+    )
+    .await;
+    let (ok, described, _) = tool("kubectl", &["-n", team, "describe", "agent", "hello"], None);
+    assert!(ok && described.contains("CertificateIssued"), "{described}");
+
+    upgrade_changes_the_deployment(&client, &release, ns).await;
+
+    // Uninstall as docs/install.md says: Agents first (their finalizers need the controller).
+    let (ok, _, err) = tool(
+        "kubectl",
+        &[
+            "delete",
+            "agents",
+            "--all",
+            "-n",
+            team,
+            "--wait",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert!(ok, "deleting the Agent: {err}\n{}", controller.logs());
+    let forbidden = controller.forbidden();
+    assert!(
+        forbidden.is_empty(),
+        "refused under the release's RBAC:\n{}",
+        forbidden.join("\n")
+    );
+    drop(controller);
+    let (ok, out, err) = tool("helm", &["uninstall", &release, "-n", ns, "--wait"], None);
+    assert!(ok, "helm uninstall: {err}\n{out}");
+    uninstall_leaves_what_is_documented(&release, ns, team);
+    let pvcs: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(client.clone(), ns);
+    pvcs.delete("agentry-data", &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+/// `helm install --wait` of one watched namespace: the chart's objects are there, labelled with
+/// the release, and the disruption controller lets a drain take the single replica. The notes.
+async fn install_and_check(client: &Client, release: &str, ns: &str, team: &str) -> String {
+    let watch = format!("watchNamespaces={{{team}}}");
+    let (ok, notes, err) = tool(
+        "helm",
+        &[
+            "install",
+            release,
+            CHART,
+            "-n",
+            ns,
+            "--set",
+            &watch,
+            "--wait",
+            "--timeout",
+            "2m",
+        ],
+        None,
+    );
+    assert!(ok, "helm install: {err}\n{notes}");
+    let chart_objects = listed(
+        RELEASE_KINDS,
+        Some(ns),
+        Some(&format!("app.kubernetes.io/instance={release}")),
+    );
+    for expected in [
+        "deployment.apps/agentry",
+        "service/agentry-api",
+        "service/agentry-metrics",
+        "serviceaccount/agentry",
+        "role.rbac.authorization.k8s.io/agentry-self",
+        "poddisruptionbudget.policy/agentry",
+        "persistentvolumeclaim/agentry-data",
+    ] {
+        assert!(
+            chart_objects.contains(expected),
+            "{expected} missing: {chart_objects:?}"
+        );
+    }
+    let cluster_objects = listed(
+        CLUSTER_KINDS,
+        None,
+        Some(&format!("app.kubernetes.io/instance={release}")),
+    );
+    assert!(
+        cluster_objects
+            .iter()
+            .any(|o| o.ends_with(&format!("/agentry-{ns}-agent-pod-memory"))),
+        "{cluster_objects:?}"
+    );
+    // The single replica may be evicted by a drain: the disruption controller agrees.
+    let pdbs: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        ns,
+        &kube::discovery::ApiResource::erase::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(
+            &(),
+        ),
+    );
+    eventually_ok(
+        Duration::from_secs(30),
+        "the PodDisruptionBudget to allow a disruption",
+        || async {
+            Ok::<bool, kube::Error>(
+                pdbs.get("agentry").await?.data["status"]["disruptionsAllowed"] == 1,
+            )
+        },
+    )
+    .await;
+    notes
+}
+
+/// `helm upgrade --reuse-values` with another concurrency: the Deployment's args follow.
+async fn upgrade_changes_the_deployment(client: &Client, release: &str, ns: &str) {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let before = deployments.get("agentry").await.unwrap();
+    // Helm leaves CRDs alone on upgrade: docs/install.md applies them first. A dry run here:
+    // other tests share the cluster's CRDs (the command is checked, the CRDs stay as they are).
+    let crds = format!("{CHART}/crds/");
+    let (ok, out, err) = tool(
+        "kubectl",
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--dry-run=server",
+            "-f",
+            &crds,
+        ],
+        None,
+    );
+    assert!(ok, "applying the chart's CRDs: {err}\n{out}");
+    let (ok, out, err) = tool(
+        "helm",
+        &[
+            "upgrade",
+            release,
+            CHART,
+            "-n",
+            ns,
+            "--reuse-values",
+            "--set",
+            "concurrency=7",
+            "--wait",
+            "--timeout",
+            "2m",
+        ],
+        None,
+    );
+    assert!(ok, "helm upgrade: {err}\n{out}");
+    let after = deployments.get("agentry").await.unwrap();
+    let args = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .args
+            .clone()
+            .unwrap_or_default()
+    };
+    assert!(
+        args(&before).contains(&"--concurrency=32".to_string()),
+        "{:?}",
+        args(&before)
+    );
+    assert!(
+        args(&after).contains(&"--concurrency=7".to_string()),
+        "{:?}",
+        args(&after)
+    );
+    assert!(after.metadata.generation > before.metadata.generation);
+    // --reuse-values kept the mode.
+    assert!(
+        args(&after)
+            .iter()
+            .any(|a| a.starts_with("--watch-namespace=")),
+        "{:?}",
+        args(&after)
+    );
+}
+
+/// After `helm uninstall`: no cluster-scoped object of the release; in the release namespace
+/// only the kept volume and what the controller created at run time (the CA and signing-key
+/// Secrets, the trust bundle and JWKS ConfigMaps, its Lease); nothing of the release in the
+/// watched namespace.
+fn uninstall_leaves_what_is_documented(release: &str, ns: &str, team: &str) {
+    let selector = format!("app.kubernetes.io/instance={release}");
+    let cluster = listed(CLUSTER_KINDS, None, Some(&selector));
+    assert!(cluster.is_empty(), "left cluster-wide: {cluster:?}");
+    let by_name = listed(CLUSTER_KINDS, None, None);
+    let ours: Vec<_> = by_name
+        .iter()
+        .filter(|o| o.contains(&format!("agentry-{ns}")))
+        .collect();
+    assert!(ours.is_empty(), "left cluster-wide: {ours:?}");
+    let labelled = listed(RELEASE_KINDS, Some(ns), Some(&selector));
+    assert_eq!(
+        labelled,
+        BTreeSet::from(["persistentvolumeclaim/agentry-data".to_string()]),
+        "the release's objects left in {ns}"
+    );
+    let left: BTreeSet<String> = listed(RELEASE_KINDS, Some(ns), None);
+    let documented: BTreeSet<String> = [
+        "persistentvolumeclaim/agentry-data",
+        "secret/agentry-ca",
+        "secret/agentry-token-signing",
+        "configmap/agentry-ca",
+        "configmap/agentry-jwks",
+        "lease.coordination.k8s.io/agentry-controller",
+        // Kubernetes' own, in every namespace.
+        "configmap/kube-root-ca.crt",
+        "serviceaccount/default",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(left, documented, "left in the release namespace {ns}");
+    let in_team = listed("roles,rolebindings", Some(team), None);
+    assert!(in_team.is_empty(), "left in {team}: {in_team:?}");
 }

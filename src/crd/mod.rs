@@ -78,12 +78,24 @@ pub fn render_yaml() -> Result<String, serde_saphyr::SerializeError> {
     Ok(render_crds()? + &render_policy()?)
 }
 
-/// The chart's policy template: the same policy, behind `admissionPolicy.enabled`.
+/// The chart's policy template: the same policy, behind `admissionPolicy.enabled`, named after
+/// the release namespace (cluster-scoped objects of two releases must not collide) and carrying
+/// the release's labels (so that what `helm uninstall` removes can be listed by them).
 pub fn render_chart_policy() -> Result<String, serde_saphyr::SerializeError> {
+    let name = crate::workload::policy::POLICY_NAME;
+    let part_of = "    app.kubernetes.io/part-of: agentry\n";
+    let policy = render_policy()?
+        .replace(
+            &format!(": {name}\n"),
+            ": agentry-{{ .Release.Namespace }}-agent-pod-memory\n",
+        )
+        .replace(
+            part_of,
+            &format!("{part_of}    {{{{- include \"agentry.labels\" . | nindent 4 }}}}\n"),
+        );
     Ok(format!(
-        "{}{{{{- if .Values.admissionPolicy.enabled }}}}\n{}{{{{- end }}}}\n",
+        "{}{{{{- if .Values.admissionPolicy.enabled }}}}\n{policy}{{{{- end }}}}\n",
         HEADER.replace('#', "{{/*").replace(".\n", ". */}}\n"),
-        render_policy()?
     ))
 }
 
