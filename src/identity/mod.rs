@@ -1,6 +1,7 @@
 //! Agent identity: the SQLite-ledgered CA (`ca`, `store`) and scoped, certificate-bound JWTs (`jwt`).
 
 pub mod authority;
+pub mod guard;
 pub mod ca;
 pub mod jwt;
 pub mod rotation;
