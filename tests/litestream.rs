@@ -127,7 +127,11 @@ impl Replica {
                 )
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 
@@ -401,9 +405,11 @@ async fn a_lost_data_directory_is_restored_from_the_replica() {
     }
     eprintln!("replication lag (revocation commit -> in the replica): {lags:?}");
     for old in &first[..3] {
-        eventually(Duration::from_secs(30), "revoked serial on the CRL", || async {
-            published_crl(&client, &ns).await.1.contains(old)
-        })
+        eventually(
+            Duration::from_secs(30),
+            "revoked serial on the CRL",
+            || async { published_crl(&client, &ns).await.1.contains(old) },
+        )
         .await;
     }
     let before = wait_replicated(&replica, &data_dir).await;
@@ -488,16 +494,25 @@ async fn an_older_ledger_is_refused_until_the_published_crl_is_adopted() {
         |a| condition(a, "CertificateIssued").is_some_and(|c| c.reason == "LedgerBehindCRL"),
     )
     .await;
-    let message = condition(&late, "CertificateIssued").unwrap().message.clone();
+    let message = condition(&late, "CertificateIssued")
+        .unwrap()
+        .message
+        .clone();
     assert!(
         message.contains("2 revoked serial(s)") && message.contains("docs/ha.md"),
         "{message}"
     );
     assert_eq!(serial(&late), "", "nothing may be issued");
     let readyz = stale.readyz().await.unwrap();
-    assert!(readyz.0 == 503 && readyz.1.contains("LedgerBehindCRL"), "{readyz:?}");
+    assert!(
+        readyz.0 == 503 && readyz.1.contains("LedgerBehindCRL"),
+        "{readyz:?}"
+    );
     assert_eq!(stale.metric("agentry_ledger_behind_crl").await, Some(1.0));
-    assert_eq!(stale.metric("agentry_ledger_missing_revocations").await, Some(2.0));
+    assert_eq!(
+        stale.metric("agentry_ledger_missing_revocations").await,
+        Some(2.0)
+    );
     // Decided before anything could be published: the CRL is the one from before.
     assert_eq!(published_crl(&client, &ns).await, (number, listed.clone()));
     drop(stale);
@@ -573,7 +588,10 @@ async fn a_standby_restores_the_replica_when_it_takes_over() {
     eprintln!("failover: standby leading after {leading:?}, new Agent Ready after {agent_ready:?}");
 
     let restored = Ledger::read(&ledger_path(&dir_b));
-    assert!(restored.revoked(&first[0]), "the revocation did not survive");
+    assert!(
+        restored.revoked(&first[0]),
+        "the revocation did not survive"
+    );
     let (number, listed) = published_crl(&client, &ns).await;
     assert!(number > number_before && listed.contains(&first[0]));
     // The new leader replicates: its next revocation reaches the replica.

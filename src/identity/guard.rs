@@ -214,7 +214,10 @@ mod tests {
         let row = older.get(&a).unwrap().unwrap();
         assert_eq!(row.state, CertState::Revoked);
         assert_eq!(row.revocation_reason.as_deref(), Some("keyCompromise"));
-        assert_eq!(older.get(&b).unwrap().unwrap().agent_uid, "adopted-from-crl");
+        assert_eq!(
+            older.get(&b).unwrap().unwrap().agent_uid,
+            "adopted-from-crl"
+        );
         // The next CRL from the adopted ledger lists both, above the published number.
         let next = verified_revocations(&crl(&ca, &older), std::slice::from_ref(&ca));
         assert_eq!(next.number, 2);

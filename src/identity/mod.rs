@@ -1,8 +1,8 @@
 //! Agent identity: the SQLite-ledgered CA (`ca`, `store`) and scoped, certificate-bound JWTs (`jwt`).
 
 pub mod authority;
-pub mod guard;
 pub mod ca;
+pub mod guard;
 pub mod jwt;
 pub mod rotation;
 pub mod scopes;
