@@ -270,7 +270,7 @@ mod tests {
         for _ in 0..3 {
             published_from.next_crl_number().unwrap();
         }
-        let published = verified_revocations(&crl(&ca, &published_from), &[ca.clone()]);
+        let published = verified_revocations(&crl(&ca, &published_from), std::slice::from_ref(&ca));
         assert_eq!(published.number, 4);
         let fresh = Ledger::in_memory().unwrap();
         assert_eq!(
