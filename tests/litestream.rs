@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::events::v1::Event;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
@@ -515,6 +516,24 @@ async fn an_older_ledger_is_refused_until_the_published_crl_is_adopted() {
     );
     // Decided before anything could be published: the CRL is the one from before.
     assert_eq!(published_crl(&client, &ns).await, (number, listed.clone()));
+    // A deletion waits too (its revocation would go into a ledger about to be replaced).
+    Api::<Agent>::namespaced(client.clone(), &ns)
+        .delete("g2", &Default::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the deletion refused", || async {
+        refused_event(&client, &ns, "g2").await
+    })
+    .await;
+    assert!(
+        Api::<Agent>::namespaced(client.clone(), &ns)
+            .get_opt("g2")
+            .await
+            .unwrap()
+            .is_some(),
+        "the finalizer must wait for the ledger"
+    );
+    assert_eq!(published_crl(&client, &ns).await, (number, listed.clone()));
     drop(stale);
 
     let adopted = start(vec!["--adopt-published-crl".into()]);
@@ -534,6 +553,35 @@ async fn an_older_ledger_is_refused_until_the_published_crl_is_adopted() {
     let ledger = Ledger::read(&ledger_path(&data_dir));
     assert!(ledger.revoked(&first[0]) && ledger.revoked(&first[1]));
     assert_eq!(adopted.metric("agentry_ledger_behind_crl").await, Some(0.0));
+    // The deletion goes through now: g2's certificate is revoked and published.
+    eventually(
+        Duration::from_secs(30),
+        "g2 deleted and on the CRL",
+        || async {
+            let gone = matches!(
+                Api::<Agent>::namespaced(client.clone(), &ns)
+                    .get_opt("g2")
+                    .await,
+                Ok(None)
+            );
+            gone && published_crl(&client, &ns).await.1.contains(&first[2])
+        },
+    )
+    .await;
+}
+
+/// Whether the controller refused `name`'s reconcile because the ledger is behind (a Warning
+/// Event with the reason).
+async fn refused_event(client: &Client, ns: &str, name: &str) -> bool {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    events.list(&Default::default()).await.is_ok_and(|l| {
+        l.items.iter().any(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                && e.note
+                    .as_deref()
+                    .is_some_and(|n| n.contains("ledger is behind"))
+        })
+    })
 }
 
 /// Failover with a volume per replica: the leader replicates while it leads; the standby, on
@@ -608,4 +656,32 @@ async fn a_standby_restores_the_replica_when_it_takes_over() {
     .await;
     let mut b = b;
     kill_with_children(&mut b);
+}
+
+/// A replica whose `--on-lead-exec` fails (e.g. the replica is unreachable) does not lead: it
+/// opens no ledger, says why, and exits so that it restarts as a standby.
+#[tokio::test]
+async fn a_failing_restore_on_lead_keeps_the_replica_from_leading() {
+    let (_client, ns) = setup("ls-nolead").await;
+    let mut opts = ControllerOptions::new(&ns.name);
+    opts.extra_args = vec!["--on-lead-exec".into(), "exit 3".into()];
+    let mut c = ControllerProcess::start(opts);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = c.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running:\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let logs = c.logs();
+    assert!(
+        logs.contains("--on-lead-exec `exit 3` failed") && logs.contains("may be stale"),
+        "{logs}"
+    );
+    assert!(
+        !ledger_path(&c.data_dir()).exists(),
+        "no ledger may be opened"
+    );
 }

@@ -723,6 +723,12 @@ fn finish(
 pub async fn cleanup(agent: &Agent, ctx: &Context) -> Result<usize, IdentityError> {
     let authority = &ctx.authority;
     let Some(uid) = agent.uid() else { return Ok(0) };
+    // A ledger behind the published CRL may be replaced by a restore: a revocation written
+    // into it now could be lost, and could not be published. The finalizer waits instead.
+    authority.ledger_health().map_err(|e| {
+        tracing::warn!(agent = %agent.name_any(), "deletion waits: the ledger is behind the published CRL");
+        IdentityError::LedgerBehind(e)
+    })?;
     let now = Timestamp::now().as_second();
     let n = with_ledger(authority, move |l| {
         l.revoke_agent(&uid, RevocationReason::CessationOfOperation, now)
