@@ -46,6 +46,7 @@ fn litestream_bin() -> PathBuf {
 struct Replica {
     env: Vec<(String, String)>,
     bin: PathBuf,
+    config: String,
 }
 
 impl Replica {
@@ -80,11 +81,22 @@ impl Replica {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        Self { env, bin }
+        let config = format!("{REPO}/hack/litestream.yml.tmpl");
+        Self { env, bin, config }
     }
 
-    fn config() -> String {
-        format!("{REPO}/hack/litestream.yml.tmpl")
+    fn config(&self) -> &str {
+        &self.config
+    }
+
+    /// The bucket prefix this replica writes under.
+    fn path(&self) -> &str {
+        &self
+            .env
+            .iter()
+            .find(|(k, _)| k == "LITESTREAM_PATH")
+            .unwrap()
+            .1
     }
 
     /// `litestream <args>` for the controller whose data directory is `data_dir`.
@@ -103,7 +115,7 @@ impl Replica {
     fn replicate(&self, data_dir: &Path) -> Sidecar {
         let log = std::fs::File::create(data_dir.with_extension("litestream.log")).unwrap();
         let child = self
-            .command(data_dir, &["replicate", "-config", &Self::config()])
+            .command(data_dir, &["replicate", "-config", self.config()])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -120,7 +132,7 @@ impl Replica {
                     &[
                         "restore",
                         "-config",
-                        &Self::config(),
+                        self.config(),
                         "-if-replica-exists",
                         "-if-db-not-exists",
                         db.to_str().unwrap(),
@@ -149,7 +161,7 @@ impl Replica {
                 &[
                     "restore",
                     "-config",
-                    &Self::config(),
+                    self.config(),
                     "-if-replica-exists",
                     "-o",
                     out.to_str().unwrap(),
@@ -165,7 +177,7 @@ impl Replica {
 
     /// The controller hooks for a replica with its own volume (docs/ha.md).
     fn ha_args(&self) -> Vec<String> {
-        let config = Self::config();
+        let config = self.config();
         vec![
             "--on-lead-exec".into(),
             format!("{REPO}/hack/ledger-restore {config}"),
@@ -684,4 +696,94 @@ async fn a_failing_restore_on_lead_keeps_the_replica_from_leading() {
         !ledger_path(&c.data_dir()).exists(),
         "no ledger may be opened"
     );
+}
+
+/// The chart's ConfigMap (`templates/litestream-configmap.yaml`, rendered by helm) is a
+/// configuration the real Litestream accepts: with it, a committed row reaches the bucket and
+/// comes back with `litestream restore`, for both databases.
+#[tokio::test]
+async fn the_charts_litestream_config_replicates_and_restores() {
+    let mut replica = Replica::new("chart");
+    let s3 = common::s3::env();
+    let sets = [
+        "litestream.enabled=true".to_string(),
+        format!("litestream.bucket={}", s3["AGENTRY_S3_PRIMARY_BUCKET"]),
+        format!("litestream.path={}", replica.path()),
+        format!("litestream.endpoint={}", s3["AGENTRY_S3_PRIMARY_ENDPOINT"]),
+        "litestream.region=us-east-1".into(),
+        "litestream.forcePathStyle=true".into(),
+        "litestream.syncInterval=200ms".into(),
+        "litestream.credentialsSecret.name=s3".into(),
+    ];
+    let mut helm = Command::new(tool_dir().join("helm"));
+    helm.args(["template", "t", &format!("{REPO}/charts/agentry")])
+        .args(["--show-only", "templates/litestream-configmap.yaml"]);
+    for set in &sets {
+        helm.args(["--set", set]);
+    }
+    let rendered = helm.output().unwrap();
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let config = configmap_data(&rendered.stdout, "litestream.yml");
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("agentry");
+    let file = data.path().join("litestream.yml");
+    std::fs::write(
+        &file,
+        config.replace("/var/lib/agentry", data_dir.to_str().unwrap()),
+    )
+    .unwrap();
+    replica.config = file.display().to_string();
+    for db in ["ledger/ledger.db", "catalog/catalog.db"] {
+        let path = data_dir.join(db);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.execute_batch("CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('kept')")
+            .unwrap();
+    }
+    let _sidecar = replica.replicate(&data_dir);
+    for db in ["ledger/ledger.db", "catalog/catalog.db"] {
+        let out = data
+            .path()
+            .join(format!("{}.restored", db.replace('/', "-")));
+        eventually(
+            Duration::from_secs(20),
+            "the row in the replica",
+            || async {
+                let _ = std::fs::remove_file(&out);
+                let ok = replica
+                    .command(&data_dir, &["restore", "-config", replica.config(), "-o"])
+                    .args([out.to_str().unwrap(), data_dir.join(db).to_str().unwrap()])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                ok && rusqlite::Connection::open(&out)
+                    .and_then(|c| c.query_row("SELECT v FROM t", [], |r| r.get::<_, String>(0)))
+                    .is_ok_and(|v| v == "kept")
+            },
+        )
+        .await;
+    }
+}
+
+/// One key of a ConfigMap in YAML (converted by kubectl, which reads YAML).
+fn configmap_data(yaml: &[u8], key: &str) -> String {
+    use std::io::Write;
+    let mut kubectl = Command::new(tool_dir().join("kubectl"))
+        .args(["create", "--dry-run=client", "-o", "json", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    kubectl.stdin.take().unwrap().write_all(yaml).unwrap();
+    let out = kubectl.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let cm: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    cm["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {key} in {cm}"))
+        .to_string()
 }
