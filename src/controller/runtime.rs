@@ -303,16 +303,10 @@ async fn reconcile_agents(
         None => None,
     };
     let api = match ctx.config.api.clone() {
-        // A ledger behind the published CRL would answer revocation lookups wrongly and issue
-        // the API's own certificate: no API until it is restored (see `identity::guard`).
-        Some(_) if ctx.authority.ledger_health().is_err() => {
-            tracing::error!("not serving the agent API: the ledger is behind the published CRL");
-            None
-        }
-        Some(api) => {
+        Some(api) if api_allowed(&ctx) => {
             Some(start_api(&ctx, api, agents.clone(), backups, stop.clone(), api_role).await?)
         }
-        None => None,
+        _ => None,
     };
     run_agent_controller(
         ctx,
@@ -328,6 +322,16 @@ async fn reconcile_agents(
         let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
     }
     Ok(())
+}
+
+/// A ledger behind the published CRL would answer revocation lookups wrongly and issue the
+/// API's own certificate: no API until it is restored (see `identity::guard`).
+fn api_allowed(ctx: &Context) -> bool {
+    let allowed = ctx.authority.ledger_health().is_ok();
+    if !allowed && ctx.config.api.is_some() {
+        tracing::error!("not serving the agent API: the ledger is behind the published CRL");
+    }
+    allowed
 }
 
 /// Starts the agent API once the Agent cache is filled (its answers come from it), and keeps
