@@ -416,6 +416,20 @@ pub struct ControllerArgs {
     /// The `aud` of agent tokens.
     #[arg(long, default_value = "agentry")]
     token_audience: String,
+    /// Run this shell command after acquiring the leader Lease and before opening the ledger
+    /// (e.g. restore the newest Litestream replica; $AGENTRY_DATA_DIR is set). A failure stops
+    /// the replica leading. See docs/ha.md.
+    #[arg(long, env = "AGENTRY_ON_LEAD_EXEC")]
+    on_lead_exec: Option<String>,
+    /// Run this shell command while leading (started after --on-lead-exec, killed when
+    /// leadership ends), e.g. `litestream replicate`: only the leader replicates. See docs/ha.md.
+    #[arg(long, env = "AGENTRY_WHILE_LEADING_EXEC")]
+    while_leading_exec: Option<String>,
+    /// Recovery from a ledger behind the published CRL (condition reason LedgerBehindCRL):
+    /// apply the revocations of the published CRL, verified against the CA, to the ledger and
+    /// resume. Only when the ledger cannot be restored from its replica; see docs/ha.md.
+    #[arg(long)]
+    adopt_published_crl: bool,
     /// Testing only: divide every certificate and token lifetime by N, to watch renewals quickly.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     ttl_divisor: u32,
@@ -673,6 +687,11 @@ impl ControllerArgs {
             maintenance_interval: self.maintenance_interval,
             resync: self.resync_interval.max(Duration::from_secs(1)),
             concurrency: self.concurrency,
+            ha: agentry::controller::HaConfig {
+                on_lead_exec: self.on_lead_exec.filter(|c| !c.trim().is_empty()),
+                while_leading_exec: self.while_leading_exec.filter(|c| !c.trim().is_empty()),
+                adopt_published_crl: self.adopt_published_crl,
+            },
         })
     }
 }

@@ -67,6 +67,8 @@ pub mod reasons {
     pub const DELETED: &str = "Deleted";
     pub const INVALID_OBJECT: &str = "InvalidObject";
     pub const CA_EXPIRED: &str = "CaExpired";
+    /// The ledger lacks revocations the published CRL lists: nothing is issued (docs/ha.md).
+    pub const LEDGER_BEHIND_CRL: &str = "LedgerBehindCRL";
     pub const CLAMPED: &str = "LifetimeClamped";
     pub const CA_DROPPED: &str = "CaDropped";
 }

@@ -86,6 +86,10 @@ pub struct CaGauges {
     pub expired: Gauge,
     /// Seconds until the signing CA expires (negative once it has).
     pub expiry_seconds: Gauge<f64, AtomicU64>,
+    /// 1 while the ledger lacks revocations the published CRL lists (nothing is issued).
+    pub ledger_behind: Gauge,
+    /// How many published revocations the ledger lacks.
+    pub ledger_missing_revocations: Gauge,
 }
 
 /// The process-wide CA gauges.
@@ -153,6 +157,16 @@ impl Default for Metrics {
             "ca_expiry_seconds",
             "Seconds until the signing CA expires (negative once it has)",
             ca.expiry_seconds.clone(),
+        );
+        registry.register(
+            "ledger_behind_crl",
+            "1 while the ledger lacks revocations the published CRL lists: nothing is issued (restore the ledger, see docs/ha.md)",
+            ca.ledger_behind.clone(),
+        );
+        registry.register(
+            "ledger_missing_revocations",
+            "Revocations listed in the published CRL that the ledger lacks",
+            ca.ledger_missing_revocations.clone(),
         );
         let api_requests = Family::<ApiLabels, Counter>::default();
         registry.register(

@@ -56,6 +56,13 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
     if !s.ready.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "starting");
     }
+    if crate::telemetry::ca_gauges().ledger_behind.get() == 1 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ledger behind the published CRL (LedgerBehindCRL): issuing nothing; restore the \
+             ledger from the replica or restart with --adopt-published-crl (docs/ha.md)",
+        );
+    }
     match s.api.load(Ordering::Relaxed) {
         1 => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -48,6 +48,22 @@ pub struct Config {
     pub backup: Option<backups::BackupConfig>,
     /// Messaging: inboxes, ACL users and the relay (None: no `--redis-url`).
     pub messaging: Option<messaging::MessagingConfig>,
+    /// What a replica does around its leadership, for a ledger replicated by Litestream.
+    pub ha: HaConfig,
+}
+
+/// Leadership hooks for a ledger that reaches standbys only through a replica (docs/ha.md).
+#[derive(Clone, Debug, Default)]
+pub struct HaConfig {
+    /// Run (`sh -c`) after the Lease is acquired and before the ledger is opened, e.g. a
+    /// `litestream restore` of the newest replica; a failure stops this replica leading.
+    pub on_lead_exec: Option<String>,
+    /// Spawned (`sh -c`) after `on_lead_exec` and killed when leadership ends, e.g.
+    /// `litestream replicate`: only the leader replicates.
+    pub while_leading_exec: Option<String>,
+    /// Apply the published, signature-verified CRL to a ledger that is behind it, then resume
+    /// (the stale-ledger guard's recovery; see `identity::guard`).
+    pub adopt_published_crl: bool,
 }
 
 /// Where and as what the agent API is served.

@@ -156,8 +156,16 @@ async fn lead(
             Stopped::Shutdown
         }
     };
+    let _replicator = tokio::select! {
+        r = prepare_ledger(&config.ha, &config.authority.data_dir) => r?,
+        _ = stop.cancelled() => return Ok(stopped()),
+    };
     let bootstrap = tokio::select! {
-        a = Authority::bootstrap(&client, config.authority.clone()) => a,
+        a = Authority::bootstrap_with(
+            &client,
+            config.authority.clone(),
+            config.ha.adopt_published_crl,
+        ) => a,
         _ = stop.cancelled() => return Ok(stopped()),
     };
     let (authority, trust_changed) = bootstrap.context("starting the identity authority")?;
@@ -188,6 +196,44 @@ async fn lead(
     maintenance.abort();
     result?;
     Ok(stopped())
+}
+
+/// Runs the leadership hooks before the ledger is opened (docs/ha.md): `on_lead_exec` to
+/// completion (e.g. restore the newest replica), then spawns `while_leading_exec` (e.g.
+/// `litestream replicate`), killed when the returned handle drops (leadership ends).
+async fn prepare_ledger(
+    ha: &super::HaConfig,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Option<tokio::process::Child>> {
+    let sh = |cmd: &str| {
+        let mut c = tokio::process::Command::new("sh");
+        c.arg("-c")
+            .arg(cmd)
+            .env("AGENTRY_DATA_DIR", data_dir)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        c
+    };
+    if let Some(cmd) = &ha.on_lead_exec {
+        let started = std::time::Instant::now();
+        let status = sh(cmd)
+            .status()
+            .await
+            .with_context(|| format!("running --on-lead-exec `{cmd}`"))?;
+        anyhow::ensure!(
+            status.success(),
+            "--on-lead-exec `{cmd}` failed ({status}); not leading with a ledger that may be stale"
+        );
+        tracing::info!(command = %cmd, elapsed_ms = started.elapsed().as_millis() as u64, "on-lead command done");
+    }
+    let Some(cmd) = &ha.while_leading_exec else {
+        return Ok(None);
+    };
+    let child = sh(cmd)
+        .spawn()
+        .with_context(|| format!("starting --while-leading-exec `{cmd}`"))?;
+    tracing::info!(command = %cmd, pid = child.id(), "while-leading command started");
+    Ok(Some(child))
 }
 
 /// Builds the watch caches and runs the Agent controller until `stop`.
@@ -257,10 +303,10 @@ async fn reconcile_agents(
         None => None,
     };
     let api = match ctx.config.api.clone() {
-        Some(api) => {
+        Some(api) if api_allowed(&ctx) => {
             Some(start_api(&ctx, api, agents.clone(), backups, stop.clone(), api_role).await?)
         }
-        None => None,
+        _ => None,
     };
     run_agent_controller(
         ctx,
@@ -276,6 +322,16 @@ async fn reconcile_agents(
         let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
     }
     Ok(())
+}
+
+/// A ledger behind the published CRL would answer revocation lookups wrongly and issue the
+/// API's own certificate: no API until it is restored (see `identity::guard`).
+fn api_allowed(ctx: &Context) -> bool {
+    let allowed = ctx.authority.ledger_health().is_ok();
+    if !allowed && ctx.config.api.is_some() {
+        tracing::error!("not serving the agent API: the ledger is behind the published CRL");
+    }
+    allowed
 }
 
 /// Starts the agent API once the Agent cache is filled (its answers come from it), and keeps

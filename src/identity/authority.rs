@@ -79,6 +79,9 @@ pub enum AuthorityError {
     BadCaSet(String, #[source] CaSetError),
     #[error("background task failed: {0}")]
     Task(String),
+    /// The stale-ledger guard holds (see `identity::guard`): nothing is issued or published.
+    #[error("{0}")]
+    LedgerBehind(String),
 }
 
 impl From<tokio::task::JoinError> for AuthorityError {
@@ -104,6 +107,9 @@ pub struct Authority {
     /// CA lifecycle notes (an expired CA dropped from the set) not yet taken for Events, and
     /// every note ever made (each is made once).
     ca_notes: std::sync::Mutex<(Vec<String>, std::collections::HashSet<String>)>,
+    /// Set when the ledger lacks revocations the published CRL lists (see `identity::guard`):
+    /// the message with the fix. Nothing is issued or published while it is set.
+    behind: RwLock<Option<String>>,
 }
 
 /// Test hook (also for end-to-end tests): milliseconds to wait between signing a CRL and
@@ -130,6 +136,17 @@ impl Authority {
         client: &Client,
         config: AuthorityConfig,
     ) -> Result<(Self, futures::channel::mpsc::UnboundedReceiver<()>), AuthorityError> {
+        Self::bootstrap_with(client, config, false).await
+    }
+
+    /// `bootstrap`, checking the ledger against the published CRL first (the stale-ledger
+    /// guard): a ledger behind it issues and publishes nothing, unless `adopt_published_crl`
+    /// applies the published, signature-verified revocations to it.
+    pub async fn bootstrap_with(
+        client: &Client,
+        config: AuthorityConfig,
+        adopt_published_crl: bool,
+    ) -> Result<(Self, futures::channel::mpsc::UnboundedReceiver<()>), AuthorityError> {
         let dir = config.data_dir.clone();
         let ledger = Arc::new(tokio::task::spawn_blocking(move || Ledger::open(&dir)).await??);
         let (cas, notes) = load_or_create_ca(client, &config).await?;
@@ -143,7 +160,10 @@ impl Authority {
         let (authority, receiver) = Self::standalone(config, cas, tokens, ledger);
         authority.note(notes);
         authority.report_ca_health();
-        authority.publish_trust(client).await?;
+        authority.guard_ledger(client, adopt_published_crl).await?;
+        if authority.ledger_health().is_ok() {
+            authority.publish_trust(client).await?;
+        }
         authority.publish_jwks(client).await?;
         Ok((authority, receiver))
     }
@@ -171,6 +191,7 @@ impl Authority {
             trust_published: Default::default(),
             crl: CrlPublisher::new().with_delay(delay),
             ca_notes: Default::default(),
+            behind: Default::default(),
         };
         (authority, receiver)
     }
@@ -245,6 +266,94 @@ impl Authority {
         }
     }
 
+    /// `Err` (the reason and the fix) while the ledger is behind the published CRL: nothing may
+    /// be issued, and no CRL published, until it is restored or the published CRL adopted.
+    pub fn ledger_health(&self) -> Result<(), String> {
+        match &*self.behind.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(message) => Err(message.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// The stale-ledger guard: compares the ledger with the CRL published in the `agentry-ca`
+    /// ConfigMap (only CRLs signed by one of our CAs count). Behind it, either adopts the
+    /// published revocations (`adopt`) or holds: sets `behind`, logs and reports it.
+    pub async fn guard_ledger(&self, client: &Client, adopt: bool) -> Result<(), AuthorityError> {
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &self.config.namespace);
+        let pem = cms
+            .get_opt(&self.config.ca_configmap)
+            .await?
+            .and_then(|cm| cm.data?.remove("crl.pem"))
+            .unwrap_or_default();
+        let (cas, ledger) = (self.trusted_cas(), self.ledger.clone());
+        let outcome = tokio::task::spawn_blocking(move || {
+            let published = super::guard::verified_revocations(&pem, &cas);
+            let check = super::guard::check(&ledger, &published)?;
+            if let (true, super::guard::LedgerCheck::Behind(_)) = (adopt, &check) {
+                let changed =
+                    ledger.adopt_revocations(&published.revoked, published.number, now_unix())?;
+                return Ok::<_, StoreError>((published, check, Some(changed)));
+            }
+            Ok((published, check, None))
+        })
+        .await??;
+        self.apply_guard(outcome);
+        Ok(())
+    }
+
+    fn apply_guard(
+        &self,
+        (published, check, adopted): (
+            super::guard::PublishedCrl,
+            super::guard::LedgerCheck,
+            Option<usize>,
+        ),
+    ) {
+        use super::guard::LedgerCheck;
+        let gauges = crate::telemetry::ca_gauges();
+        if published.unverified > 0 {
+            tracing::warn!(
+                configmap = %format!("{}/{}", self.config.namespace, self.config.ca_configmap),
+                count = published.unverified,
+                "ignoring published CRLs that are not signed by our CA"
+            );
+        }
+        let behind = match check {
+            LedgerCheck::Behind(b) if adopted.is_none() => b,
+            LedgerCheck::Behind(b) => {
+                tracing::warn!(
+                    missing = b.missing.len(),
+                    rows_changed = adopted.unwrap_or(0),
+                    published = b.published_number,
+                    "adopted the published, signature-verified CRL into the ledger \
+                     (--adopt-published-crl); resuming"
+                );
+                gauges.ledger_behind.set(0);
+                gauges.ledger_missing_revocations.set(0);
+                return;
+            }
+            LedgerCheck::InStep { number_behind } => {
+                if number_behind {
+                    tracing::warn!(
+                        published = published.number,
+                        "the ledger's CRL number is behind the published CRL but holds every \
+                         published revocation; continuing above it"
+                    );
+                }
+                gauges.ledger_behind.set(0);
+                gauges.ledger_missing_revocations.set(0);
+                return;
+            }
+        };
+        let message = behind.message();
+        tracing::error!(missing = ?behind.missing, "{message}");
+        gauges.ledger_behind.set(1);
+        gauges
+            .ledger_missing_revocations
+            .set(behind.missing.len() as i64);
+        *self.behind.write().unwrap_or_else(|p| p.into_inner()) = Some(message);
+    }
+
     /// A lifetime from the spec, shortened by the testing divisor.
     pub fn scaled(&self, d: Duration) -> Duration {
         d / self.config.ttl_divisor.max(1)
@@ -270,6 +379,8 @@ impl Authority {
         &self,
         sink: &dyn TrustSink,
     ) -> Result<Option<u64>, AuthorityError> {
+        // Never publish a CRL from a ledger that lacks published revocations.
+        self.ledger_health().map_err(AuthorityError::LedgerBehind)?;
         // The CRL is re-signed at least every day (and on every revocation); during a rotation
         // the previous CA signs a CRL for its own certificates too.
         let published = self
@@ -349,7 +460,7 @@ impl Authority {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_none_or(|at| at.elapsed() >= CRL_REFRESH);
-        if trust_changed || stale {
+        if (trust_changed || stale) && self.ledger_health().is_ok() {
             self.publish_trust(client).await?;
         }
         Ok(())

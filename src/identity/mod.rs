@@ -2,6 +2,7 @@
 
 pub mod authority;
 pub mod ca;
+pub mod guard;
 pub mod jwt;
 pub mod rotation;
 pub mod scopes;

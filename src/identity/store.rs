@@ -58,6 +58,23 @@ impl RevocationReason {
     }
 }
 
+/// The ledger key of rows adopted from a published CRL whose certificate the ledger never saw.
+pub const ADOPTED_AGENT_UID: &str = "adopted-from-crl";
+
+/// One revocation read from a published, signature-verified CRL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdoptedRevocation {
+    /// Lowercase hex, no separators.
+    pub serial: String,
+    /// RFC 5280 name (`keyCompromise`, ...); `unspecified` when the CRL entry has none.
+    pub reason: String,
+    /// Unix seconds.
+    pub revoked_at: i64,
+    pub issuer_fingerprint: String,
+    /// How long a placeholder row stays on the CRL (the issuing CA's notAfter).
+    pub not_after: i64,
+}
+
 /// One ledger row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertRecord {
@@ -537,6 +554,82 @@ impl Ledger {
         )
         .map(|v| v as u64)
         .map_err(self.sql())
+    }
+
+    /// The last CRL number taken (0 before the first CRL).
+    pub fn crl_number(&self) -> Result<u64, StoreError> {
+        self.conn()
+            .query_row("SELECT value FROM crl_number WHERE id = 1", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|v| v as u64)
+            .map_err(self.sql())
+    }
+
+    /// Of `serials`, those the ledger does not hold as revoked (unknown, or not revoked): what a
+    /// CRL published from this ledger would drop.
+    pub fn not_revoked<'a>(&self, serials: &'a [String]) -> Result<Vec<&'a str>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT 1 FROM certificates WHERE serial = ?1 AND state = 'revoked'")
+            .map_err(self.sql())?;
+        let mut missing = Vec::new();
+        for serial in serials {
+            if !stmt.exists(params![serial]).map_err(self.sql())? {
+                missing.push(serial.as_str());
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Applies revocations taken from a published, signature-verified CRL (`agentry controller
+    /// --adopt-published-crl`), in one transaction: a known serial becomes revoked (keeping an
+    /// earlier revocation as it is); an unknown one (issued after the ledger's copy was taken)
+    /// gets a placeholder row under [`ADOPTED_AGENT_UID`] that stays on the CRL until
+    /// `not_after` (the issuing CA's end: no leaf outlives it). The CRL number moves up to
+    /// `crl_number` so the next CRL is above the published one. Returns the rows changed.
+    pub fn adopt_revocations(
+        &self,
+        revoked: &[AdoptedRevocation],
+        crl_number: u64,
+        now: i64,
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
+            let tx = conn.transaction()?;
+            let mut changed = 0;
+            for r in revoked {
+                changed += tx
+                    .prepare_cached(
+                        "UPDATE certificates SET state = 'revoked', revocation_reason = ?2, revoked_at = ?3
+                         WHERE serial = ?1 AND state != 'revoked'",
+                    )?
+                    .execute(params![r.serial, r.reason, r.revoked_at])?;
+                changed += tx
+                    .prepare_cached(
+                        "INSERT INTO certificates (serial, agent_uid, namespace, name, spiffe_id, fingerprint,
+                            issuer_fingerprint, not_before, not_after, state, revocation_reason, revoked_at, issued_at)
+                         VALUES (?1, ?2, '', '', '', '', ?3, 0, ?4, 'revoked', ?5, ?6, ?7)
+                         ON CONFLICT(serial) DO NOTHING",
+                    )?
+                    .execute(params![
+                        r.serial,
+                        ADOPTED_AGENT_UID,
+                        r.issuer_fingerprint,
+                        r.not_after,
+                        r.reason,
+                        r.revoked_at,
+                        now
+                    ])?;
+            }
+            tx.execute(
+                "UPDATE crl_number SET value = MAX(value, ?1) WHERE id = 1",
+                params![crl_number as i64],
+            )?;
+            tx.commit()?;
+            Ok(changed)
+        };
+        run(&mut conn).map_err(self.sql())
     }
 
     /// The soonest expiry among active certificates, unix seconds.

@@ -153,6 +153,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The agentry binary the controller processes run: cargo's, or `AGENTRY_TEST_BIN` (a copy of
+/// it, when several checkouts share one CARGO_TARGET_DIR and overwrite each other's binary).
+pub fn agentry_bin() -> PathBuf {
+    std::env::var_os("AGENTRY_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_agentry")))
+}
+
 /// An `agentry controller` process scoped to one namespace, killed when dropped.
 pub struct ControllerProcess {
     pub child: Child,
@@ -209,7 +217,7 @@ impl ControllerProcess {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| data.path().join("data"));
         let log_file = std::fs::File::create(&log).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_agentry"));
+        let mut command = Command::new(agentry_bin());
         if let Some(k) = opts.kubeconfig {
             command.env("KUBECONFIG", k);
         }

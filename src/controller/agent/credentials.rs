@@ -46,6 +46,8 @@ pub enum IdentityError {
     NotStored,
     #[error("{0}")]
     CaExpired(String),
+    #[error("{0}")]
+    LedgerBehind(String),
 }
 
 impl From<AuthorityError> for IdentityError {
@@ -69,6 +71,9 @@ impl IdentityError {
             }
             IdentityError::CaExpired(_) => {
                 Report::pending(CERTIFICATE_ISSUED, reasons::CA_EXPIRED, message)
+            }
+            IdentityError::LedgerBehind(_) => {
+                Report::pending(CERTIFICATE_ISSUED, reasons::LEDGER_BEHIND_CRL, message)
             }
             _ => Report::pending(CERTIFICATE_ISSUED, reasons::ISSUE_FAILED, message),
         }
@@ -342,6 +347,11 @@ pub async fn step(
     // An expired signing CA issues nothing: say so on every Agent (with the recovery), never
     // silently make a new CA.
     authority.ca_health().map_err(IdentityError::CaExpired)?;
+    // A ledger behind the published CRL issues nothing and handles no revocation (its CRL
+    // would drop published revocations): say why on every Agent, with the fix.
+    authority
+        .ledger_health()
+        .map_err(IdentityError::LedgerBehind)?;
     let secret_name = secret_name(agent);
     let existing = Api::<Secret>::namespaced(ctx.client.clone(), &t.ns)
         .get_opt(&secret_name)
@@ -723,6 +733,12 @@ fn finish(
 pub async fn cleanup(agent: &Agent, ctx: &Context) -> Result<usize, IdentityError> {
     let authority = &ctx.authority;
     let Some(uid) = agent.uid() else { return Ok(0) };
+    // A ledger behind the published CRL may be replaced by a restore: a revocation written
+    // into it now could be lost, and could not be published. The finalizer waits instead.
+    authority.ledger_health().map_err(|e| {
+        tracing::warn!(agent = %agent.name_any(), "deletion waits: the ledger is behind the published CRL");
+        IdentityError::LedgerBehind(e)
+    })?;
     let now = Timestamp::now().as_second();
     let n = with_ledger(authority, move |l| {
         l.revoke_agent(&uid, RevocationReason::CessationOfOperation, now)
