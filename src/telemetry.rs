@@ -52,6 +52,33 @@ pub struct ErrorLabels {
     pub kind: &'static str,
 }
 
+/// An Agent phase (`status.phase`; `Invalid` for an object that does not parse).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: String,
+}
+
+/// AgentBackups of one BackupLocation in one phase.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackupLabels {
+    pub location: String,
+    pub phase: String,
+}
+
+/// One Agent (its last successful backup).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabels {
+    pub namespace: String,
+    pub agent: String,
+}
+
+/// One store (`primary` or `secondary`) of a BackupLocation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    pub location: String,
+    pub store: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
     /// The route template, e.g. `/v1/agents/{namespace}/{name}`.
@@ -76,7 +103,54 @@ pub struct Metrics {
     /// Agent API requests by route and status code.
     pub api_requests: Family<ApiLabels, Counter>,
     pub api_request_duration: Histogram,
+    /// Agents by phase, counted from the watch cache at each scrape.
+    pub agents: Family<PhaseLabels, Gauge>,
+    /// AgentBackups by location and phase (Failed: nothing stored; PartiallyFailed: the
+    /// secondary copy failed), counted at each scrape.
+    pub backups: Family<BackupLabels, Gauge>,
+    /// Unix time of each Agent's newest Completed backup.
+    pub backup_last_success: Family<AgentLabels, Gauge<f64, AtomicU64>>,
+    /// 1 while a BackupLocation's store passed its last validation, else 0.
+    pub backup_store_available: Family<StoreLabels, Gauge>,
+    /// The messaging relay's counters.
+    pub relay: RelayMetrics,
+    /// Run before each render, to refresh the gauges counted from watch caches.
+    scrape_hooks: std::sync::Mutex<Vec<ScrapeHook>>,
 }
+
+type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
+
+/// The messaging relay's metrics (cheap clones of the registered ones).
+#[derive(Clone, Debug)]
+pub struct RelayMetrics {
+    /// Messages relayed by result: `delivered` to the receiver's inbox, or `refused` (a dead
+    /// letter: the sender gets an `agentry.undeliverable` notice instead).
+    pub messages: Family<ResultLabels, Counter>,
+    /// Failed Redis operations (a read of the outboxes or a write to an inbox; retried).
+    pub errors: Counter,
+    /// Seconds from a message's outbox write to the relay handling it.
+    pub lag: Histogram,
+}
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        Self {
+            messages: Family::default(),
+            errors: Counter::default(),
+            lag: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0]),
+        }
+    }
+}
+
+/// Every Agent phase, so each has a series even at zero.
+const PHASES: [&str; 6] = [
+    "Pending",
+    "Provisioning",
+    "Ready",
+    "Degraded",
+    "Failed",
+    "Terminating",
+];
 
 /// The signing CA's health. Process-wide, because the identity authority that sets them is
 /// built apart from the registry; every `Metrics` exposes these same gauges.
@@ -168,7 +242,7 @@ impl Default for Metrics {
             "Time to answer an agent API request",
             api_request_duration.clone(),
         );
-        Self {
+        let mut m = Self {
             ca,
             api_requests,
             api_request_duration,
@@ -181,13 +255,81 @@ impl Default for Metrics {
             certificates_revoked,
             tokens_minted,
             nearest_certificate_expiry,
-        }
+            agents: Family::default(),
+            backups: Family::default(),
+            backup_last_success: Family::default(),
+            backup_store_available: Family::default(),
+            relay: RelayMetrics::default(),
+            scrape_hooks: Default::default(),
+        };
+        let mut registry = std::mem::take(&mut m.registry);
+        m.register_state(&mut registry);
+        m.registry = registry;
+        m
     }
 }
 
 impl Metrics {
+    /// The gauges counted from watch caches, and the relay's metrics.
+    fn register_state(&self, registry: &mut Registry) {
+        registry.register("agents", "Agents by status.phase", self.agents.clone());
+        registry.register(
+            "agent_backups",
+            "AgentBackups by BackupLocation and phase",
+            self.backups.clone(),
+        );
+        registry.register(
+            "backup_last_success_timestamp_seconds",
+            "Unix time of the Agent's newest Completed backup",
+            self.backup_last_success.clone(),
+        );
+        registry.register(
+            "backup_store_available",
+            "1 while the BackupLocation store passed its last validation, else 0",
+            self.backup_store_available.clone(),
+        );
+        registry.register(
+            "relay_messages",
+            "Messages relayed by result (refused: a dead letter, returned as agentry.undeliverable)",
+            self.relay.messages.clone(),
+        );
+        registry.register(
+            "relay_errors",
+            "Failed Redis operations of the relay (retried)",
+            self.relay.errors.clone(),
+        );
+        registry.register(
+            "relay_lag_seconds",
+            "Seconds from a message's outbox write to the relay handling it",
+            self.relay.lag.clone(),
+        );
+    }
+
+    /// Runs `hook` before every render (it refreshes gauges counted from a watch cache).
+    pub fn on_scrape(&self, hook: impl Fn(&Metrics) + Send + Sync + 'static) {
+        let mut hooks = self.scrape_hooks.lock().unwrap_or_else(|e| e.into_inner());
+        hooks.push(Box::new(hook));
+    }
+
+    /// Sets `agentry_agents` from every Agent's phase (every known phase gets a series).
+    pub fn set_agent_phases(&self, phases: impl IntoIterator<Item = String>) {
+        let mut counts: std::collections::BTreeMap<String, i64> =
+            PHASES.iter().map(|p| (p.to_string(), 0)).collect();
+        for phase in phases {
+            *counts.entry(phase).or_default() += 1;
+        }
+        for (phase, n) in counts {
+            self.agents.get_or_create(&PhaseLabels { phase }).set(n);
+        }
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
+        // Held while encoding too, so two scrapes do not interleave refreshes.
+        let hooks = self.scrape_hooks.lock().unwrap_or_else(|e| e.into_inner());
+        for hook in hooks.iter() {
+            hook(self);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
