@@ -96,8 +96,11 @@ pub struct Metrics {
     pub certificates_issued: Counter,
     pub certificates_revoked: Counter,
     pub tokens_minted: Counter,
-    /// Seconds until the soonest-expiring active certificate (a float gauge).
+    /// Seconds until the soonest-expiring active certificate (a float gauge), recomputed at
+    /// each scrape from `nearest_certificate_expiry_at`.
     pub nearest_certificate_expiry: Gauge<f64, AtomicU64>,
+    /// Unix time the soonest-expiring active certificate expires (0: none known yet).
+    pub nearest_certificate_expiry_at: Gauge<f64, AtomicU64>,
     /// The signing CA's health (the same gauges as `ca_gauges()`).
     pub ca: CaGauges,
     /// Agent API requests by route and status code.
@@ -255,6 +258,7 @@ impl Default for Metrics {
             certificates_revoked,
             tokens_minted,
             nearest_certificate_expiry,
+            nearest_certificate_expiry_at: Gauge::default(),
             agents: Family::default(),
             backups: Family::default(),
             backup_last_success: Family::default(),
@@ -272,6 +276,11 @@ impl Default for Metrics {
 impl Metrics {
     /// The gauges counted from watch caches, and the relay's metrics.
     fn register_state(&self, registry: &mut Registry) {
+        registry.register(
+            "certificate_nearest_expiry_timestamp_seconds",
+            "Unix time the soonest-expiring active agent certificate expires",
+            self.nearest_certificate_expiry_at.clone(),
+        );
         registry.register("agents", "Agents by status.phase", self.agents.clone());
         registry.register(
             "agent_backups",
@@ -305,6 +314,24 @@ impl Metrics {
         );
     }
 
+    /// Records the soonest-expiring active certificate's `not_after` (Unix seconds), as the
+    /// ledger reports it after an issuance.
+    pub fn set_nearest_certificate_expiry(&self, not_after: i64) {
+        self.nearest_certificate_expiry_at.set(not_after as f64);
+        self.refresh_nearest_certificate_expiry();
+    }
+
+    /// Seconds from now to the recorded expiry, so the gauge counts down between issuances.
+    fn refresh_nearest_certificate_expiry(&self) {
+        let at = self.nearest_certificate_expiry_at.get();
+        if at > 0.0 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.nearest_certificate_expiry.set(at - now);
+        }
+    }
+
     /// Runs `hook` before every render (it refreshes gauges counted from a watch cache).
     pub fn on_scrape(&self, hook: impl Fn(&Metrics) + Send + Sync + 'static) {
         let mut hooks = self.scrape_hooks.lock().unwrap_or_else(|e| e.into_inner());
@@ -330,6 +357,7 @@ impl Metrics {
         for hook in hooks.iter() {
             hook(self);
         }
+        self.refresh_nearest_certificate_expiry();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -362,5 +390,31 @@ mod tests {
         let text = m.render();
         assert!(text.contains("agentry_ca_expired 1"), "{text}");
         assert!(text.contains("agentry_ca_expiry_seconds"), "{text}");
+    }
+
+    #[test]
+    fn state_gauges_are_refreshed_at_each_render() {
+        let m = Metrics::default();
+        let phases = std::sync::Arc::new(std::sync::Mutex::new(vec!["Ready".to_string()]));
+        let seen = phases.clone();
+        m.on_scrape(move |m| m.set_agent_phases(seen.lock().unwrap().clone()));
+        let text = m.render();
+        assert!(text.contains("agentry_agents{phase=\"Ready\"} 1"), "{text}");
+        assert!(
+            text.contains("agentry_agents{phase=\"Failed\"} 0"),
+            "{text}"
+        );
+        phases.lock().unwrap().push("Failed".into());
+        assert!(m.render().contains("agentry_agents{phase=\"Failed\"} 1"));
+        // The expiry counts down from the recorded not_after, not from issuance.
+        let in_an_hour = jiff::Timestamp::now().as_second() + 3600;
+        m.set_nearest_certificate_expiry(in_an_hour);
+        let left = m.nearest_certificate_expiry.get();
+        assert!((3500.0..=3600.0).contains(&left), "{left}");
+        let text = m.render();
+        assert!(
+            text.contains("agentry_certificate_nearest_expiry_timestamp_seconds"),
+            "{text}"
+        );
     }
 }

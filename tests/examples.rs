@@ -469,7 +469,10 @@ fn every_top_level_spec_field_of_full_yaml_is_commented() {
     let crd = serde_json::to_value(Agent::crd()).unwrap();
     let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
     let want = spec["properties"].as_object().unwrap().len();
-    assert_eq!(fields, want, "top-level spec fields in full.yaml vs the CRD");
+    assert_eq!(
+        fields, want,
+        "top-level spec fields in full.yaml vs the CRD"
+    );
 }
 
 // ---------------------------------------------------------------- Argo CD and Flux, structurally
