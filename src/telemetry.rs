@@ -137,8 +137,13 @@ pub struct RelayMetrics {
 
 impl Default for RelayMetrics {
     fn default() -> Self {
+        // Both results from the start, so rate() and alerts see a series before the first one.
+        let messages = Family::<ResultLabels, Counter>::default();
+        for result in ["delivered", "refused"] {
+            let _ = messages.get_or_create(&ResultLabels { result });
+        }
         Self {
-            messages: Family::default(),
+            messages,
             errors: Counter::default(),
             lag: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0]),
         }
