@@ -1013,21 +1013,6 @@ pub fn in_flight_id(prefix: &str, key: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn archive_keys_map_back_to_backups() {
-        let key =
-            crate::backup::engine::archive_name("team-a", "summarizer", "summarizer-202611291500");
-        assert_eq!(
-            in_flight_id("agentry/", &format!("agentry/{key}")),
-            "team-a/summarizer-202611291500"
-        );
-    }
-}
-
 /// `agentry_agent_backups`, `agentry_backup_last_success_timestamp_seconds` and
 /// `agentry_backup_store_available`, counted from the backup caches at each scrape.
 pub fn count_backups(metrics: &crate::telemetry::Metrics, service: Arc<BackupService>) {
@@ -1073,4 +1058,19 @@ pub fn count_backups(metrics: &crate::telemetry::Metrics, service: Arc<BackupSer
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn archive_keys_map_back_to_backups() {
+        let key =
+            crate::backup::engine::archive_name("team-a", "summarizer", "summarizer-202611291500");
+        assert_eq!(
+            in_flight_id("agentry/", &format!("agentry/{key}")),
+            "team-a/summarizer-202611291500"
+        );
+    }
 }
