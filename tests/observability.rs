@@ -401,14 +401,24 @@ async fn busy_controller_metrics() -> String {
             .unwrap();
     }
     name_conflict(&client, n).await;
-    for name in [KEEPER, "alice", "bob"] {
+    wait_agent(
+        &client,
+        n,
+        KEEPER,
+        Duration::from_secs(90),
+        "identity",
+        identity_issued,
+    )
+    .await;
+    // The relay reads an outbox once the Agent's messaging is provisioned.
+    for name in ["alice", "bob"] {
         wait_agent(
             &client,
             n,
             name,
             Duration::from_secs(90),
-            "identity",
-            identity_issued,
+            "MessagingReady",
+            |a| condition(a, "MessagingReady").is_some_and(|c| c.status == "True"),
         )
         .await;
     }
