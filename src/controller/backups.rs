@@ -1013,6 +1013,53 @@ pub fn in_flight_id(prefix: &str, key: &str) -> String {
     }
 }
 
+/// `agentry_agent_backups`, `agentry_backup_last_success_timestamp_seconds` and
+/// `agentry_backup_store_available`, counted from the backup caches at each scrape.
+pub fn count_backups(metrics: &crate::telemetry::Metrics, service: Arc<BackupService>) {
+    use crate::telemetry::{AgentLabels, BackupLabels, StoreLabels};
+    metrics.on_scrape(move |m| {
+        m.backups.clear();
+        m.backup_last_success.clear();
+        for backup in service.backups.state() {
+            let status = backup.status.clone().unwrap_or_default();
+            let phase = status.phase.unwrap_or(BackupPhase::New);
+            let location = status.location.clone().unwrap_or_default();
+            m.backups
+                .get_or_create(&BackupLabels {
+                    location,
+                    phase: phase.to_string(),
+                })
+                .inc();
+            let completed = status.completed_at.as_deref().and_then(parse_time);
+            if let (BackupPhase::Completed, Some(at)) = (phase, completed) {
+                let labels = AgentLabels {
+                    namespace: backup.namespace().unwrap_or_default(),
+                    agent: backup.spec.agent.clone(),
+                };
+                let secs = at.as_millisecond() as f64 / 1000.0;
+                let gauge = m.backup_last_success.get_or_create(&labels);
+                if gauge.get() < secs {
+                    gauge.set(secs);
+                }
+            }
+        }
+        m.backup_store_available.clear();
+        for location in service.locations.state() {
+            let status = location.status.clone().unwrap_or_default();
+            for (store, s) in [("primary", status.primary), ("secondary", status.secondary)] {
+                let labels = StoreLabels {
+                    location: location.name_any(),
+                    store,
+                };
+                let up = s.is_some_and(|s| s.available);
+                m.backup_store_available
+                    .get_or_create(&labels)
+                    .set(up as i64);
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -120,6 +120,7 @@ impl Messaging {
         agents: Store<DeserializeGuard<Agent>>,
         trust_domain: &str,
         replica: &str,
+        metrics: crate::telemetry::RelayMetrics,
     ) -> redis::RedisResult<Arc<Self>> {
         let pool = Pool::open(&config.target, config.pool_size).await?;
         let directory = Arc::new(StoreDirectory::new(
@@ -127,19 +128,22 @@ impl Messaging {
             trust_domain.to_string(),
             config.shards,
         ));
-        let relay = Arc::new(Relay::new(
-            config.target.clone(),
-            pool.clone(),
-            directory.clone(),
-            Settings {
-                shards: config.shards,
-                body_limit: config.body_limit,
-                consumer: replica.to_string(),
-                relay_id: format!("spiffe://{trust_domain}/agentry/relay"),
-                batch: 256,
-                claim_idle: Duration::from_secs(60),
-            },
-        ));
+        let relay = Arc::new(
+            Relay::new(
+                config.target.clone(),
+                pool.clone(),
+                directory.clone(),
+                Settings {
+                    shards: config.shards,
+                    body_limit: config.body_limit,
+                    consumer: replica.to_string(),
+                    relay_id: format!("spiffe://{trust_domain}/agentry/relay"),
+                    batch: 256,
+                    claim_idle: Duration::from_secs(60),
+                },
+            )
+            .with_metrics(metrics),
+        );
         Ok(Arc::new(Messaging {
             config,
             pool,

@@ -273,6 +273,7 @@ async fn reconcile_agents(
     };
     // Agents as the reconcile (and the API and the relay) need them.
     let (agents, writer) = reflector::store();
+    count_agent_phases(&metrics, agents.clone());
     let messaging = match config.messaging.clone() {
         Some(m) => {
             let started = crate::controller::messaging::Messaging::start(
@@ -280,6 +281,7 @@ async fn reconcile_agents(
                 agents.clone(),
                 &authority.config.trust_domain,
                 &config.replica,
+                metrics.relay.clone(),
             )
             .await
             .context("connecting to Redis (--redis-url)")?;
@@ -372,7 +374,24 @@ fn start_backups(
         config,
     ));
     tokio::spawn(manager.run(changed, stop));
+    super::backups::count_backups(&ctx.metrics, service.clone());
     Ok(service)
+}
+
+/// `agentry_agents{phase}`, counted from the Agent cache at each scrape.
+fn count_agent_phases(metrics: &Metrics, agents: Store<DeserializeGuard<Agent>>) {
+    metrics.on_scrape(move |m| {
+        m.set_agent_phases(agents.state().iter().map(|guard| {
+            match &guard.0 {
+                Ok(agent) => agent
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .map_or_else(|| "Pending".to_string(), |p| p.to_string()),
+                Err(_) => "Invalid".to_string(),
+            }
+        }))
+    });
 }
 
 async fn start_api(

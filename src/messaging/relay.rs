@@ -85,6 +85,8 @@ pub struct Relay {
     directory: Arc<dyn Directory>,
     settings: Settings,
     pub counters: Counters,
+    /// The controller's Prometheus metrics for the relay (None: the bench, tests).
+    metrics: Option<crate::telemetry::RelayMetrics>,
     /// Signalled when a shard reconnected after losing Redis (it may have restarted and lost
     /// its ACL users, which live in memory unless Redis has an ACL file).
     pub reconnected: tokio::sync::Notify,
@@ -115,7 +117,44 @@ impl Relay {
             directory,
             settings,
             counters: Counters::default(),
+            metrics: None,
             reconnected: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Also counts into the controller's metrics.
+    pub fn with_metrics(mut self, metrics: crate::telemetry::RelayMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Counts a delivered or refused message, with its lag (`now` minus the outbox entry's
+    /// time, from its stream ID `<ms>-<seq>`).
+    fn count(&self, result: &'static str, entry: &StreamId, now: i64) {
+        let counter = match result {
+            "delivered" => &self.counters.delivered,
+            _ => &self.counters.refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let Some(m) = &self.metrics else { return };
+        m.messages
+            .get_or_create(&crate::telemetry::ResultLabels { result })
+            .inc();
+        let written = entry
+            .id
+            .split('-')
+            .next()
+            .and_then(|ms| ms.parse::<i64>().ok());
+        if let Some(written) = written {
+            m.lag.observe((now - written).max(0) as f64 / 1000.0);
+        }
+    }
+
+    /// Counts a failed Redis operation.
+    fn count_error(&self) {
+        self.counters.failed.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.errors.inc();
         }
     }
 
@@ -210,7 +249,7 @@ impl Relay {
                 Err(e) => {
                     lost = true;
                     tracing::warn!(shard, error = %e, "relay: reading the outboxes failed; reconnecting");
-                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    self.count_error();
                     self.pause(&mut backoff, &stop).await;
                     continue;
                 }
@@ -409,11 +448,11 @@ impl Relay {
         for (i, entry) in entries.iter().enumerate() {
             let delivery = match self.decide(&sender, entry, now) {
                 Ok(d) => {
-                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    self.count("delivered", entry, now);
                     d
                 }
                 Err((refusal, id, to)) => {
-                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    self.count("refused", entry, now);
                     tracing::debug!(from = %sender.reference(), %to, error = %refusal, "relay: refused a message");
                     self.undeliverable(&sender, &id, &to, &refusal, now)
                 }
@@ -438,7 +477,7 @@ impl Relay {
                 Ok(()) => group.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
                 Err(e) => {
                     tracing::warn!(inbox = %group[0].1.inbox, error = %e, "relay: writing to an inbox failed; will retry");
-                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    self.count_error();
                     Vec::new()
                 }
             }

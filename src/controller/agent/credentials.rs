@@ -402,9 +402,7 @@ pub async fn step(
     );
     write_secret(&t, existing.as_ref(), &desired, revoke.is_some(), ctx).await?;
     if let Some(nearest) = with_ledger(authority, |l| l.nearest_active_expiry()).await? {
-        ctx.metrics
-            .nearest_certificate_expiry
-            .set((nearest - t.now) as f64);
+        ctx.metrics.set_nearest_certificate_expiry(nearest);
     }
     Ok(finish(&t, secret_name, &leaf.facts, &claims, events))
 }
