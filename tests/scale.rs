@@ -80,18 +80,11 @@ async fn audited_kubeconfig(client: &kube::Client, sa: &str, dir: &Path) -> Path
         },
         ..Default::default()
     };
-    let token = sas
-        .create_subresource::<k8s_openapi::api::authentication::v1::TokenRequest>(
-            "token",
-            sa,
-            &PostParams::default(),
-            &request,
-        )
+    let answer: k8s_openapi::api::authentication::v1::TokenRequest = sas
+        .create_subresource("token", sa, &PostParams::default(), &request)
         .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token;
+        .unwrap();
+    let token = answer.status.unwrap().token;
     let path = std::env::var("KUBECONFIG").unwrap();
     let mut config = kube::config::Kubeconfig::read_from(&path).unwrap();
     for named in &mut config.auth_infos {

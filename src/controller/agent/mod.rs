@@ -13,7 +13,7 @@ pub mod status;
 pub mod validate;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
