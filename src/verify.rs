@@ -877,6 +877,11 @@ fn newest_replicated(listed: &[crate::backup::store::Listed], now: i64) -> Optio
         .map(|(tx, newest)| (tx, (now - newest).max(0)))
 }
 
+/// The first of these environment variables that is set (Litestream's own names first).
+fn env_any(names: &[&str]) -> Option<String> {
+    names.iter().find_map(|n| std::env::var(n).ok())
+}
+
 async fn replica_check(db: &LitestreamDb, local: Option<u64>, max_lag: Duration) -> Check {
     let name = format!(
         "litestream {}",
@@ -900,12 +905,12 @@ async fn replica_check(db: &LitestreamDb, local: Option<u64>, max_lag: Duration)
         access_key: r
             .access_key_id
             .clone()
-            .or_else(|| std::env::var("AWS_ACCESS_KEY_ID").ok())
+            .or_else(|| env_any(&["LITESTREAM_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"]))
             .unwrap_or_default(),
         secret_key: r
             .secret_access_key
             .clone()
-            .or_else(|| std::env::var("AWS_SECRET_ACCESS_KEY").ok())
+            .or_else(|| env_any(&["LITESTREAM_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"]))
             .unwrap_or_default(),
         force_path_style: r.force_path_style,
         checksum_mode: crate::backup::store::ChecksumMode::WhenRequired,

@@ -731,9 +731,14 @@ async fn the_charts_litestream_config_replicates_and_restores() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().join("agentry");
     let file = data.path().join("litestream.yml");
+    // Litestream's metrics on a free loopback port instead of the pod's :9090.
+    let metrics = format!("127.0.0.1:{}", free_port());
+    assert!(config.contains("addr: \":9090\""), "{config}");
     std::fs::write(
         &file,
-        config.replace("/var/lib/agentry", data_dir.to_str().unwrap()),
+        config
+            .replace("/var/lib/agentry", data_dir.to_str().unwrap())
+            .replace("addr: \":9090\"", &format!("addr: \"{metrics}\"")),
     )
     .unwrap();
     replica.config = file.display().to_string();
@@ -745,7 +750,7 @@ async fn the_charts_litestream_config_replicates_and_restores() {
         conn.execute_batch("CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('kept')")
             .unwrap();
     }
-    let _sidecar = replica.replicate(&data_dir);
+    let sidecar = replica.replicate(&data_dir);
     for db in ["ledger/ledger.db", "catalog/catalog.db"] {
         let out = data
             .path()
@@ -767,6 +772,59 @@ async fn the_charts_litestream_config_replicates_and_restores() {
         )
         .await;
     }
+    // `agentry verify` reads the same config and Litestream's metrics: both replicas in step.
+    let url = format!("http://{metrics}/metrics");
+    let verify = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_agentry"))
+            .args(["verify", "-o", "json", "--namespace", "agentry-verify-none"])
+            .args(["--backup-location-selector", "agentry.dev/none=none"])
+            .args([
+                "--litestream-config",
+                &replica.config,
+                "--litestream-metrics-url",
+                &url,
+            ])
+            .envs(replica.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| {
+                c["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with("litestream")
+            })
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap().to_string(),
+                    c["status"].as_str().unwrap().to_string(),
+                    c["detail"].to_string(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    eventually(
+        Duration::from_secs(20),
+        "verify: both replicas in sync",
+        || async {
+            let checks = verify();
+            checks.len() == 2
+                && checks
+                    .iter()
+                    .all(|c| c.1 == "ok" && c.2.contains("in sync"))
+        },
+    )
+    .await;
+    // Broken: litestream stops. verify says so (its metrics are gone), per check.
+    drop(sidecar);
+    let checks = verify();
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    assert_eq!(checks[0].1, "fail", "{checks:?}");
+    assert!(checks[0].2.contains(&metrics), "{checks:?}");
 }
 
 /// One key of a ConfigMap in YAML (converted by kubectl, which reads YAML).

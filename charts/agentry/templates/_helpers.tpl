@@ -61,3 +61,23 @@ src/ (see tests/fixtures/rbac-*.yaml for the rendered result):
   verbs: ["patch"]
 {{- end }}
 {{- end -}}
+
+{{/* What the Litestream init containers and sidecar share (docs/ha.md). */}}
+{{- define "agentry.litestreamContainer" -}}
+env:
+  - name: LITESTREAM_ACCESS_KEY_ID
+    valueFrom: {secretKeyRef: {name: {{ required "litestream.credentialsSecret.name is required with litestream.enabled" .Values.litestream.credentialsSecret.name }}, key: {{ .Values.litestream.credentialsSecret.accessKeyIdKey }}}}
+  - name: LITESTREAM_SECRET_ACCESS_KEY
+    valueFrom: {secretKeyRef: {name: {{ .Values.litestream.credentialsSecret.name }}, key: {{ .Values.litestream.credentialsSecret.secretAccessKeyKey }}}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 65532
+  runAsGroup: 65532
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities: {drop: [ALL]}
+volumeMounts:
+  - {name: data, mountPath: /var/lib/agentry}
+  - {name: litestream-config, mountPath: /etc/litestream, readOnly: true}
+  - {name: litestream-tmp, mountPath: /tmp}
+{{- end -}}

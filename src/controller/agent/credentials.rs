@@ -829,7 +829,11 @@ mod tests {
         let latest = issued + 86_400 * 2 / 3;
         assert!(times.iter().all(|&t| t <= latest && t >= latest - 8_640));
         let distinct: std::collections::BTreeSet<_> = times.iter().collect();
-        assert!(distinct.len() > 900, "{} distinct renewal times", distinct.len());
+        assert!(
+            distinct.len() > 900,
+            "{} distinct renewal times",
+            distinct.len()
+        );
         let spread = times.iter().max().unwrap() - times.iter().min().unwrap();
         assert!(spread > 8_000, "spread {spread}s");
         let mut f = facts(issued, issued + 86_400);
