@@ -860,8 +860,8 @@ fn parse_txids(metrics: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// The highest transaction in a replica's LTX files (`<path>/ltx/<level>/<min>-<max>.ltx`,
-/// hex), and the newest file's age in seconds.
+/// The highest transaction in a replica's LTX files (`<path>/<level>/<min>-<max>.ltx`, hex),
+/// and the newest file's age in seconds.
 fn newest_replicated(listed: &[crate::backup::store::Listed], now: i64) -> Option<(u64, i64)> {
     listed
         .iter()
@@ -916,7 +916,8 @@ async fn replica_check(db: &LitestreamDb, local: Option<u64>, max_lag: Duration)
         checksum_mode: crate::backup::store::ChecksumMode::WhenRequired,
         options: Default::default(),
     };
-    let prefix = format!("{}/ltx/", r.path.trim_matches('/'));
+    // Litestream 0.5 writes `<path>/<level, 4 digits>/<min>-<max>.ltx` (level 9: snapshots).
+    let prefix = format!("{}/", r.path.trim_matches('/'));
     let listed = match S3Store::new(&cfg)
         .list(prefix.trim_start_matches('/'))
         .await
@@ -1013,18 +1014,18 @@ mod tests {
         };
         let files = [
             listed(
-                "agentry/ledger/ltx/0/0000000000000001-0000000000000029.ltx",
+                "agentry/ledger/0000/0000000000000001-0000000000000029.ltx",
                 100,
             ),
             listed(
-                "agentry/ledger/ltx/0/000000000000002a-000000000000002a.ltx",
+                "agentry/ledger/0000/000000000000002a-000000000000002a.ltx",
                 150,
             ),
             listed(
-                "agentry/ledger/ltx/1/0000000000000001-0000000000000020.ltx",
+                "agentry/ledger/0009/0000000000000001-0000000000000020.ltx",
                 160,
             ),
-            listed("agentry/ledger/ltx/0/README", 170),
+            listed("agentry/ledger/0000/README", 170),
         ];
         assert_eq!(newest_replicated(&files, 200), Some((42, 40)));
         assert_eq!(newest_replicated(&files[3..], 200), None);
