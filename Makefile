@@ -72,7 +72,11 @@ s3-up: ## Build (cached) and start the two local S3 stores: versitygw (primary) 
 image: ## Build the controller image: target/image/agentry-<version>.oci.tar (docker/podman load, ctr import)
 	hack/build-image
 
-e2e: cluster-up pyenv s3-up redis-up image ## End-to-end tests against the local control plane and S3 stores
+.PHONY: litestream
+litestream: ## Build Litestream (cached), for the ledger replication tests and docs/ha.md
+	hack/build-litestream >/dev/null
+
+e2e: cluster-up pyenv s3-up redis-up litestream image ## End-to-end tests against the local control plane and S3 stores
 	KUBECONFIG=$(KUBECONFIG_LOCAL) cargo test --test '*' -- --test-threads=2
 
 .PHONY: test
