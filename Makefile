@@ -83,7 +83,7 @@ e2e: cluster-up pyenv s3-up redis-up litestream image ## End-to-end tests agains
 test: lint unit e2e ## Everything: fmt, clippy, unit and end-to-end tests
 
 .PHONY: demo
-demo: build cluster-up s3-up redis-up ## Local control plane, S3 stores, CRDs, controller, examples, then what to look at
+demo: build cluster-up s3-up redis-up litestream ## Local control plane, S3 stores, CRDs, controller, examples, then what to look at
 	hack/demo up
 
 .PHONY: demo-down
