@@ -176,7 +176,9 @@ async fn healthy_agents_at_rest_cost_no_writes() {
         .map(|i| {
             let (client, ns) = (client.clone(), ns.name.clone());
             async move {
-                create_agent(&client, &ns, agent_manifest(&format!("a{i:05}"), json!({})))
+                // 10m CPU each: kwok-node-0 has 32 CPUs.
+                let small = json!({"spec": {"resources": {"cpu": "10m"}}});
+                create_agent(&client, &ns, agent_manifest(&format!("a{i:05}"), small))
                     .await
                     .unwrap()
             }
