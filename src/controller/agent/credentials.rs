@@ -262,14 +262,14 @@ pub fn token_refresh(
 pub fn renewal_time(f: &ca::LeafFacts) -> i64 {
     let issued = f.not_before.saturating_add(BACKDATE.as_secs() as i64);
     let life = f.not_after.saturating_sub(issued).max(0) as i128;
-    let spread = life / 10 * i128::from(jitter_per_mille(&f.serial)) / 1000;
+    let spread = life / 10 * i128::from(jitter_per_million(&f.serial)) / 1_000_000;
     clamp_i64(issued as i128 + life * 2 / 3 - spread)
 }
 
-/// 0..1000 from a serial (random hex): where in the spread window this certificate renews.
-fn jitter_per_mille(serial: &str) -> u16 {
+/// 0..1,000,000 from a serial (random hex): where in the spread window this certificate renews.
+fn jitter_per_million(serial: &str) -> u32 {
     let head = serial.get(..8).unwrap_or(serial);
-    u32::from_str_radix(head, 16).map_or(0, |v| (v % 1000) as u16)
+    u32::from_str_radix(head, 16).map_or(0, |v| v % 1_000_000)
 }
 
 /// 80% of the way from iat to exp. Total over any claims (a stored token is tenant-writable):
@@ -856,10 +856,10 @@ mod tests {
         };
         let good = want("k1", "spiffe://td/ns/a/agent/b", ttl);
         let check = |now| reissue_reason(&f, &good, now);
-        // Serial "ab" (171): 171/1000 of a tenth of the life earlier than 2/3.
-        assert_eq!(renewal_time(&f), issued + 2000 - 300 * 171 / 1000);
-        assert_eq!(check(issued + 1948), None);
-        assert_eq!(check(issued + 1949), Some(ReissueReason::RenewalDue));
+        // Serial "ab" (171): 171 millionths of a tenth of the life (0 s here) before 2/3.
+        assert_eq!(renewal_time(&f), issued + 2000);
+        assert_eq!(check(issued + 1999), None);
+        assert_eq!(check(issued + 2000), Some(ReissueReason::RenewalDue));
         // Each change forces a new certificate, with its own constant reason.
         let cases = [
             (
