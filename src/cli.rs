@@ -472,22 +472,8 @@ pub struct ControllerArgs {
     /// Manage only BackupLocations matching this label selector (sharding, tests).
     #[arg(long)]
     backup_location_selector: Option<String>,
-    /// Redis for agent messaging, as redis://host:port or rediss://host:port (TLS); with
-    /// --redis-cluster, comma-separated seed nodes of a Redis Cluster. Unset: no messaging
-    /// (Agents with spec.messaging report MessagingReady Unknown, NotConfigured).
-    #[arg(long, value_delimiter = ',')]
-    redis_url: Vec<String>,
-    /// The --redis-url nodes are a Redis Cluster.
-    #[arg(long)]
-    redis_cluster: bool,
-    /// The controller's Redis user: it creates agents' ACL users, streams and groups, and relays
-    /// messages (needs `+@all ~* &*`, or at least ACL, stream commands and DEL on `agentry:*`).
-    #[arg(long, default_value = "default")]
-    redis_username: String,
-    /// A file holding that user's password (e.g. a mounted Secret). The environment variable
-    /// AGENTRY_REDIS_PASSWORD is read when this is unset.
-    #[arg(long)]
-    redis_password_file: Option<PathBuf>,
+    #[command(flatten)]
+    redis: RedisArgs,
     /// The Redis URL(s) agents are given in their identity Secret (`redis.json`), when they
     /// reach Redis at another address than the controller (default: --redis-url).
     #[arg(long, value_delimiter = ',')]
@@ -505,39 +491,58 @@ pub struct ControllerArgs {
     message_body_limit: usize,
 }
 
-/// The Redis connection the `--redis-*` flags describe; None without a URL. The password is
-/// read from the file, or from AGENTRY_REDIS_PASSWORD.
-pub fn redis_target(
-    urls: &[String],
-    cluster: bool,
-    username: &str,
-    password_file: Option<&std::path::Path>,
-) -> Result<Option<agentry::messaging::conn::Target>, String> {
-    let urls: Vec<String> = urls
-        .iter()
-        .map(|u| u.trim().to_string())
-        .filter(|u| !u.is_empty())
-        .collect();
-    if urls.is_empty() {
-        return Ok(None);
+/// How the controller reaches Redis (`agentry controller`, and `agentry verify` to check it).
+#[derive(Args, Debug, Clone)]
+pub struct RedisArgs {
+    /// Redis for agent messaging, as redis://host:port or rediss://host:port (TLS); with
+    /// --redis-cluster, comma-separated seed nodes of a Redis Cluster. Unset: no messaging
+    /// (Agents with spec.messaging report MessagingReady Unknown, NotConfigured), and
+    /// `agentry verify` skips its Redis check.
+    #[arg(long, value_delimiter = ',')]
+    redis_url: Vec<String>,
+    /// The --redis-url nodes are a Redis Cluster.
+    #[arg(long)]
+    redis_cluster: bool,
+    /// The controller's Redis user: it creates agents' ACL users, streams and groups, and relays
+    /// messages (needs `+@all ~* &*`, or at least ACL, stream commands and DEL on `agentry:*`).
+    #[arg(long, default_value = "default")]
+    redis_username: String,
+    /// A file holding that user's password (e.g. a mounted Secret). The environment variable
+    /// AGENTRY_REDIS_PASSWORD is read when this is unset.
+    #[arg(long)]
+    redis_password_file: Option<PathBuf>,
+}
+
+impl RedisArgs {
+    /// The connection these flags describe; None without a URL.
+    pub fn target(&self) -> Result<Option<agentry::messaging::conn::Target>, String> {
+        let urls: Vec<String> = self
+            .redis_url
+            .iter()
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Ok(None);
+        }
+        let password = match &self.redis_password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("--redis-password-file {}: {e}", path.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+            ),
+            None => std::env::var("AGENTRY_REDIS_PASSWORD").ok(),
+        };
+        let target = agentry::messaging::conn::Target {
+            urls,
+            cluster: self.redis_cluster,
+            username: Some(self.redis_username.clone()),
+            password,
+        };
+        target.validate()?;
+        Ok(Some(target))
     }
-    let password = match password_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("--redis-password-file {}: {e}", path.display()))?
-                .trim_end_matches(['\r', '\n'])
-                .to_string(),
-        ),
-        None => std::env::var("AGENTRY_REDIS_PASSWORD").ok(),
-    };
-    let target = agentry::messaging::conn::Target {
-        urls,
-        cluster,
-        username: Some(username.to_string()),
-        password,
-    };
-    target.validate()?;
-    Ok(Some(target))
 }
 
 fn parse_body_limit(s: &str) -> Result<usize, String> {
@@ -585,13 +590,7 @@ pub fn render_ca_status(set: &CaSet, dropped: &[String], now: i64) -> String {
 
 impl ControllerArgs {
     fn messaging(&self) -> Result<Option<agentry::controller::messaging::MessagingConfig>, String> {
-        let Some(target) = redis_target(
-            &self.redis_url,
-            self.redis_cluster,
-            &self.redis_username,
-            self.redis_password_file.as_deref(),
-        )?
-        else {
+        let Some(target) = self.redis.target()? else {
             return Ok(None);
         };
         let urls = target.urls.clone();

@@ -40,18 +40,8 @@ pub struct VerifyArgs {
     /// the API over mTLS with its JWT, as that agent.
     #[arg(long)]
     identity_dir: Option<PathBuf>,
-    /// Redis, as the controller reaches it (redis:// or rediss://; comma-separated seeds with
-    /// --redis-cluster). Unset: not checked.
-    #[arg(long, value_delimiter = ',')]
-    redis_url: Vec<String>,
-    #[arg(long)]
-    redis_cluster: bool,
-    /// The controller's Redis user.
-    #[arg(long, default_value = "default")]
-    redis_username: String,
-    /// A file holding that user's password (AGENTRY_REDIS_PASSWORD when unset).
-    #[arg(long)]
-    redis_password_file: Option<PathBuf>,
+    #[command(flatten)]
+    redis: crate::cli::RedisArgs,
     /// The config `litestream replicate` runs with: the ledger's and catalog's replicas are
     /// checked against it. Needs --litestream-metrics-url.
     #[arg(long, requires = "litestream_metrics_url")]
@@ -77,12 +67,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Runs the checks; exit 0 when none failed, 1 when one did, 2 on bad flags.
 pub fn run(args: VerifyArgs) -> ExitCode {
-    let redis = match crate::cli::redis_target(
-        &args.redis_url,
-        args.redis_cluster,
-        &args.redis_username,
-        args.redis_password_file.as_deref(),
-    ) {
+    let redis = match args.redis.target() {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
