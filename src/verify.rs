@@ -490,39 +490,21 @@ async fn api(client: &Client, opts: &Options, bundle: Option<&str>) -> Check {
     }
 }
 
+/// A failed API check: what happened, and the fix.
+type ApiFailure = (String, String);
+
 async fn api_call(
     client: &Client,
     opts: &Options,
     url: &str,
     bundle: &str,
-) -> Result<String, (String, String)> {
+) -> Result<String, ApiFailure> {
     let base = url.trim_end_matches('/');
-    let roots = reqwest::Certificate::from_pem_bundle(bundle.as_bytes()).map_err(|e| {
-        (
-            format!("the bundle does not parse: {e}"),
-            "see the ca check".to_string(),
-        )
-    })?;
-    let mut builder = reqwest::Client::builder()
-        .tls_certs_only(roots)
-        .https_only(true)
-        .timeout(Duration::from_secs(10));
     let identity = match &opts.identity_dir {
         Some(dir) => Some(read_identity(dir)?),
         None => None,
     };
-    if let Some((cert, key, _)) = &identity {
-        let id = reqwest::Identity::from_pem(format!("{cert}\n{key}").as_bytes()).map_err(|e| {
-            (
-                format!("--identity-dir: {e}"),
-                "point it at a mounted identity Secret".into(),
-            )
-        })?;
-        builder = builder.identity(id);
-    }
-    let http = builder
-        .build()
-        .map_err(|e| (e.to_string(), String::new()))?;
+    let http = api_client(bundle, identity.as_ref())?;
     let unreachable = |e: reqwest::Error| {
         (
             format!("{base}: {}", error_chain(&e)),
@@ -537,6 +519,7 @@ async fn api_call(
         .json()
         .await
         .map_err(unreachable)?;
+    let served = key_ids(&jwks);
     let published = Api::<ConfigMap>::namespaced(client.clone(), &opts.namespace)
         .get_opt(&opts.jwks_configmap)
         .await
@@ -544,27 +527,13 @@ async fn api_call(
         .flatten()
         .and_then(|cm| cm.data?.get("jwks.json").cloned())
         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
-    let kids = |v: &serde_json::Value| -> Vec<String> {
-        let mut k: Vec<String> = v["keys"]
-            .as_array()
-            .map(|ks| {
-                ks.iter()
-                    .filter_map(|k| k["kid"].as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        k.sort();
-        k
-    };
-    if let Some(p) = &published
-        && kids(p) != kids(&jwks)
+    if let Some(p) = published.as_ref().map(key_ids)
+        && p != served
     {
         return Err((
             format!(
-                "the API serves key ids {:?}, the {} ConfigMap publishes {:?}",
-                kids(&jwks),
-                opts.jwks_configmap,
-                kids(p)
+                "the API serves key ids {served:?}, the {} ConfigMap publishes {p:?}",
+                opts.jwks_configmap
             ),
             "two controllers serve different keys? check that one release owns this namespace"
                 .into(),
@@ -572,27 +541,10 @@ async fn api_call(
     }
     let mut detail = format!(
         "{base} answers over TLS (server certificate from the bundle); JWKS with {} key(s)",
-        kids(&jwks).len()
+        served.len()
     );
     if let Some((cert, _, token)) = identity {
-        let facts = crate::identity::ca::leaf_facts(&cert).ok_or_else(|| {
-            (
-                "--identity-dir: tls.crt does not parse".to_string(),
-                String::new(),
-            )
-        })?;
-        let (ns, name) = facts
-            .uris
-            .iter()
-            .find_map(|u| u.rsplit_once("/ns/"))
-            .and_then(|(_, rest)| rest.split_once("/agent/"))
-            .map(|(n, a)| (n.to_string(), a.to_string()))
-            .ok_or_else(|| {
-                (
-                    "--identity-dir: the certificate has no agent SPIFFE ID".to_string(),
-                    String::new(),
-                )
-            })?;
+        let (ns, name) = agent_of(&cert)?;
         let status = http
             .get(format!("{base}/v1/agents/{ns}/{name}"))
             .bearer_auth(token.trim())
@@ -609,6 +561,60 @@ async fn api_call(
         detail.push_str(&format!("; mTLS + JWT call as {ns}/{name}: {status}"));
     }
     Ok(detail)
+}
+
+/// An HTTPS client that trusts only the bundle, presenting the agent's certificate if given.
+fn api_client(
+    bundle: &str,
+    identity: Option<&(String, String, String)>,
+) -> Result<reqwest::Client, ApiFailure> {
+    let roots = reqwest::Certificate::from_pem_bundle(bundle.as_bytes()).map_err(|e| {
+        (
+            format!("the bundle does not parse: {e}"),
+            "see the ca check".to_string(),
+        )
+    })?;
+    let mut builder = reqwest::Client::builder()
+        .tls_certs_only(roots)
+        .https_only(true)
+        .timeout(Duration::from_secs(10));
+    if let Some((cert, key, _)) = identity {
+        let id = reqwest::Identity::from_pem(format!("{cert}\n{key}").as_bytes()).map_err(|e| {
+            (
+                format!("--identity-dir: {e}"),
+                "point it at a mounted identity Secret".into(),
+            )
+        })?;
+        builder = builder.identity(id);
+    }
+    builder.build().map_err(|e| (e.to_string(), String::new()))
+}
+
+/// The sorted key ids of a JWKS.
+fn key_ids(jwks: &serde_json::Value) -> Vec<String> {
+    let mut ids: Vec<String> = jwks["keys"]
+        .as_array()
+        .map(|ks| {
+            ks.iter()
+                .filter_map(|k| k["kid"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// (namespace, name) from an agent certificate's SPIFFE ID.
+fn agent_of(cert: &str) -> Result<(String, String), ApiFailure> {
+    let bad = |what: &str| (format!("--identity-dir: {what}"), String::new());
+    crate::identity::ca::leaf_facts(cert)
+        .ok_or_else(|| bad("tls.crt does not parse"))?
+        .uris
+        .iter()
+        .find_map(|u| u.rsplit_once("/ns/"))
+        .and_then(|(_, rest)| rest.split_once("/agent/"))
+        .map(|(n, a)| (n.to_string(), a.to_string()))
+        .ok_or_else(|| bad("the certificate has no agent SPIFFE ID"))
 }
 
 fn read_identity(dir: &std::path::Path) -> Result<(String, String, String), (String, String)> {
@@ -882,15 +888,10 @@ fn env_any(names: &[&str]) -> Option<String> {
     names.iter().find_map(|n| std::env::var(n).ok())
 }
 
-async fn replica_check(db: &LitestreamDb, local: Option<u64>, max_lag: Duration) -> Check {
-    let name = format!(
-        "litestream {}",
-        std::path::Path::new(&db.path)
-            .file_name()
-            .map_or(db.path.clone(), |f| f.to_string_lossy().into_owned())
-    );
-    let r = &db.replica;
-    let cfg = StoreConfig {
+/// The S3 store a Litestream replica is written to (credentials from the config, else
+/// Litestream's or the AWS SDK's environment variables).
+fn replica_store(r: &LitestreamReplica) -> StoreConfig {
+    StoreConfig {
         endpoint: if r.endpoint.is_empty() {
             format!(
                 "https://s3.{}.amazonaws.com",
@@ -915,7 +916,18 @@ async fn replica_check(db: &LitestreamDb, local: Option<u64>, max_lag: Duration)
         force_path_style: r.force_path_style,
         checksum_mode: crate::backup::store::ChecksumMode::WhenRequired,
         options: Default::default(),
-    };
+    }
+}
+
+async fn replica_check(db: &LitestreamDb, local: Option<u64>, max_lag: Duration) -> Check {
+    let name = format!(
+        "litestream {}",
+        std::path::Path::new(&db.path)
+            .file_name()
+            .map_or(db.path.clone(), |f| f.to_string_lossy().into_owned())
+    );
+    let r = &db.replica;
+    let cfg = replica_store(r);
     // Litestream 0.5 writes `<path>/<level, 4 digits>/<min>-<max>.ltx` (level 9: snapshots).
     let prefix = format!("{}/", r.path.trim_matches('/'));
     let listed = match S3Store::new(&cfg)
