@@ -49,8 +49,17 @@ pub async fn reconcile(
             Event::Cleanup(agent) => cleanup(agent, &ctx).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .await;
+    let result = match result {
+        // The Agent is already gone: a second cleanup pass (its trigger raced the first
+        // pass's finalizer removal) found nothing left to release. Not an error.
+        Err(kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(e)))
+            if e.code == 404 =>
+        {
+            Ok(Action::await_change())
+        }
+        other => other.map_err(|e| Error::Finalizer(Box::new(e))),
+    };
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
