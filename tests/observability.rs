@@ -526,7 +526,7 @@ async fn the_chart_renders_the_dashboard_configmap_and_the_prometheus_rule() {
     let on = helm_template(&[
         "--set",
         "grafanaDashboard.enabled=true",
-        "--set",
+        "--set-string",
         "grafanaDashboard.labels.grafana_dashboard=1",
         "--set",
         "prometheusRule.enabled=true",
