@@ -16,6 +16,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// An error and its sources, `outer: inner: innermost`: the SDKs' and reqwest's Display is
+/// terse, and the source chain says what the server or the connection answered.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        message.push_str(": ");
+        message.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    message
+}
+
 /// Installs the global tracing subscriber. `RUST_LOG` overrides the default `info` filter.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()

@@ -507,7 +507,7 @@ async fn api_call(
     let http = api_client(bundle, identity.as_ref())?;
     let unreachable = |e: reqwest::Error| {
         (
-            format!("{base}: {}", error_chain(&e)),
+            format!("{base}: {}", crate::telemetry::error_chain(&e)),
             "check --api-url, the agentry-api Service and that the leader serves the API (api.enabled)".to_string(),
         )
     };
@@ -627,17 +627,6 @@ fn read_identity(dir: &std::path::Path) -> Result<(String, String, String), (Str
         })
     };
     Ok((read("tls.crt")?, read("tls.key")?, read("token")?))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 /// Redis answers as the controller's user, and that user may manage ACLs.
@@ -844,7 +833,7 @@ async fn litestream_txids(url: &str) -> Result<BTreeMap<String, u64>, String> {
         .get(url)
         .send()
         .await
-        .map_err(|e| error_chain(&e))?
+        .map_err(|e| crate::telemetry::error_chain(&e))?
         .text()
         .await
         .map_err(|e| e.to_string())?;

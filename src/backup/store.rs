@@ -169,19 +169,12 @@ fn s3_error(
     key: &str,
     e: impl std::error::Error,
 ) -> StoreError {
-    // The SDK's Display is terse; its source chain says what the server answered.
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
     StoreError::S3 {
         operation,
         bucket: bucket.to_string(),
         key: key.to_string(),
-        message,
+        // The SDK's Display is terse; its source chain says what the server answered.
+        message: crate::telemetry::error_chain(&e),
     }
 }
 
