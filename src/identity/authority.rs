@@ -279,12 +279,7 @@ impl Authority {
     /// ConfigMap (only CRLs signed by one of our CAs count). Behind it, either adopts the
     /// published revocations (`adopt`) or holds: sets `behind`, logs and reports it.
     pub async fn guard_ledger(&self, client: &Client, adopt: bool) -> Result<(), AuthorityError> {
-        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &self.config.namespace);
-        let pem = cms
-            .get_opt(&self.config.ca_configmap)
-            .await?
-            .and_then(|cm| cm.data?.remove("crl.pem"))
-            .unwrap_or_default();
+        let pem = self.sink(client).published_crl().await?;
         let (cas, ledger) = (self.trusted_cas(), self.ledger.clone());
         let outcome = tokio::task::spawn_blocking(move || {
             let published = super::guard::verified_revocations(&pem, &cas);
@@ -319,7 +314,7 @@ impl Authority {
             );
         }
         let behind = match check {
-            LedgerCheck::Behind(b) if adopted.is_none() => b,
+            LedgerCheck::Behind(b) if adopted.is_none() => Some(b),
             LedgerCheck::Behind(b) => {
                 tracing::warn!(
                     missing = b.missing.len(),
@@ -328,9 +323,7 @@ impl Authority {
                     "adopted the published, signature-verified CRL into the ledger \
                      (--adopt-published-crl); resuming"
                 );
-                gauges.ledger_behind.set(0);
-                gauges.ledger_missing_revocations.set(0);
-                return;
+                None
             }
             LedgerCheck::InStep { number_behind } => {
                 if number_behind {
@@ -340,17 +333,18 @@ impl Authority {
                          published revocation; continuing above it"
                     );
                 }
-                gauges.ledger_behind.set(0);
-                gauges.ledger_missing_revocations.set(0);
-                return;
+                None
             }
+        };
+        gauges.ledger_behind.set(i64::from(behind.is_some()));
+        gauges
+            .ledger_missing_revocations
+            .set(behind.as_ref().map_or(0, |b| b.missing.len() as i64));
+        let Some(behind) = behind else {
+            return;
         };
         let message = behind.message();
         tracing::error!(missing = ?behind.missing, "{message}");
-        gauges.ledger_behind.set(1);
-        gauges
-            .ledger_missing_revocations
-            .set(behind.missing.len() as i64);
         *self.behind.write().unwrap_or_else(|p| p.into_inner()) = Some(message);
     }
 
@@ -365,12 +359,16 @@ impl Authority {
     /// for it and then shares one more publish, which includes whatever it revoked. CRL numbers
     /// only ever go up.
     pub async fn publish_trust(&self, client: &Client) -> Result<(), AuthorityError> {
-        let sink = ConfigMapSink {
+        self.publish_trust_to(&self.sink(client)).await.map(|_| ())
+    }
+
+    /// The `agentry-ca` ConfigMap, where the trust bundle and the CRL are published.
+    fn sink<'a>(&'a self, client: &'a Client) -> ConfigMapSink<'a> {
+        ConfigMapSink {
             client,
             namespace: &self.config.namespace,
             name: &self.config.ca_configmap,
-        };
-        self.publish_trust_to(&sink).await.map(|_| ())
+        }
     }
 
     /// `publish_trust` into any sink. Returns the CRL number published, or None when a publish
@@ -613,17 +611,21 @@ pub struct ConfigMapSink<'a> {
     pub name: &'a str,
 }
 
+impl ConfigMapSink<'_> {
+    /// The published `crl.pem` (empty when nothing was published yet).
+    pub async fn published_crl(&self) -> Result<String, AuthorityError> {
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), self.namespace);
+        Ok(cms
+            .get_opt(self.name)
+            .await?
+            .and_then(|cm| cm.data?.remove("crl.pem"))
+            .unwrap_or_default())
+    }
+}
+
 impl TrustSink for ConfigMapSink<'_> {
     fn published_crl_number(&self) -> BoxFuture<'_, Result<Option<u64>, AuthorityError>> {
-        Box::pin(async move {
-            let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), self.namespace);
-            let crl = cms
-                .get_opt(self.name)
-                .await?
-                .and_then(|cm| cm.data?.remove("crl.pem"))
-                .unwrap_or_default();
-            Ok(crl_numbers(&crl).into_iter().max())
-        })
+        Box::pin(async move { Ok(crl_numbers(&self.published_crl().await?).into_iter().max()) })
     }
 
     fn publish(&self, bundle: String, crl: String) -> BoxFuture<'_, Result<(), AuthorityError>> {
