@@ -608,16 +608,9 @@ impl ControllerArgs {
         }))
     }
 
-    /// The controller's configuration from its flags.
-    pub fn into_config(self) -> Result<agentry::controller::Config, String> {
-        let messaging = self.messaging()?;
-        let replica = self.replica.unwrap_or_else(|| {
-            let host = hostname::get()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| "agentry".into());
-            format!("{host}-{}", std::process::id())
-        });
-        let api = match self.api_addr.trim() {
+    /// The agent API's settings; None with `--api-addr ""`.
+    fn api(&self) -> Result<Option<agentry::controller::ApiConfig>, String> {
+        match self.api_addr.trim() {
             "" => Ok(None),
             addr => addr
                 .parse::<SocketAddr>()
@@ -636,7 +629,19 @@ impl ControllerArgs {
                     })
                 })
                 .map_err(|e| format!("--api-addr {addr:?}: {e}; give host:port such as 0.0.0.0:8443, or \"\" for no API")),
-        }?;
+        }
+    }
+
+    /// The controller's configuration from its flags.
+    pub fn into_config(self) -> Result<agentry::controller::Config, String> {
+        let messaging = self.messaging()?;
+        let api = self.api()?;
+        let replica = self.replica.unwrap_or_else(|| {
+            let host = hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "agentry".into());
+            format!("{host}-{}", std::process::id())
+        });
         let sidecar = api
             .as_ref()
             .filter(|_| !self.sidecar_image.trim().is_empty())
@@ -672,8 +677,8 @@ impl ControllerArgs {
                 namespace: self.namespace,
                 ca_secret: self.ca_secret,
                 signing_secret: self.signing_secret,
-                ca_configmap: "agentry-ca".into(),
-                jwks_configmap: "agentry-jwks".into(),
+                ca_configmap: agentry::keys::CA_CONFIGMAP.into(),
+                jwks_configmap: agentry::keys::JWKS_CONFIGMAP.into(),
                 trust_domain: self.trust_domain,
                 token_audience: self.token_audience,
                 ca_validity: self.ca_validity,

@@ -86,8 +86,8 @@ pub fn run(args: VerifyArgs) -> ExitCode {
     let opts = agentry::verify::Options {
         namespace: args.namespace,
         lease_name: args.lease_name,
-        ca_configmap: "agentry-ca".into(),
-        jwks_configmap: "agentry-jwks".into(),
+        ca_configmap: agentry::keys::CA_CONFIGMAP.into(),
+        jwks_configmap: agentry::keys::JWKS_CONFIGMAP.into(),
         deployment: args.deployment,
         ca_expiry_warning: args.ca_expiry_warning,
         api_url: args.api_url,

@@ -3,6 +3,9 @@
 
 /// The field manager of every server-side apply, and the Event reporter name.
 pub const MANAGER: &str = "agentry";
+/// The ConfigMaps the leader publishes in its namespace: the trust bundle and CRL, the JWKS.
+pub const CA_CONFIGMAP: &str = "agentry-ca";
+pub const JWKS_CONFIGMAP: &str = "agentry-jwks";
 /// Guards state kept outside Kubernetes (CA ledger, Redis users, S3 objects).
 pub const FINALIZER: &str = "agentry.dev/cleanup";
 
