@@ -199,23 +199,12 @@ impl Relay {
         let mut seen: HashSet<String> = HashSet::new();
         let wake = wake_key(shard);
         while !stop.is_cancelled() {
-            let mut c = match conn.take() {
-                Some(c) => c,
-                None => match self.open(&wake).await {
-                    Ok(c) => {
-                        if std::mem::take(&mut lost) {
-                            self.reconnected.notify_one();
-                            pending_due = Some(Instant::now());
-                        }
-                        c
-                    }
-                    Err(e) => {
-                        lost = true;
-                        tracing::warn!(shard, error = %e, "relay: connecting to Redis failed; retrying");
-                        self.pause(&mut backoff, &stop).await;
-                        continue;
-                    }
-                },
+            let Some(mut c) = self
+                .connection(conn.take(), shard, &wake, &mut lost, &mut pending_due)
+                .await
+            else {
+                self.pause(&mut backoff, &stop).await;
+                continue;
             };
             let outboxes = self.directory.outboxes(shard);
             self.arm_reads(
@@ -266,6 +255,35 @@ impl Relay {
             } else {
                 pending_due = Some(Instant::now() + backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+
+    /// The shard's connection: the one kept from the last read, or a new one (None when
+    /// connecting failed). After a lost connection, re-reads what was pending.
+    async fn connection(
+        &self,
+        kept: Option<Conn>,
+        shard: u16,
+        wake: &str,
+        lost: &mut bool,
+        pending_due: &mut Option<Instant>,
+    ) -> Option<Conn> {
+        if kept.is_some() {
+            return kept;
+        }
+        match self.open(wake).await {
+            Ok(c) => {
+                if std::mem::take(lost) {
+                    self.reconnected.notify_one();
+                    *pending_due = Some(Instant::now());
+                }
+                Some(c)
+            }
+            Err(e) => {
+                *lost = true;
+                tracing::warn!(shard, error = %e, "relay: connecting to Redis failed; retrying");
+                None
             }
         }
     }
