@@ -146,11 +146,19 @@ impl Drop for TestNamespace {
 
 /// A free loopback port (bound then released; good enough for tests).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Below the kernel's ephemeral range (32768-60999 by default): a port handed out by
+    // `bind(:0)` is in that range, and any outgoing connection (a controller's to the
+    // apiserver, Redis, S3) may take it before the process meant to listen there binds it.
+    // Ports are never handed out twice by one test process.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = rand::random_range(20_000..32_000);
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// The agentry binary the controller processes run: cargo's, or `AGENTRY_TEST_BIN` (a copy of
