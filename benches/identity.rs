@@ -1,6 +1,7 @@
 //! Identity benchmarks (BENCHMARKS.md): each of ours against its raw baseline in the same run.
 //! - certificate issuance incl. the SQLite ledger commit (on disk, WAL, synchronous=FULL, group
-//!   commit) vs raw P-256 keygen + rcgen sign, 32 threads each (single-threaded figures too);
+//!   commit by a dedicated writer thread; random v4-UUID agent UIDs as Kubernetes gives) vs raw
+//!   P-256 keygen + rcgen sign, 32 threads each (single-threaded figures too);
 //! - JWT mint (claims, scope, jti, cnf thumbprint) vs a raw ES256 signature of the same bytes;
 //! - JWT verify (alg pin, kid, iss, aud, exp, nbf, cnf) vs a raw ES256 verification.
 
@@ -13,6 +14,20 @@ use agentry::identity::jwt::{SigningKey, TokenIssuer};
 use agentry::identity::store::Ledger;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 use report::{Row, ops_per_sec};
+
+/// A v4-UUID-shaped agent UID, unique per `i`.
+fn uuid_like(i: u64) -> String {
+    let r: u128 = rand::random::<u128>() ^ u128::from(i);
+    let h = format!("{r:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
 
 fn main() {
     let seconds: f64 = std::env::var("AGENTRY_BENCH_SECONDS")
@@ -30,7 +45,8 @@ fn main() {
     let issue = || {
         let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let req = LeafRequest {
-            agent_uid: format!("uid-{i}"),
+            // Random, as Kubernetes UIDs are (v4 UUIDs): one random index page per row.
+            agent_uid: uuid_like(i),
             namespace: "bench".into(),
             name: format!("agent-{i}"),
             trust_domain: "cluster.local".into(),

@@ -155,14 +155,21 @@ fn migrations() -> Migrations<'static> {
 }
 
 pub struct Ledger {
-    conn: Mutex<Connection>,
+    conn: std::sync::Arc<Mutex<Connection>>,
     /// A second, read-only connection for the API's per-request lookups: in WAL mode a reader
     /// never waits for the writer's commit (fsync), so lookups can run inline on the async
     /// workers. None for an in-memory ledger (lookups share the one connection).
     reader: Option<Mutex<Connection>>,
     path: String,
-    /// Rows waiting for the next group commit.
-    pending: Mutex<Vec<Pending>>,
+    /// The issuance writer: a thread that owns the commit path. Issuers hand it their row and
+    /// sleep until it answers; it writes every row queued meanwhile in one transaction (one
+    /// fsync), so concurrent issuers share a durable commit without polling or a lock convoy.
+    writer: Option<Writer>,
+}
+
+struct Writer {
+    queue: std::sync::mpsc::Sender<Pending>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 struct Pending {
@@ -229,11 +236,23 @@ impl Ledger {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql)?;
         migrations().to_latest(&mut conn)?;
+        let conn = std::sync::Arc::new(Mutex::new(conn));
+        let (queue, rows) = std::sync::mpsc::channel();
+        let thread = {
+            let (conn, writer_path) = (conn.clone(), path.clone());
+            std::thread::Builder::new()
+                .name("ledger-writer".into())
+                .spawn(move || write_batches(&conn, &writer_path, &rows))
+                .map_err(|source| StoreError::Io {
+                    path: path.clone(),
+                    source,
+                })?
+        };
         Ok(Self {
-            conn: Mutex::new(conn),
+            conn,
             reader: None,
             path,
-            pending: Mutex::new(Vec::new()),
+            writer: Some(Writer { queue, thread }),
         })
     }
 
@@ -251,111 +270,16 @@ impl Ledger {
     /// Records a new active certificate and supersedes the agent's previous active one, in one
     /// transaction. Returns only once committed.
     pub fn record_issued(&self, rec: &CertRecord, now: i64) -> Result<(), StoreError> {
-        // Group commit: queue the row, then whoever holds the connection writes every queued
-        // row in one transaction (one fsync) and tells each waiter its outcome. Concurrent
-        // issuers share the durable commit instead of queueing one fsync each.
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Pending {
-                record: rec.clone(),
-                now,
-                done: tx,
-            });
-        loop {
-            if let Ok(result) = rx.try_recv() {
-                return result;
-            }
-            match self.conn.try_lock() {
-                Ok(mut conn) => {
-                    let batch = std::mem::take(
-                        &mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()),
-                    );
-                    let outcomes = self.commit_batch(&mut conn, &batch);
-                    for (p, outcome) in batch.into_iter().zip(outcomes) {
-                        let _ = p.done.send(outcome);
-                    }
-                }
-                Err(std::sync::TryLockError::Poisoned(p)) => {
-                    // A panic elsewhere left the lock poisoned; the connection itself is fine.
-                    drop(p.into_inner());
-                    self.conn.clear_poison();
-                }
-                // Someone else is committing: wait on our own answer, not in a queue on the
-                // lock (a convoy of 32 waiters would serialize every wake-up).
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    if let Ok(result) = rx.recv_timeout(std::time::Duration::from_micros(200)) {
-                        return result;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Writes a batch in one transaction. Per-row outcomes: a duplicate serial fails alone; a
-    /// failed commit fails them all (and nothing of the batch is stored).
-    fn commit_batch(
-        &self,
-        conn: &mut Connection,
-        batch: &[Pending],
-    ) -> Vec<Result<(), StoreError>> {
-        let run = |conn: &mut Connection| -> Result<Vec<bool>, rusqlite::Error> {
-            let tx = conn.transaction()?;
-            let mut inserted = Vec::with_capacity(batch.len());
-            for p in batch {
-                let rec = &p.record;
-                tx.prepare_cached(
-                    "UPDATE certificates SET state = 'superseded' WHERE agent_uid = ?1 AND state = 'active'",
-                )?
-                .execute(params![rec.agent_uid])?;
-                let n = tx
-                    .prepare_cached(
-                        "INSERT INTO certificates (serial, agent_uid, namespace, name, spiffe_id, fingerprint,
-                        issuer_fingerprint, not_before, not_after, state, issued_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10)
-                     ON CONFLICT(serial) DO NOTHING",
-                    )?
-                    .execute(params![
-                        rec.serial,
-                        rec.agent_uid,
-                        rec.namespace,
-                        rec.name,
-                        rec.spiffe_id,
-                        rec.fingerprint,
-                        rec.issuer_fingerprint,
-                        rec.not_before,
-                        rec.not_after,
-                        p.now
-                    ],
-                )?;
-                inserted.push(n > 0);
-            }
-            tx.commit()?;
-            Ok(inserted)
+        let (done, answer) = std::sync::mpsc::channel();
+        let pending = Pending {
+            record: rec.clone(),
+            now,
+            done,
         };
-        match run(conn) {
-            Ok(inserted) => batch
-                .iter()
-                .zip(inserted)
-                .map(|(p, ok)| {
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err(StoreError::DuplicateSerial(p.record.serial.clone()))
-                    }
-                })
-                .collect(),
-            Err(e) => batch
-                .iter()
-                .map(|_| {
-                    Err(StoreError::Batch(format!(
-                        "ledger database {}: {e}",
-                        self.path
-                    )))
-                })
-                .collect(),
-        }
+        let gone = || StoreError::Batch(format!("ledger database {}: writer stopped", self.path));
+        let writer = self.writer.as_ref().ok_or_else(gone)?;
+        writer.queue.send(pending).map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
     }
 
     pub fn get(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
@@ -724,8 +648,83 @@ fn move_legacy_ledger(data_dir: &Path, dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Creates `dir` (and parents) with mode 0700, tightening it if it already exists. Only for
-/// directories this process owns (never a volume's root).
+/// The writer thread's loop: waits for one row, takes every row queued behind it, commits them
+/// in one transaction and answers each issuer. Ends when the ledger is dropped.
+fn write_batches(conn: &Mutex<Connection>, path: &str, rows: &std::sync::mpsc::Receiver<Pending>) {
+    while let Ok(first) = rows.recv() {
+        let mut batch = vec![first];
+        batch.extend(rows.try_iter());
+        let outcomes = commit_batch(
+            &mut conn.lock().unwrap_or_else(|p| p.into_inner()),
+            path,
+            &batch,
+        );
+        for (p, outcome) in batch.into_iter().zip(outcomes) {
+            let _ = p.done.send(outcome);
+        }
+    }
+}
+
+/// Writes a batch in one transaction. Per-row outcomes: a duplicate serial fails alone; a
+/// failed commit fails them all (and nothing of the batch is stored).
+fn commit_batch(
+    conn: &mut Connection,
+    path: &str,
+    batch: &[Pending],
+) -> Vec<Result<(), StoreError>> {
+    let run = |conn: &mut Connection| -> Result<Vec<bool>, rusqlite::Error> {
+        let tx = conn.transaction()?;
+        let mut inserted = Vec::with_capacity(batch.len());
+        for p in batch {
+            let rec = &p.record;
+            tx.prepare_cached(
+                "UPDATE certificates SET state = 'superseded' WHERE agent_uid = ?1 AND state = 'active'",
+            )?
+            .execute(params![rec.agent_uid])?;
+            let n = tx
+                .prepare_cached(
+                    "INSERT INTO certificates (serial, agent_uid, namespace, name, spiffe_id, fingerprint,
+                    issuer_fingerprint, not_before, not_after, state, issued_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10)
+                 ON CONFLICT(serial) DO NOTHING",
+                )?
+                .execute(params![
+                    rec.serial,
+                    rec.agent_uid,
+                    rec.namespace,
+                    rec.name,
+                    rec.spiffe_id,
+                    rec.fingerprint,
+                    rec.issuer_fingerprint,
+                    rec.not_before,
+                    rec.not_after,
+                    p.now
+                ],
+            )?;
+            inserted.push(n > 0);
+        }
+        tx.commit()?;
+        Ok(inserted)
+    };
+    match run(conn) {
+        Ok(inserted) => batch
+            .iter()
+            .zip(inserted)
+            .map(|(p, ok)| {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(StoreError::DuplicateSerial(p.record.serial.clone()))
+                }
+            })
+            .collect(),
+        Err(e) => batch
+            .iter()
+            .map(|_| Err(StoreError::Batch(format!("ledger database {path}: {e}"))))
+            .collect(),
+    }
+}
+
 /// WAL survives a crash mid-write; FULL makes each commit durable before its result is handed
 /// out (a certificate, a catalogued backup).
 pub fn durable(conn: &Connection) -> rusqlite::Result<()> {
@@ -735,6 +734,8 @@ pub fn durable(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "synchronous", "FULL")
 }
 
+/// Creates `dir` (and parents) with mode 0700, tightening it if it already exists. Only for
+/// directories this process owns (never a volume's root).
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
@@ -753,6 +754,17 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+impl Drop for Ledger {
+    /// Stops the writer and waits for it, so the database is closed when the ledger is gone
+    /// (a restore or a test may reopen the file at once).
+    fn drop(&mut self) {
+        if let Some(Writer { queue, thread }) = self.writer.take() {
+            drop(queue);
+            let _ = thread.join();
+        }
+    }
 }
 
 impl CertState {
@@ -912,7 +924,6 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(l.count().unwrap(), 1600);
-        assert!(l.pending.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -266,10 +266,13 @@ pub fn renewal_time(f: &ca::LeafFacts) -> i64 {
     clamp_i64(issued as i128 + life * 2 / 3 - spread)
 }
 
-/// 0..1,000,000 from a serial (random hex): where in the spread window this certificate renews.
+/// 0..1,000,000 from a serial's last 32 bits (random; its head is the issuance time): where
+/// in the spread window this certificate renews.
 fn jitter_per_million(serial: &str) -> u32 {
-    let head = serial.get(..8).unwrap_or(serial);
-    u32::from_str_radix(head, 16).map_or(0, |v| v % 1_000_000)
+    let tail = serial
+        .get(serial.len().saturating_sub(8)..)
+        .unwrap_or(serial);
+    u32::from_str_radix(tail, 16).map_or(0, |v| v % 1_000_000)
 }
 
 /// 80% of the way from iat to exp. Total over any claims (a stored token is tenant-writable):
@@ -819,10 +822,12 @@ mod tests {
     #[test]
     fn renewals_of_certificates_issued_together_are_spread() {
         let issued = 1_000_000;
+        // Real leaf serials, all from the same millisecond: their heads are the same time.
+        let now = time::OffsetDateTime::now_utc();
         let times: Vec<i64> = (0..1000u32)
-            .map(|i| {
+            .map(|_| {
                 let mut f = facts(issued - BACKDATE.as_secs() as i64, issued + 86_400);
-                f.serial = format!("{:08x}{:024x}", i.wrapping_mul(2_654_435_761), i);
+                f.serial = ca::hex(ca::leaf_serial(now).as_ref());
                 renewal_time(&f)
             })
             .collect();
