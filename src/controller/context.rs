@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
-use kube::Client;
 use kube::api::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
+use kube::{Client, ResourceExt};
 
 use super::Config;
+use crate::crd::{Agent, AgentStatus};
 use crate::identity::authority::Authority;
 use crate::keys::MANAGER;
 use crate::telemetry::Metrics;
@@ -49,6 +50,10 @@ pub struct Context {
     applied: std::sync::Mutex<HashMap<String, Applied>>,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: std::sync::Mutex<HashMap<String, u32>>,
+    /// Per Agent uid: the resourceVersion a pass saw when it wrote the status, and a hash of
+    /// what it wrote. Until the watch cache shows a newer Agent, a pass that computes the same
+    /// status skips the write instead of repeating it.
+    statuses: std::sync::Mutex<HashMap<String, (String, u64)>>,
 }
 
 impl Context {
@@ -76,6 +81,7 @@ impl Context {
             messaging: None,
             applied: Default::default(),
             failures: Default::default(),
+            statuses: Default::default(),
         }
     }
 
@@ -108,6 +114,32 @@ impl Context {
             .insert(key, applied);
     }
 
+    /// The status a pass over `agent` (as cached) just wrote.
+    pub(crate) fn status_written(&self, agent: &Agent, status: &AgentStatus) {
+        let (Some(uid), Some(rv)) = (agent.uid(), agent.resource_version()) else {
+            return;
+        };
+        self.statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid, (rv, status_hash(status)));
+    }
+
+    /// Whether `status` is what a pass wrote over this very version of the Agent: the write
+    /// is on its way to the watch cache, and writing it again would only cost a request. Once
+    /// the cache shows any newer version, the cached status is compared as usual (so a status
+    /// someone else changed is still put back).
+    pub(crate) fn status_in_flight(&self, agent: &Agent, status: &AgentStatus) -> bool {
+        let (Some(uid), Some(rv)) = (agent.uid(), agent.resource_version()) else {
+            return false;
+        };
+        self.statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&uid)
+            .is_some_and(|(seen, hash)| *seen == rv && *hash == status_hash(status))
+    }
+
     /// Drops what the applied-object cache knows of an Agent's children (on deletion), so a
     /// fleet that comes and goes does not grow it forever.
     pub(crate) fn forget_applied(&self, namespace: &str, name: &str) {
@@ -116,6 +148,14 @@ impl Context {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|key, _| !key.ends_with(&suffix));
+    }
+
+    /// Forgets an Agent's last status write (on deletion).
+    pub(crate) fn forget_status(&self, uid: &str) {
+        self.statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
     }
 
     pub(crate) fn clear_backoff(&self, key: &str) {
@@ -144,4 +184,11 @@ mod tests {
         assert_eq!(backoff_delay(30, 0.0), Duration::from_secs(240));
         assert_eq!(backoff_delay(30, 1.0), Duration::from_secs(360));
     }
+}
+
+fn status_hash(status: &AgentStatus) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    // The serialized form: AgentStatus holds floats and maps, not `Hash`.
+    let bytes = serde_json::to_vec(status).unwrap_or_default();
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(bytes)
 }

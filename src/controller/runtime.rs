@@ -249,20 +249,44 @@ async fn reconcile_agents(
     let ns = &config.watch_namespace;
     // The caches keep what the reconcile reads (metadata versions, rollout status), not the pod
     // templates: a fleet's worth of full Deployments would be most of our memory.
-    let (deployments, deployment_events) = child_watch::<Deployment>(&client, ns, |d| {
-        if let Some(spec) = d.spec.as_mut() {
-            spec.template = Default::default();
-        }
-    });
-    let (statefulsets, statefulset_events) = child_watch::<StatefulSet>(&client, ns, |s| {
-        if let Some(spec) = s.spec.as_mut() {
-            spec.template = Default::default();
-            spec.volume_claim_templates = None;
-        }
-    });
-    let (services, service_events) = child_watch::<Service>(&client, ns, |_| {});
+    let deployment = Child {
+        trim: |d: &mut Deployment| {
+            if let Some(spec) = d.spec.as_mut() {
+                spec.template = Default::default();
+            }
+        },
+        trigger: |d| {
+            let s = d.status.as_ref();
+            hash_of((
+                d.metadata.generation,
+                s.and_then(|s| s.observed_generation),
+                s.and_then(|s| s.updated_replicas),
+                s.and_then(|s| s.available_replicas),
+            ))
+        },
+    };
+    let (deployments, deployment_events) = child_watch(&client, ns, deployment);
+    let statefulset = Child {
+        trim: |s: &mut StatefulSet| {
+            if let Some(spec) = s.spec.as_mut() {
+                spec.template = Default::default();
+                spec.volume_claim_templates = None;
+            }
+        },
+        trigger: |st| {
+            let s = st.status.as_ref();
+            hash_of((
+                st.metadata.generation,
+                s.and_then(|s| s.observed_generation),
+                s.and_then(|s| s.updated_replicas),
+                s.and_then(|s| s.available_replicas),
+            ))
+        },
+    };
+    let (statefulsets, statefulset_events) = child_watch(&client, ns, statefulset);
+    let (services, service_events) = child_watch::<Service>(&client, ns, Child::every_change());
     let (service_accounts, service_account_events) =
-        child_watch::<ServiceAccount>(&client, ns, |_| {});
+        child_watch::<ServiceAccount>(&client, ns, Child::every_change());
     let (namespaces, namespace_events) = namespace_watch(&client, ns);
     let stores = ChildStores {
         namespaces,
@@ -510,6 +534,22 @@ fn error_policy(guard: Arc<DeserializeGuard<Agent>>, error: &Error, ctx: Arc<Con
 }
 
 /// An Agent's metadata, whether or not it decodes.
+/// What on an Agent asks for a pass: its spec (generation), its annotations (a revocation
+/// request), its finalizers and its deletion. Not its status, which only this controller
+/// writes (each status write would otherwise cost one more pass), nor its labels, whose
+/// discovery part the controller owns and puts back on the next pass.
+fn agent_trigger(guard: &DeserializeGuard<Agent>) -> Option<u64> {
+    let m = guard_meta(guard);
+    // The uid too: an Agent deleted and created again under its name is a new object.
+    Some(hash_of((
+        &m.uid,
+        m.generation,
+        &m.annotations,
+        &m.finalizers,
+        m.deletion_timestamp.is_some(),
+    )))
+}
+
 fn guard_meta(guard: &DeserializeGuard<Agent>) -> &kube::api::ObjectMeta {
     match &guard.0 {
         Ok(a) => &a.metadata,
@@ -610,12 +650,36 @@ fn dynamic_type<K: kube::Resource<DynamicType = ()>>() -> ApiResource {
     ApiResource::erase::<K>(&())
 }
 
+/// How one child kind is cached and which of its changes reconcile the owning Agent.
+struct Child<K> {
+    /// Drops what the reconcile never reads from the cache (memory at 10,000 Agents).
+    trim: fn(&mut K),
+    /// The part of the object a reconcile acts on: a change elsewhere (a Deployment's status
+    /// ticking through counts it does not read) triggers nothing. Deletions always trigger.
+    trigger: fn(&K) -> u64,
+}
+
+impl<K: kube::Resource> Child<K> {
+    /// Objects without a status: any change may be tampering to repair.
+    fn every_change() -> Self {
+        Self {
+            trim: |_| {},
+            trigger: |o| hash_of(o.meta().resource_version.as_deref()),
+        }
+    }
+}
+
+fn hash_of(value: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
+}
+
 /// A watch cache of one child kind, and its stream of changes (as metadata, for the owner
 /// lookup) that triggers reconciles of the owning Agent.
 fn child_watch<K>(
     client: &Client,
     ns: &Option<String>,
-    trim: fn(&mut K),
+    child: Child<K>,
 ) -> (
     Store<K>,
     BoxStream<'static, Result<PartialObjectMeta<DynamicObject>, watcher::Error>>,
@@ -630,6 +694,8 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
+    let Child { trim, trigger } = child;
+    let mut seen = std::collections::HashMap::<String, u64>::new();
     let stream = watcher::watcher(scoped::<K>(client, ns), managed())
         .default_backoff()
         .modify(move |obj: &mut K| {
@@ -638,7 +704,22 @@ where
             trim(obj);
         })
         .reflect(writer)
-        .touched_objects()
+        .map_ok(move |event| {
+            let key = |o: &K| o.meta().uid.clone().unwrap_or_default();
+            let changed = match event {
+                watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+                    let value = trigger(&o);
+                    (seen.insert(key(&o), value) != Some(value)).then_some(o)
+                }
+                watcher::Event::Delete(o) => {
+                    seen.remove(&key(&o));
+                    Some(o)
+                }
+                watcher::Event::Init | watcher::Event::InitDone => None,
+            };
+            futures::stream::iter(changed.map(Ok))
+        })
+        .try_flatten()
         .map_ok(|obj: K| PartialObjectMeta::<DynamicObject> {
             types: Some(TypeMeta {
                 api_version: K::api_version(&()).into(),
@@ -719,7 +800,8 @@ async fn run_agent_controller(
             Err(invalid) => invalid.metadata.managed_fields = None,
         })
         .reflect(writer)
-        .applied_objects();
+        .applied_objects()
+        .predicate_filter(agent_trigger, Default::default());
     // A namespace's permission policy changed: reconcile the Agents in it. The cache must be
     // filled before the first reconcile reads it.
     let (policy_changed, policy_triggers) = futures::channel::mpsc::unbounded();

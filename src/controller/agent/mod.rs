@@ -114,6 +114,9 @@ async fn cleanup(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
         .map_err(|e| Error::Messaging(e.to_string()))?;
     let revoked = credentials::cleanup(&agent, ctx).await?;
     ctx.forget_applied(&agent.namespace().unwrap_or_default(), &agent.name_any());
+    if let Some(uid) = agent.uid() {
+        ctx.forget_status(&uid);
+    }
     let note = format!(
         "revoked {revoked} certificate(s) and published the CRL{}; removing the finalizer",
         if released {

@@ -160,7 +160,7 @@ impl<'a> From<&'a Report> for Verdict<'a> {
 
 /// Writes `status` with one server-side-apply patch, unless it equals what is stored.
 pub async fn write(ctx: &Context, agent: &Agent, status: AgentStatus) -> Result<(), Error> {
-    if agent.status.as_ref() == Some(&status) {
+    if agent.status.as_ref() == Some(&status) || ctx.status_in_flight(agent, &status) {
         return Ok(());
     }
     let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
@@ -168,7 +168,7 @@ pub async fn write(ctx: &Context, agent: &Agent, status: AgentStatus) -> Result<
     let patch = serde_json::json!({
         "apiVersion": Agent::api_version(&()),
         "kind": Agent::kind(&()),
-        "status": reconciler_owned(status, ctx.config.backup.is_some()),
+        "status": reconciler_owned(status.clone(), ctx.config.backup.is_some()),
     });
     api.patch_status(
         &agent.name_any(),
@@ -177,6 +177,7 @@ pub async fn write(ctx: &Context, agent: &Agent, status: AgentStatus) -> Result<
     )
     .await
     .map_err(Error::Status)?;
+    ctx.status_written(agent, &status);
     Ok(())
 }
 
