@@ -171,6 +171,13 @@ pub fn backoff_delay(attempt: u32, jitter: f64) -> Duration {
     Duration::from_secs_f64(capped * (0.8 + 0.4 * jitter.clamp(0.0, 1.0)))
 }
 
+fn status_hash(status: &AgentStatus) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    // The serialized form: AgentStatus holds floats and maps, not `Hash`.
+    let bytes = serde_json::to_vec(status).unwrap_or_default();
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,11 +191,4 @@ mod tests {
         assert_eq!(backoff_delay(30, 0.0), Duration::from_secs(240));
         assert_eq!(backoff_delay(30, 1.0), Duration::from_secs(360));
     }
-}
-
-fn status_hash(status: &AgentStatus) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    // The serialized form: AgentStatus holds floats and maps, not `Hash`.
-    let bytes = serde_json::to_vec(status).unwrap_or_default();
-    BuildHasherDefault::<DefaultHasher>::default().hash_one(bytes)
 }
