@@ -410,6 +410,14 @@ pub struct ControllerArgs {
     /// How many Agents are reconciled at once (0: no limit).
     #[arg(long, default_value_t = 32)]
     concurrency: u16,
+    /// Requests per second the controller sends the apiserver, on average (0: no client-side
+    /// limit). Bounds bursts such as a CA rotation re-issuing every Agent. Leader election has
+    /// its own unlimited connection, so a throttled controller never loses its Lease.
+    #[arg(long, default_value_t = 200.0)]
+    kube_api_qps: f64,
+    /// Requests the controller may send at once above --kube-api-qps before waiting.
+    #[arg(long, default_value_t = 400)]
+    kube_api_burst: u32,
     /// The `iss` of agent tokens (default: https://agentry.<namespace>.svc).
     #[arg(long)]
     token_issuer: Option<String>,
@@ -691,6 +699,10 @@ impl ControllerArgs {
             maintenance_interval: self.maintenance_interval,
             resync: self.resync_interval.max(Duration::from_secs(1)),
             concurrency: self.concurrency,
+            api_rate: (self.kube_api_qps > 0.0).then_some(agentry::controller::ApiRate {
+                qps: self.kube_api_qps,
+                burst: self.kube_api_burst.max(1),
+            }),
             ha: agentry::controller::HaConfig {
                 on_lead_exec: self.on_lead_exec.filter(|c| !c.trim().is_empty()),
                 while_leading_exec: self.while_leading_exec.filter(|c| !c.trim().is_empty()),

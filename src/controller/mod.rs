@@ -18,6 +18,14 @@ pub use runtime::run;
 
 use crate::identity::authority::AuthorityConfig;
 
+/// Requests per second, with bursts of up to `burst` (like client-go's `--kube-api-qps` and
+/// `--kube-api-burst`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ApiRate {
+    pub qps: f64,
+    pub burst: u32,
+}
+
 /// How the controller process is run (from `agentry controller` flags).
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -38,6 +46,9 @@ pub struct Config {
     pub resync: Duration,
     /// Agents reconciled at once (0: unbounded).
     pub concurrency: u16,
+    /// Client-side limit on the controller's requests to the apiserver (None: no limit), so a
+    /// burst (a CA rotation re-issuing every Agent) is spread instead of flooding it.
+    pub api_rate: Option<ApiRate>,
     /// The CA, ledger, token keys and what they publish.
     pub authority: AuthorityConfig,
     /// The agent API, served by the leader (None: not served).

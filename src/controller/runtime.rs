@@ -32,6 +32,23 @@ use crate::keys::{
 };
 use crate::telemetry::{ErrorLabels, Metrics};
 
+/// The client for everything but leader election: at most `rate.burst` requests at once,
+/// then `rate.qps` per second on average (tower's window limiter: `burst` requests per
+/// `burst / qps` seconds).
+fn rate_limited(config: kube::Config, rate: Option<super::ApiRate>) -> anyhow::Result<Client> {
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .context("connecting to the Kubernetes API (set KUBECONFIG or run in a pod)")?;
+    Ok(match rate {
+        None => builder.build(),
+        Some(r) => builder
+            .with_layer(&tower::limit::RateLimitLayer::new(
+                u64::from(r.burst),
+                Duration::from_secs_f64(f64::from(r.burst) / r.qps),
+            ))
+            .build(),
+    })
+}
+
 /// Why the controller stopped leading.
 enum Stopped {
     Shutdown,
@@ -41,9 +58,13 @@ enum Stopped {
 /// Runs the controller until SIGTERM (exit 0) or until leadership is lost (error: the process
 /// exits and restarts as a standby, so two replicas never write at once).
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let client = Client::try_default()
+    let kube_config = kube::Config::infer()
         .await
         .context("connecting to the Kubernetes API (set KUBECONFIG or run in a pod)")?;
+    // Leader election on a connection of its own, never behind the rate limit.
+    let lease_client = Client::try_from(kube_config.clone())
+        .context("connecting to the Kubernetes API (set KUBECONFIG or run in a pod)")?;
+    let client = rate_limited(kube_config, config.api_rate)?;
     let metrics = Arc::new(Metrics::default());
     let shutdown = CancellationToken::new();
     {
@@ -70,7 +91,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding the ops endpoint on {}", config.ops_addr))?;
     tracing::info!(addr = %ops_addr, "serving /metrics, /healthz and /readyz");
     let lease_secs = config.lease_duration.as_secs().max(2);
-    let manager = LeaseManagerBuilder::new(client.clone(), &config.lease_name)
+    let manager = LeaseManagerBuilder::new(lease_client, &config.lease_name)
         .with_namespace(&config.namespace)
         .with_identity(&config.replica)
         .with_duration(lease_secs)
