@@ -469,9 +469,86 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-/// One controller run: a fresh namespace and data directory, N Agents to Ready. Returns the
-/// seconds, the controller's peak RSS (KiB) and the requests per agent; cleans up after.
-async fn agentry_run(client: &Client, ns: &str, n: usize, log: &str) -> (f64, f64, Requests) {
+/// A CA rotation over `n` Ready Agents: `agentry ca rotate`, then (one overlap later) every
+/// certificate re-issued by the new CA. Returns the seconds from the command to the last
+/// re-issued Agent, the seconds from the first re-issue to the last (the burst itself), and
+/// how many times an Agent was seen not Ready meanwhile.
+async fn rotate_and_wait(client: &Client, ns: &str, n: usize) -> Rotation {
+    let api: Api<Agent> = Api::namespaced(client.clone(), ns);
+    let serial = |a: &Agent| {
+        a.status
+            .as_ref()
+            .and_then(|s| s.identity.as_ref())
+            .map(|i| i.serial.clone())
+            .unwrap_or_default()
+    };
+    let before: BTreeMap<String, String> = api
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|a| (a.name_any(), serial(a)))
+        .collect();
+    let mut events = watcher::watcher(api.clone(), watcher::Config::default())
+        .applied_objects()
+        .boxed();
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_agentry"))
+        .args(["ca", "rotate", "--namespace", ns])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut reissued = std::collections::HashSet::new();
+    let (mut first, mut not_ready) = (None, 0);
+    while reissued.len() < n {
+        let agent = match tokio::time::timeout(Duration::from_secs(3600), events.try_next()).await {
+            Ok(Ok(Some(a))) => a,
+            Ok(Err(e)) => {
+                eprintln!("watch error (retrying): {e}");
+                continue;
+            }
+            _ => panic!("only {}/{n} Agents re-issued", reissued.len()),
+        };
+        if !agent_ready(&agent) {
+            not_ready += 1;
+        }
+        let name = agent.name_any();
+        if before.get(&name).is_some_and(|s| *s != serial(&agent)) && reissued.insert(name) {
+            first.get_or_insert_with(|| start.elapsed().as_secs_f64());
+        }
+    }
+    let total = start.elapsed().as_secs_f64();
+    Rotation {
+        total,
+        burst: total - first.unwrap_or(0.0),
+        not_ready,
+    }
+}
+
+struct Rotation {
+    total: f64,
+    burst: f64,
+    not_ready: usize,
+}
+
+/// How the bench runs the controller during a CA rotation: a short overlap (the default is 1h).
+const ROTATION_OVERLAP: &str = "10s";
+
+/// One controller run: a fresh namespace and data directory, N Agents to Ready (and, when
+/// `rotate`, a CA rotation over them). Returns the seconds, the controller's peak RSS (KiB),
+/// the requests per agent and the rotation; cleans up after.
+async fn agentry_run(
+    client: &Client,
+    ns: &str,
+    n: usize,
+    log: &str,
+    rotate: bool,
+) -> (f64, f64, Requests, Option<(Rotation, Requests)>) {
     let data = tempfile::tempdir().unwrap();
     fresh_namespace(client, ns).await;
     let mut ours = spawn(
@@ -486,6 +563,10 @@ async fn agentry_run(client: &Client, ns: &str, n: usize, log: &str) -> (f64, f6
             "127.0.0.1:0",
             "--data-dir",
             data.path().to_str().unwrap(),
+            "--ca-rotation-overlap",
+            ROTATION_OVERLAP,
+            "--maintenance-interval",
+            "1s",
         ],
         log,
     );
@@ -497,11 +578,15 @@ async fn agentry_run(client: &Client, ns: &str, n: usize, log: &str) -> (f64, f6
         cpu_seconds(ours.id()),
         control_plane_cpu() - plane_before
     );
+    let rotation = match rotate {
+        true => Some(requests_during(client, n, rotate_and_wait(client, ns, n)).await),
+        false => None,
+    };
     // Clean up while the controller runs, so finalizers are released.
     delete_namespace(client, ns).await;
     let _ = ours.kill();
     let _ = ours.wait();
-    (secs, rss, requests)
+    (secs, rss, requests, rotation)
 }
 
 async fn plain_run(client: &Client, ns: &str, n: usize) -> (f64, Requests) {
@@ -583,13 +668,25 @@ async fn run() {
     // The main comparison, alternating who goes first.
     let (mut ours, mut plain, mut rss) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ours_req, mut plain_req) = (Requests::new(), Requests::new());
+    let mut rotation = None;
     for round in 0..rounds {
         for agentry_side in [round % 2 == 0, round % 2 != 0] {
             if agentry_side {
                 let ns = format!("bench-agentry-{tag}-{round}");
                 let log = format!("{out_dir}/controller-agentry-{round}.log");
-                let (secs, peak, req) = agentry_run(&client, &ns, n, &log).await;
+                let last = round + 1 == rounds;
+                let (secs, peak, req, rotated) = agentry_run(&client, &ns, n, &log, last).await;
                 println!("round {round}: Agentry {n} Agents Ready in {secs:.1} s");
+                if let Some((r, req)) = rotated {
+                    println!(
+                        "  CA rotation: all {n} re-issued {:.1} s after `agentry ca rotate` (overlap {ROTATION_OVERLAP}), the re-issue itself {:.1} s; {} not-Ready observations; {:.2} writes per agent",
+                        r.total,
+                        r.burst,
+                        r.not_ready,
+                        writes(&req)
+                    );
+                    rotation = Some((r, req));
+                }
                 ours.push(secs);
                 rss.push(peak);
                 ours_req = req;
@@ -673,6 +770,23 @@ async fn run() {
             ],
         },
     ];
+    if let Some((r, req)) = &rotation {
+        rows.push(Row {
+            name: "ca_rotation_reissue",
+            ours: r.burst,
+            baseline: ours_secs,
+            unit: "s",
+            ratio: r.burst / ours_secs,
+            baseline_is: "the same Agents' first issuance and rollout to Ready (this run)",
+            target: "(bounded by --kube-api-qps; no Agent without a valid certificate)",
+            extra: vec![
+                ("seconds_from_rotate_command", r.total),
+                ("not_ready_observations", r.not_ready as f64),
+                ("writes_per_agent", writes(req)),
+                ("reissued_per_s", n as f64 / r.burst.max(0.001)),
+            ],
+        });
+    }
     for (verb, name) in VERBS {
         let (o, p) = (by_verb(&ours_req, verb), by_verb(&plain_req, verb));
         if o > 0.0 || p > 0.0 {

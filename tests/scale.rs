@@ -1,5 +1,6 @@
 //! Zero writes at rest: once N healthy Agents are Ready, full passes over all of them write
-//! nothing to the apiserver and nothing to the ledger.
+//! nothing to the apiserver and nothing to the ledger. Bounded bursts: a fleet created at once
+//! is written at the client-side rate limit (`--kube-api-qps`, `--kube-api-burst`), no faster.
 //!
 //! Counted independently of the controller: the local apiserver writes an audit log of every
 //! write (create, update, patch, delete) by members of `system:serviceaccounts:agentry-audited`
@@ -122,6 +123,26 @@ fn writes_since(log: &Path, from: u64, user: &str) -> Vec<(String, String, Strin
             )
         })
         .collect()
+}
+
+/// When each write by `user` after byte `from` was received (seconds since the epoch), Lease
+/// renewals left out.
+fn write_times_since(log: &Path, from: u64, user: &str) -> Vec<f64> {
+    let text = std::fs::read(log).unwrap();
+    let text = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned();
+    let mut times: Vec<f64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["user"]["username"] == user && e["stage"] == "ResponseComplete")
+        .filter(|e| e["objectRef"]["resource"] != "leases")
+        .filter_map(|e| {
+            let at = e["requestReceivedTimestamp"].as_str()?;
+            let t: jiff::Timestamp = at.parse().ok()?;
+            Some(t.as_microsecond() as f64 / 1e6)
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times
 }
 
 /// Size and modification time of each of the ledger's files (database, WAL).
@@ -255,6 +276,97 @@ async fn healthy_agents_at_rest_cost_no_writes() {
     );
     eprintln!(
         "{n} Agents at rest: {reconciles} reconciles, 0 writes, {lease_writes} Lease renewals, ledger unchanged"
+    );
+    let _ = Api::<ClusterRoleBinding>::all(client.clone())
+        .delete(&sa, &Default::default())
+        .await;
+}
+
+/// A burst held to the limit: 30 Agents created at once, with `--kube-api-qps 10
+/// --kube-api-burst 10`. Counted in the apiserver's audit log (writes only; reads share the
+/// same limit): no second holds more than two windows' worth (20), and the writes are spread
+/// over at least the time the rate allows. Every Agent still becomes Ready, and the Lease
+/// (on its own, unthrottled connection) keeps being renewed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_agents_is_written_at_the_client_side_rate_limit() {
+    const N: usize = 30;
+    const QPS: f64 = 10.0;
+    const BURST: usize = 10;
+    let (client, ns) = setup("burst").await;
+    let log = audit_log();
+    let dir = tempfile::tempdir().unwrap();
+    let sa = format!("controller-{}", ns.name);
+    let user = format!("system:serviceaccount:{AUDITED}:{sa}");
+    let kubeconfig = audited_kubeconfig(&client, &sa, dir.path()).await;
+    let from = std::fs::metadata(&log).unwrap().len();
+    let mut opts = ControllerOptions::new(&ns.name);
+    opts.kubeconfig = Some(&kubeconfig);
+    opts.extra_args = ["--kube-api-qps", "10", "--kube-api-burst", "10"]
+        .map(String::from)
+        .to_vec();
+    let _controller = ControllerProcess::start(opts);
+    futures::stream::iter(0..N)
+        .map(|i| {
+            let (client, ns) = (client.clone(), ns.name.clone());
+            async move {
+                let small = json!({"spec": {"resources": {"cpu": "10m"}}});
+                create_agent(&client, &ns, agent_manifest(&format!("b{i:03}"), small))
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(N)
+        .collect::<Vec<_>>()
+        .await;
+    let agents: Api<Agent> = Api::namespaced(client.clone(), &ns.name);
+    eventually(
+        Duration::from_secs(600),
+        &format!("{N} Agents Ready at 10 requests/s"),
+        || async {
+            agents.list(&ListParams::default()).await.is_ok_and(|l| {
+                l.items
+                    .iter()
+                    .filter(|a| condition(a, "Ready").is_some_and(|c| c.status == "True"))
+                    .count()
+                    == N
+            })
+        },
+    )
+    .await;
+    let times = write_times_since(&log, from, &user);
+    let lease_writes = writes_since(&log, from, &user)
+        .iter()
+        .filter(|w| w.1 == "leases")
+        .count();
+    assert!(
+        times.len() >= 5 * N,
+        "only {} writes audited for {N} Agents",
+        times.len()
+    );
+    let busiest = times
+        .iter()
+        .enumerate()
+        .map(|(i, t)| times[i..].iter().take_while(|u| **u < t + 1.0).count())
+        .max()
+        .unwrap_or(0);
+    let spread = times.last().unwrap() - times.first().unwrap();
+    let least = (times.len() - BURST) as f64 / QPS;
+    eprintln!(
+        "{} writes over {spread:.1} s (at least {least:.1} s at {QPS}/s), busiest second {busiest}, {lease_writes} Lease renewals",
+        times.len()
+    );
+    assert!(
+        busiest <= 2 * BURST,
+        "{busiest} writes within one second: the limit of {QPS}/s (bursts of {BURST}) was not kept"
+    );
+    assert!(
+        spread >= least * 0.9,
+        "{} writes in {spread:.1} s: faster than {QPS}/s",
+        times.len()
+    );
+    assert!(
+        lease_writes > 0,
+        "the Lease was not renewed during the burst"
     );
     let _ = Api::<ClusterRoleBinding>::all(client.clone())
         .delete(&sa, &Default::default())
