@@ -300,24 +300,17 @@ async fn plain_client(client: &Client, ns: &str, children: Vec<PlainChildren>) -
         let client = client.clone();
         let ns = ns.to_string();
         tokio::spawn(async move {
-            let pp = PostParams::default();
+            // AGENTRY_BENCH_PLAIN_APPLY=1: server-side apply instead of create, as the
+            // controller does (to see what apply itself costs the control plane).
+            let apply = std::env::var("AGENTRY_BENCH_PLAIN_APPLY").is_ok_and(|v| v == "1");
             futures::stream::iter(children)
-                .map(|c| {
-                    let (client, ns, pp) = (client.clone(), ns.clone(), pp.clone());
+                .map(move |c| {
+                    let (client, ns) = (client.clone(), ns.clone());
                     async move {
-                        Api::namespaced(client.clone(), &ns)
-                            .create(&pp, &c.secret)
-                            .await?;
-                        Api::namespaced(client.clone(), &ns)
-                            .create(&pp, &c.account)
-                            .await?;
-                        Api::namespaced(client.clone(), &ns)
-                            .create(&pp, &c.service)
-                            .await?;
-                        Api::namespaced(client, &ns)
-                            .create(&pp, &c.deployment)
-                            .await?;
-                        Ok::<_, kube::Error>(())
+                        create_or_apply(&client, &ns, &c.secret, apply).await?;
+                        create_or_apply(&client, &ns, &c.account, apply).await?;
+                        create_or_apply(&client, &ns, &c.service, apply).await?;
+                        create_or_apply(&client, &ns, &c.deployment, apply).await
                     }
                 })
                 .buffer_unordered(IN_FLIGHT)
@@ -328,6 +321,28 @@ async fn plain_client(client: &Client, ns: &str, children: Vec<PlainChildren>) -
     let secs = until_all_ready(&mut events, n, start, deployment_available).await;
     creator.await.unwrap().unwrap();
     secs
+}
+
+async fn create_or_apply<K>(client: &Client, ns: &str, obj: &K, apply: bool) -> kube::Result<()>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    if apply {
+        let mut value = serde_json::to_value(obj).unwrap();
+        value["apiVersion"] = K::api_version(&()).into();
+        value["kind"] = K::kind(&()).into();
+        let pp = PatchParams::apply("agentry").force();
+        api.patch(&obj.name_any(), &pp, &Patch::Apply(&value))
+            .await?;
+    } else {
+        api.create(&PostParams::default(), obj).await?;
+    }
+    Ok(())
 }
 
 /// Creates `n` plain Deployments shaped like an agent's and waits until all are Available.
@@ -551,6 +566,12 @@ async fn agentry_run(
 ) -> (f64, f64, Requests, Option<(Rotation, Requests)>) {
     let data = tempfile::tempdir().unwrap();
     fresh_namespace(client, ns).await;
+    // More controller flags, for experiments (AGENTRY_BENCH_CONTROLLER_ARGS="--flag value").
+    let extra: Vec<String> = std::env::var("AGENTRY_BENCH_CONTROLLER_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
     let mut ours = spawn(
         env!("CARGO_BIN_EXE_agentry"),
         &[
@@ -567,7 +588,11 @@ async fn agentry_run(
             ROTATION_OVERLAP,
             "--maintenance-interval",
             "1s",
-        ],
+        ]
+        .iter()
+        .copied()
+        .chain(extra.iter().map(String::as_str))
+        .collect::<Vec<_>>(),
         log,
     );
     let plane_before = control_plane_cpu();

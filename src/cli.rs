@@ -410,6 +410,11 @@ pub struct ControllerArgs {
     /// How many Agents are reconciled at once (0: no limit).
     #[arg(long, default_value_t = 32)]
     concurrency: u16,
+    /// Gather an Agent's triggers for this long before its pass (each new one restarts the
+    /// wait): the events of a rollout (children created, the Deployment observed, updated,
+    /// available) then cost one pass instead of one each. 0 turns it off.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    reconcile_debounce: Duration,
     /// Requests per second the controller sends the apiserver, on average (0: no client-side
     /// limit). Bounds bursts such as a CA rotation re-issuing every Agent. Leader election has
     /// its own unlimited connection, so a throttled controller never loses its Lease.
@@ -699,6 +704,7 @@ impl ControllerArgs {
             maintenance_interval: self.maintenance_interval,
             resync: self.resync_interval.max(Duration::from_secs(1)),
             concurrency: self.concurrency,
+            debounce: self.reconcile_debounce,
             api_rate: (self.kube_api_qps > 0.0).then_some(agentry::controller::ApiRate {
                 qps: self.kube_api_qps,
                 burst: self.kube_api_burst.max(1),

@@ -197,7 +197,7 @@ async fn healthy_agents_at_rest_cost_no_writes() {
         .map(|i| {
             let (client, ns) = (client.clone(), ns.name.clone());
             async move {
-                // 10m CPU each: kwok-node-0 has 32 CPUs.
+                // 10m CPU each: a small share of kwok-node-0 (hack/local-cluster).
                 let small = json!({"spec": {"resources": {"cpu": "10m"}}});
                 create_agent(&client, &ns, agent_manifest(&format!("a{i:05}"), small))
                     .await

@@ -46,6 +46,8 @@ pub struct Config {
     pub resync: Duration,
     /// Agents reconciled at once (0: unbounded).
     pub concurrency: u16,
+    /// How long an Agent's triggers are gathered before its pass (0: none).
+    pub debounce: Duration,
     /// Client-side limit on the controller's requests to the apiserver (None: no limit), so a
     /// burst (a CA rotation re-issuing every Agent) is spread instead of flooding it.
     pub api_rate: Option<ApiRate>,

@@ -276,13 +276,11 @@ async fn reconcile_agents(
                 spec.template = Default::default();
             }
         },
+        // Whether it is rolled out (what the Agent's status says of it), not each step.
         trigger: |d| {
-            let s = d.status.as_ref();
             hash_of((
                 d.metadata.generation,
-                s.and_then(|s| s.observed_generation),
-                s.and_then(|s| s.updated_replicas),
-                s.and_then(|s| s.available_replicas),
+                crate::workload::deployment_ready(d).0,
             ))
         },
     };
@@ -295,12 +293,9 @@ async fn reconcile_agents(
             }
         },
         trigger: |st| {
-            let s = st.status.as_ref();
             hash_of((
                 st.metadata.generation,
-                s.and_then(|s| s.observed_generation),
-                s.and_then(|s| s.updated_replicas),
-                s.and_then(|s| s.available_replicas),
+                crate::workload::statefulset_ready(st).0,
             ))
         },
     };
@@ -852,7 +847,9 @@ async fn run_agent_controller(
     Controller::for_stream(agent_events, reader)
         .reconcile_on(policy_triggers)
         .with_config(
-            kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
+            kube::runtime::controller::Config::default()
+                .concurrency(ctx.config.concurrency)
+                .debounce(ctx.config.debounce),
         )
         .owns(secrets, managed())
         .owns_stream_with(deployments, dynamic_type::<Deployment>())

@@ -454,7 +454,10 @@ struct Rollout {
 }
 
 impl Rollout {
-    /// Ready once the current generation is observed and every wanted pod is updated and available.
+    /// Ready once the current generation is observed and every wanted pod is updated and
+    /// available. While rolling out, one message that does not change with each step (the
+    /// Agent's status is written when its message changes: a count ticking up would cost a
+    /// write per step per Agent).
     fn ready(&self) -> (bool, String) {
         let Rollout {
             kind,
@@ -463,17 +466,15 @@ impl Rollout {
             available,
             ..
         } = *self;
-        if self.observed_generation < self.generation {
-            (
-                false,
-                format!("the {kind}'s new generation is not observed yet"),
-            )
-        } else if updated < want {
-            (false, format!("rolling out: {updated}/{want} pods updated"))
+        let done = self.observed_generation >= self.generation && updated >= want;
+        if done && available >= want {
+            (true, format!("{available}/{want} pods available"))
         } else {
             (
-                available >= want,
-                format!("{available}/{want} pods available"),
+                false,
+                format!(
+                    "rolling out: waiting for the {kind}'s {want} pod(s) to be updated and available"
+                ),
             )
         }
     }
