@@ -640,6 +640,7 @@ fn print_requests(side: &str, r: &Requests) {
 fn requests_json(r: &Requests) -> serde_json::Value {
     serde_json::Value::Object(
         r.iter()
+            .filter(|(_, x)| **x >= 0.005)
             .map(|((verb, resource), x)| {
                 (
                     format!("{verb} {resource}"),
