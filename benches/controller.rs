@@ -518,30 +518,24 @@ async fn rotate_and_wait(client: &Client, ns: &str, n: usize) -> Rotation {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut reissued = std::collections::HashSet::new();
-    let (mut first, mut not_ready) = (None, 0);
-    while reissued.len() < n {
-        let agent = match tokio::time::timeout(Duration::from_secs(3600), events.try_next()).await {
-            Ok(Ok(Some(a))) => a,
-            Ok(Err(e)) => {
-                eprintln!("watch error (retrying): {e}");
-                continue;
-            }
-            _ => panic!("only {}/{n} Agents re-issued", reissued.len()),
-        };
-        if !agent_ready(&agent) {
-            not_ready += 1;
+    let (first, not_ready) = (std::cell::Cell::new(None), std::cell::Cell::new(0));
+    let total = until_all_ready(&mut events, n, start, |agent: &Agent| {
+        if !agent_ready(agent) {
+            not_ready.set(not_ready.get() + 1);
         }
-        let name = agent.name_any();
-        if before.get(&name).is_some_and(|s| *s != serial(&agent)) && reissued.insert(name) {
-            first.get_or_insert_with(|| start.elapsed().as_secs_f64());
+        let reissued = before
+            .get(&agent.name_any())
+            .is_some_and(|s| *s != serial(agent));
+        if reissued && first.get().is_none() {
+            first.set(Some(start.elapsed().as_secs_f64()));
         }
-    }
-    let total = start.elapsed().as_secs_f64();
+        reissued
+    })
+    .await;
     Rotation {
         total,
-        burst: total - first.unwrap_or(0.0),
-        not_ready,
+        burst: total - first.get().unwrap_or(0.0),
+        not_ready: not_ready.get(),
     }
 }
 

@@ -99,13 +99,20 @@ async fn audited_kubeconfig(client: &kube::Client, sa: &str, dir: &Path) -> Path
     out
 }
 
-/// Audit events by `user` after byte `from` of the log: (verb, resource, namespace/name).
-fn writes_since(log: &Path, from: u64, user: &str) -> Vec<(String, String, String)> {
+/// The completed requests of `user` audited after byte `from` of the log.
+fn audit_events_since(log: &Path, from: u64, user: &str) -> Vec<Value> {
     let text = std::fs::read(log).unwrap();
     let text = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned();
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|e| e["user"]["username"] == user && e["stage"] == "ResponseComplete")
+        .collect()
+}
+
+/// Audit events by `user` after byte `from` of the log: (verb, resource, namespace/name).
+fn writes_since(log: &Path, from: u64, user: &str) -> Vec<(String, String, String)> {
+    audit_events_since(log, from, user)
+        .into_iter()
         .map(|e| {
             let o = &e["objectRef"];
             let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
@@ -128,12 +135,8 @@ fn writes_since(log: &Path, from: u64, user: &str) -> Vec<(String, String, Strin
 /// When each write by `user` after byte `from` was received (seconds since the epoch), Lease
 /// renewals left out.
 fn write_times_since(log: &Path, from: u64, user: &str) -> Vec<f64> {
-    let text = std::fs::read(log).unwrap();
-    let text = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned();
-    let mut times: Vec<f64> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["user"]["username"] == user && e["stage"] == "ResponseComplete")
+    let mut times: Vec<f64> = audit_events_since(log, from, user)
+        .into_iter()
         .filter(|e| e["objectRef"]["resource"] != "leases")
         .filter_map(|e| {
             let at = e["requestReceivedTimestamp"].as_str()?;
@@ -166,6 +169,46 @@ fn ledger_state(data_dir: &Path) -> Vec<(String, u64, SystemTime)> {
     out
 }
 
+/// Creates `n` Agents named `<prefix><i>`, `in_flight` at once, each asking 10m CPU (a small
+/// share of kwok-node-0, hack/local-cluster).
+async fn create_small_agents(
+    client: &kube::Client,
+    ns: &str,
+    prefix: &str,
+    n: usize,
+    in_flight: usize,
+) {
+    futures::stream::iter(0..n)
+        .map(|i| async move {
+            let small = json!({"spec": {"resources": {"cpu": "10m"}}});
+            create_agent(
+                client,
+                ns,
+                agent_manifest(&format!("{prefix}{i:05}"), small),
+            )
+            .await
+            .unwrap()
+        })
+        .buffer_unordered(in_flight)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+/// Waits (up to 10 minutes) until `n` Agents in `ns` are Ready.
+async fn wait_all_ready(client: &kube::Client, ns: &str, n: usize, what: &str) {
+    let agents: Api<Agent> = Api::namespaced(client.clone(), ns);
+    eventually(Duration::from_secs(600), what, || async {
+        agents.list(&ListParams::default()).await.is_ok_and(|l| {
+            l.items
+                .iter()
+                .filter(|a| condition(a, "Ready").is_some_and(|c| c.status == "True"))
+                .count()
+                == n
+        })
+    })
+    .await;
+}
+
 fn agents_at_rest() -> usize {
     std::env::var("AGENTRY_REST_AGENTS")
         .ok()
@@ -193,35 +236,8 @@ async fn healthy_agents_at_rest_cost_no_writes() {
         .to_vec();
     let controller = ControllerProcess::start(opts);
 
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let (client, ns) = (client.clone(), ns.name.clone());
-            async move {
-                // 10m CPU each: a small share of kwok-node-0 (hack/local-cluster).
-                let small = json!({"spec": {"resources": {"cpu": "10m"}}});
-                create_agent(&client, &ns, agent_manifest(&format!("a{i:05}"), small))
-                    .await
-                    .unwrap()
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), &ns.name);
-    eventually(
-        Duration::from_secs(600),
-        &format!("{n} Agents Ready"),
-        || async {
-            agents.list(&ListParams::default()).await.is_ok_and(|l| {
-                l.items
-                    .iter()
-                    .filter(|a| condition(a, "Ready").is_some_and(|c| c.status == "True"))
-                    .count()
-                    == n
-            })
-        },
-    )
-    .await;
+    create_small_agents(&client, &ns.name, "a", n, 16).await;
+    wait_all_ready(&client, &ns.name, n, &format!("{n} Agents Ready")).await;
 
     // Settled: no write by the controller (other than its Lease) for 5 s.
     let quiet = |from: u64| {
@@ -305,32 +321,12 @@ async fn a_burst_of_agents_is_written_at_the_client_side_rate_limit() {
         .map(String::from)
         .to_vec();
     let _controller = ControllerProcess::start(opts);
-    futures::stream::iter(0..N)
-        .map(|i| {
-            let (client, ns) = (client.clone(), ns.name.clone());
-            async move {
-                let small = json!({"spec": {"resources": {"cpu": "10m"}}});
-                create_agent(&client, &ns, agent_manifest(&format!("b{i:03}"), small))
-                    .await
-                    .unwrap()
-            }
-        })
-        .buffer_unordered(N)
-        .collect::<Vec<_>>()
-        .await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), &ns.name);
-    eventually(
-        Duration::from_secs(600),
+    create_small_agents(&client, &ns.name, "b", N, N).await;
+    wait_all_ready(
+        &client,
+        &ns.name,
+        N,
         &format!("{N} Agents Ready at 10 requests/s"),
-        || async {
-            agents.list(&ListParams::default()).await.is_ok_and(|l| {
-                l.items
-                    .iter()
-                    .filter(|a| condition(a, "Ready").is_some_and(|c| c.status == "True"))
-                    .count()
-                    == N
-            })
-        },
     )
     .await;
     let times = write_times_since(&log, from, &user);

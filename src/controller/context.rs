@@ -122,7 +122,7 @@ impl Context {
         self.statuses
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(uid, (rv, status_hash(status)));
+            .insert(uid, (rv, super::content_hash(status)));
     }
 
     /// Whether `status` is what a pass wrote over this very version of the Agent: the write
@@ -137,7 +137,7 @@ impl Context {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&uid)
-            .is_some_and(|(seen, hash)| *seen == rv && *hash == status_hash(status))
+            .is_some_and(|(seen, hash)| *seen == rv && *hash == super::content_hash(status))
     }
 
     /// Drops what the applied-object cache knows of an Agent's children (on deletion), so a
@@ -169,13 +169,6 @@ pub fn backoff_delay(attempt: u32, jitter: f64) -> Duration {
     let base = 1.0_f64 * 2f64.powi(attempt.saturating_sub(1).min(16) as i32);
     let capped = base.min(300.0);
     Duration::from_secs_f64(capped * (0.8 + 0.4 * jitter.clamp(0.0, 1.0)))
-}
-
-fn status_hash(status: &AgentStatus) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    // The serialized form: AgentStatus holds floats and maps, not `Hash`.
-    let bytes = serde_json::to_vec(status).unwrap_or_default();
-    BuildHasherDefault::<DefaultHasher>::default().hash_one(bytes)
 }
 
 #[cfg(test)]

@@ -18,6 +18,17 @@ pub use runtime::run;
 
 use crate::identity::authority::AuthorityConfig;
 
+/// A process-local fingerprint of `value` (never stored, never compared across processes).
+pub(crate) fn hash_of(value: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
+}
+
+/// [`hash_of`] the serialized form, for types that are not `Hash` (floats, maps).
+pub(crate) fn content_hash<T: serde::Serialize>(obj: &T) -> u64 {
+    hash_of(serde_json::to_vec(obj).unwrap_or_default())
+}
+
 /// Requests per second, with bursts of up to `burst` (like client-go's `--kube-api-qps` and
 /// `--kube-api-burst`).
 #[derive(Debug, Clone, Copy, PartialEq)]

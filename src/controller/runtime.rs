@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::agent::{self, events, report::Note};
-use super::{ChildStores, Config, Context, Error};
+use super::{ChildStores, Config, Context, Error, hash_of};
 use crate::api::ops;
 use crate::crd::Agent;
 use crate::identity::authority::Authority;
@@ -683,11 +683,6 @@ impl<K: kube::Resource> Child<K> {
             trigger: |o| hash_of(o.meta().resource_version.as_deref()),
         }
     }
-}
-
-fn hash_of(value: impl std::hash::Hash) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
 }
 
 /// A watch cache of one child kind, and its stream of changes (as metadata, for the owner

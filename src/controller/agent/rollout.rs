@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 
 use super::report::Report;
 use crate::controller::error::refused_as_invalid;
-use crate::controller::{Applied, Context, NameConflict, owned_by};
+use crate::controller::{Applied, Context, NameConflict, content_hash, owned_by};
 use crate::crd::{Agent, ValidatedSpec};
 use crate::keys::conditions::WORKLOAD_READY;
 use crate::keys::{CAPABILITY_PREFIX, MANAGER, reasons};
@@ -124,13 +124,6 @@ where
         },
     );
     Ok(applied)
-}
-
-fn content_hash<T: Serialize>(obj: &T) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_vec(obj).unwrap_or_default().hash(&mut h);
-    h.finish()
 }
 
 /// Deletes the Agent's own `name` of kind K if the cache holds it (a 404 is success); an object
