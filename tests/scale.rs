@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -209,6 +210,59 @@ async fn wait_all_ready(client: &kube::Client, ns: &str, n: usize, what: &str) {
     .await;
 }
 
+/// The controller's writes on the way from created to Ready, per Agent: its finalizer and
+/// labels in one apply (not a finalizer patch and then a label apply), each child applied once
+/// (the watch events of our own writes trigger no pass that would apply again), and the
+/// status at most three times (Provisioning, Ready, and one spare for a pass that raced a
+/// rollout step). The exact counts are printed.
+fn assert_writes_to_ready(writes: &[(String, String, String)], ns: &str, n: usize) {
+    let mut per: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
+    // The Agents' own objects (named after them: a00000...), not the CA's or the Lease.
+    let agents_own = format!("{ns}/a0");
+    for (_, resource, object) in writes {
+        if resource == "events" || !object.starts_with(&agents_own) {
+            continue;
+        }
+        *per.entry(resource.as_str())
+            .or_default()
+            .entry(object.as_str())
+            .or_default() += 1;
+    }
+    let total = |r: &str| per.get(r).map_or(0, |m| m.values().sum::<usize>());
+    eprintln!(
+        "writes to Ready for {n} Agents: {:?}",
+        per.keys().map(|r| (r, total(r))).collect::<Vec<_>>()
+    );
+    for resource in [
+        "agents",
+        "secrets",
+        "serviceaccounts",
+        "services",
+        "deployments",
+    ] {
+        let each = per.get(resource).cloned().unwrap_or_default();
+        assert_eq!(
+            each.len(),
+            n,
+            "{resource}: written for {} of {n} Agents",
+            each.len()
+        );
+        let over: Vec<_> = each.iter().filter(|(_, c)| **c != 1).collect();
+        assert!(
+            over.is_empty(),
+            "{resource}: not written exactly once on the way to Ready: {:?}",
+            &over[..over.len().min(10)]
+        );
+    }
+    let status = per.get("agents/status").cloned().unwrap_or_default();
+    let most = status.values().copied().max().unwrap_or(0);
+    assert!(
+        status.len() == n && most <= 3,
+        "status writes: {} Agents, at most {most} each",
+        status.len()
+    );
+}
+
 fn agents_at_rest() -> usize {
     std::env::var("AGENTRY_REST_AGENTS")
         .ok()
@@ -236,6 +290,7 @@ async fn healthy_agents_at_rest_cost_no_writes() {
         .to_vec();
     let controller = ControllerProcess::start(opts);
 
+    let created_from = std::fs::metadata(&log).unwrap().len();
     create_small_agents(&client, &ns.name, "a", n, 16).await;
     wait_all_ready(&client, &ns.name, n, &format!("{n} Agents Ready")).await;
 
@@ -261,6 +316,8 @@ async fn healthy_agents_at_rest_cost_no_writes() {
         );
         from = std::fs::metadata(&log).unwrap().len();
     }
+
+    assert_writes_to_ready(&writes_since(&log, created_from, &user), &ns.name, n);
 
     // At rest: three resync periods.
     let from = std::fs::metadata(&log).unwrap().len();

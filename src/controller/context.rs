@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 
 use super::Config;
-use crate::crd::{Agent, AgentStatus};
+use crate::crd::Agent;
 use crate::identity::authority::Authority;
 use crate::keys::MANAGER;
 use crate::telemetry::Metrics;
@@ -23,10 +24,66 @@ use crate::telemetry::Metrics;
 pub struct ChildStores {
     /// Namespaces as metadata, trimmed to the permission-policy annotation.
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
-    pub deployments: Store<Deployment>,
-    pub statefulsets: Store<StatefulSet>,
-    pub services: Store<Service>,
-    pub service_accounts: Store<ServiceAccount>,
+    pub deployments: Cached<Deployment>,
+    pub statefulsets: Cached<StatefulSet>,
+    pub services: Cached<Service>,
+    pub service_accounts: Cached<ServiceAccount>,
+    /// Identity Secrets are not cached (their keys stay out of the controller's memory); only
+    /// the versions of them that are news.
+    pub secrets: Echoes<ObjectMeta>,
+}
+
+/// A child kind's watch cache, and which of its versions are news to the controller.
+pub struct Cached<K: Resource<DynamicType = ()> + 'static> {
+    pub store: Store<K>,
+    pub echoes: Echoes<K>,
+}
+
+/// Which versions of one kind of child should trigger a pass of the owning Agent: per object
+/// (its uid, hashed), the trigger value (the part a pass acts on) of the last version the
+/// controller saw or wrote itself. The watch event of our own write then triggers nothing; a
+/// change by anyone else (or a step of a rollout that matters) still does.
+pub struct Echoes<K> {
+    seen: Arc<std::sync::Mutex<HashMap<u64, u64>>>,
+    trigger: fn(&K) -> u64,
+}
+
+impl<K> Clone for Echoes<K> {
+    fn clone(&self) -> Self {
+        Self {
+            seen: self.seen.clone(),
+            trigger: self.trigger,
+        }
+    }
+}
+
+impl<K> Echoes<K> {
+    pub fn new(trigger: fn(&K) -> u64) -> Self {
+        Self {
+            seen: Default::default(),
+            trigger,
+        }
+    }
+
+    /// Whether this version of the object (with uid `uid`) differs, in what a pass acts on,
+    /// from the last one seen or written; remembers it.
+    pub fn is_news(&self, uid: Option<&str>, obj: &K) -> bool {
+        let value = (self.trigger)(obj);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.insert(super::hash_of(uid), value) != Some(value)
+    }
+
+    /// The object is gone.
+    pub fn forget(&self, uid: Option<&str>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.remove(&super::hash_of(uid));
+    }
+
+    /// The controller just wrote this version (the apiserver's answer): its watch event is
+    /// not news.
+    pub fn wrote(&self, uid: Option<&str>, obj: &K) {
+        let _ = self.is_news(uid, obj);
+    }
 }
 
 /// What we last applied to a child: the desired content's hash and the object's version after.
@@ -35,6 +92,15 @@ pub struct Applied {
     pub hash: u64,
     pub generation: Option<i64>,
     pub resource_version: Option<String>,
+}
+
+/// The writes a pass makes to the Agent itself, remembered until the watch cache shows them.
+#[derive(Clone, Copy, Hash)]
+pub enum OwnWrite {
+    /// The status (server-side apply on the status subresource).
+    Status,
+    /// The finalizer and discovery labels (`agent::metadata`).
+    Metadata,
 }
 
 /// Shared state handed to every reconcile.
@@ -50,10 +116,11 @@ pub struct Context {
     applied: std::sync::Mutex<HashMap<String, Applied>>,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: std::sync::Mutex<HashMap<String, u32>>,
-    /// Per Agent uid: the resourceVersion a pass saw when it wrote the status, and a hash of
-    /// what it wrote. Until the watch cache shows a newer Agent, a pass that computes the same
-    /// status skips the write instead of repeating it.
-    statuses: std::sync::Mutex<HashMap<String, (String, u64)>>,
+    /// Per Agent uid and kind of write (hashed): the resourceVersion a pass saw when it wrote
+    /// to the Agent, and a hash of what it wrote (hashes: 24 bytes an entry at 10,000 Agents).
+    /// Until the watch cache shows a newer Agent, a pass that computes the same write skips
+    /// it instead of repeating it.
+    own_writes: std::sync::Mutex<HashMap<u64, (u64, u64)>>,
 }
 
 impl Context {
@@ -81,7 +148,7 @@ impl Context {
             messaging: None,
             applied: Default::default(),
             failures: Default::default(),
-            statuses: Default::default(),
+            own_writes: Default::default(),
         }
     }
 
@@ -114,30 +181,40 @@ impl Context {
             .insert(key, applied);
     }
 
-    /// The status a pass over `agent` (as cached) just wrote.
-    pub(crate) fn status_written(&self, agent: &Agent, status: &AgentStatus) {
+    /// Records that a pass over `agent` (as cached) just wrote `what` with content `written`.
+    pub(crate) fn wrote<T: serde::Serialize>(&self, what: OwnWrite, agent: &Agent, written: &T) {
         let (Some(uid), Some(rv)) = (agent.uid(), agent.resource_version()) else {
             return;
         };
-        self.statuses
+        self.own_writes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(uid, (rv, super::content_hash(status)));
+            .insert(
+                super::hash_of((&uid, what)),
+                (super::hash_of(&rv), super::content_hash(written)),
+            );
     }
 
-    /// Whether `status` is what a pass wrote over this very version of the Agent: the write
+    /// Whether `desired` is what a pass wrote over this very version of the Agent: the write
     /// is on its way to the watch cache, and writing it again would only cost a request. Once
-    /// the cache shows any newer version, the cached status is compared as usual (so a status
+    /// the cache shows any newer version, the cached Agent is compared as usual (so what
     /// someone else changed is still put back).
-    pub(crate) fn status_in_flight(&self, agent: &Agent, status: &AgentStatus) -> bool {
+    pub(crate) fn in_flight<T: serde::Serialize>(
+        &self,
+        what: OwnWrite,
+        agent: &Agent,
+        desired: &T,
+    ) -> bool {
         let (Some(uid), Some(rv)) = (agent.uid(), agent.resource_version()) else {
             return false;
         };
-        self.statuses
+        self.own_writes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&uid)
-            .is_some_and(|(seen, hash)| *seen == rv && *hash == super::content_hash(status))
+            .get(&super::hash_of((&uid, what)))
+            .is_some_and(|&(seen, hash)| {
+                seen == super::hash_of(&rv) && hash == super::content_hash(desired)
+            })
     }
 
     /// Drops what the applied-object cache knows of an Agent's children (on deletion), so a
@@ -150,12 +227,12 @@ impl Context {
             .retain(|key, _| !key.ends_with(&suffix));
     }
 
-    /// Forgets an Agent's last status write (on deletion).
-    pub(crate) fn forget_status(&self, uid: &str) {
-        self.statuses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(uid);
+    /// Forgets an Agent's last own writes (on deletion).
+    pub(crate) fn forget_writes(&self, uid: &str) {
+        let mut writes = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        for what in [OwnWrite::Status, OwnWrite::Metadata] {
+            writes.remove(&super::hash_of((uid, what)));
+        }
     }
 
     pub(crate) fn clear_backoff(&self, key: &str) {

@@ -40,6 +40,8 @@ pub enum Error {
     Workload(#[from] WorkloadError),
     #[error("writing the status: {0}")]
     Status(#[source] kube::Error),
+    #[error("putting the finalizer and discovery labels on the Agent: {0}")]
+    Metadata(#[source] kube::Error),
     #[error("{0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("object has no namespace")]
@@ -57,6 +59,7 @@ impl Error {
             Error::Identity(_) => "identity",
             Error::Workload(_) => "workload",
             Error::Status(_) => "status",
+            Error::Metadata(_) => "metadata",
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.kind(),
@@ -74,7 +77,7 @@ impl Error {
         match self {
             Error::Identity(e) => e.is_permanent(),
             Error::Workload(e) => e.is_permanent(),
-            Error::Status(e) => refused_as_invalid(e),
+            Error::Status(e) | Error::Metadata(e) => refused_as_invalid(e),
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.is_permanent(),

@@ -12,7 +12,7 @@ pub mod runtime;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use context::{Applied, ChildStores, Context};
+pub use context::{Applied, ChildStores, Context, OwnWrite};
 pub use error::{Error, NameConflict};
 pub use runtime::run;
 

@@ -12,6 +12,7 @@ use futures::stream::BoxStream;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ApiResource, DynamicObject, PartialObjectMeta, TypeMeta};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Recorder, Reporter};
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::agent::{self, events, report::Note};
+use super::context::{Cached, Echoes};
 use super::{ChildStores, Config, Context, Error, hash_of};
 use crate::api::ops;
 use crate::crd::Agent;
@@ -303,6 +305,7 @@ async fn reconcile_agents(
     let (services, service_events) = child_watch::<Service>(&client, ns, Child::every_change());
     let (service_accounts, service_account_events) =
         child_watch::<ServiceAccount>(&client, ns, Child::every_change());
+    let (secrets, secret_events) = secret_watch(&client, ns);
     let (namespaces, namespace_events) = namespace_watch(&client, ns);
     let stores = ChildStores {
         namespaces,
@@ -310,6 +313,7 @@ async fn reconcile_agents(
         statefulsets,
         services,
         service_accounts,
+        secrets,
     };
     // Agents as the reconcile (and the API and the relay) need them.
     let (agents, writer) = reflector::store();
@@ -339,6 +343,7 @@ async fn reconcile_agents(
         statefulset_events,
         service_events,
         service_account_events,
+        secret_events,
     ];
     let backups = match ctx.config.backup.clone() {
         Some(config) => Some(start_backups(&ctx, config, agents.clone(), stop.clone())?),
@@ -551,9 +556,10 @@ fn error_policy(guard: Arc<DeserializeGuard<Agent>>, error: &Error, ctx: Arc<Con
 
 /// An Agent's metadata, whether or not it decodes.
 /// What on an Agent asks for a pass: its spec (generation), its annotations (a revocation
-/// request), its finalizers and its deletion. Not its status, which only this controller
-/// writes (each status write would otherwise cost one more pass), nor its labels, whose
-/// discovery part the controller owns and puts back on the next pass.
+/// request) and its deletion. Not its status, which only this controller writes (each status
+/// write would otherwise cost one more pass), nor its labels and finalizers, which a pass puts
+/// on itself before going on (`agent::metadata`); one removed by hand is back at the next
+/// resync.
 fn agent_trigger(guard: &DeserializeGuard<Agent>) -> Option<u64> {
     let m = guard_meta(guard);
     // The uid too: an Agent deleted and created again under its name is a new object.
@@ -561,7 +567,6 @@ fn agent_trigger(guard: &DeserializeGuard<Agent>) -> Option<u64> {
         &m.uid,
         m.generation,
         &m.annotations,
-        &m.finalizers,
         m.deletion_timestamp.is_some(),
     )))
 }
@@ -692,7 +697,7 @@ fn child_watch<K>(
     ns: &Option<String>,
     child: Child<K>,
 ) -> (
-    Store<K>,
+    Cached<K>,
     BoxStream<'static, Result<PartialObjectMeta<DynamicObject>, watcher::Error>>,
 )
 where
@@ -706,7 +711,8 @@ where
 {
     let (store, writer) = reflector::store();
     let Child { trim, trigger } = child;
-    let mut seen = std::collections::HashMap::<String, u64>::new();
+    let echoes = Echoes::new(trigger);
+    let news = echoes.clone();
     let stream = watcher::watcher(scoped::<K>(client, ns), managed())
         .default_backoff()
         .modify(move |obj: &mut K| {
@@ -716,18 +722,7 @@ where
         })
         .reflect(writer)
         .map_ok(move |event| {
-            let key = |o: &K| o.meta().uid.clone().unwrap_or_default();
-            let changed = match event {
-                watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
-                    let value = trigger(&o);
-                    (seen.insert(key(&o), value) != Some(value)).then_some(o)
-                }
-                watcher::Event::Delete(o) => {
-                    seen.remove(&key(&o));
-                    Some(o)
-                }
-                watcher::Event::Init | watcher::Event::InitDone => None,
-            };
+            let changed = news_of(&news, event, |o: &K| o);
             futures::stream::iter(changed.map(Ok))
         })
         .try_flatten()
@@ -740,7 +735,59 @@ where
             _phantom: Default::default(),
         })
         .boxed();
-    (store, stream)
+    (Cached { store, echoes }, stream)
+}
+
+/// The object of a watch event if it is news to the controller (see [`Echoes`]): a version
+/// that differs in what a pass acts on from the last one seen or written. Deletions always are.
+fn news_of<K, T>(echoes: &Echoes<T>, event: watcher::Event<K>, part: fn(&K) -> &T) -> Option<K>
+where
+    K: kube::Resource,
+{
+    match event {
+        watcher::Event::Apply(o) | watcher::Event::InitApply(o) => echoes
+            .is_news(o.meta().uid.as_deref(), part(&o))
+            .then_some(o),
+        watcher::Event::Delete(o) => {
+            echoes.forget(o.meta().uid.as_deref());
+            Some(o)
+        }
+        watcher::Event::Init | watcher::Event::InitDone => None,
+    }
+}
+
+/// The identity Secrets' changes that trigger their Agent: metadata only (their keys never
+/// pass through the controller's memory unless a pass reads one), and not the echoes of the
+/// controller's own writes.
+fn secret_watch(
+    client: &Client,
+    ns: &Option<String>,
+) -> (
+    Echoes<ObjectMeta>,
+    BoxStream<'static, Result<PartialObjectMeta<DynamicObject>, watcher::Error>>,
+) {
+    let echoes = Echoes::new(|m: &ObjectMeta| hash_of(m.resource_version.as_deref()));
+    let news = echoes.clone();
+    let secrets: Api<PartialObjectMeta<Secret>> = scoped(client, ns);
+    let stream = watcher::watcher(secrets, managed())
+        .default_backoff()
+        .map_ok(move |event| {
+            let changed = news_of(&news, event, |o: &PartialObjectMeta<Secret>| &o.metadata);
+            futures::stream::iter(changed.map(Ok))
+        })
+        .try_flatten()
+        .map_ok(
+            |m: PartialObjectMeta<Secret>| PartialObjectMeta::<DynamicObject> {
+                types: Some(TypeMeta {
+                    api_version: "v1".into(),
+                    kind: "Secret".into(),
+                }),
+                metadata: m.metadata,
+                _phantom: Default::default(),
+            },
+        )
+        .boxed();
+    (echoes, stream)
 }
 
 type NamespaceStore = Store<PartialObjectMeta<Namespace>>;
@@ -790,15 +837,20 @@ async fn run_agent_controller(
         Store<DeserializeGuard<Agent>>,
         reflector::store::Writer<DeserializeGuard<Agent>>,
     ),
-    children: [BoxStream<'static, Result<PartialObjectMeta<DynamicObject>, watcher::Error>>; 4],
+    children: [BoxStream<'static, Result<PartialObjectMeta<DynamicObject>, watcher::Error>>; 5],
     namespace_events: NamespaceEvents,
     trust_changed: futures::channel::mpsc::UnboundedReceiver<()>,
     stop: CancellationToken,
 ) {
     let client = ctx.client.clone();
     let agents: Api<DeserializeGuard<Agent>> = scoped(&client, &ctx.config.watch_namespace);
-    let secrets: Api<Secret> = scoped(&client, &ctx.config.watch_namespace);
-    let [deployments, statefulsets, services, service_accounts] = children;
+    let [
+        deployments,
+        statefulsets,
+        services,
+        service_accounts,
+        secrets,
+    ] = children;
     // Agents as the reconcile needs them: without managedFields, which nothing here reads.
     let mut agent_watch = watcher::Config::default().any_semantic();
     if let Some(selector) = &ctx.config.agent_selector {
@@ -846,7 +898,7 @@ async fn run_agent_controller(
                 .concurrency(ctx.config.concurrency)
                 .debounce(ctx.config.debounce),
         )
-        .owns(secrets, managed())
+        .owns_stream_with(secrets, dynamic_type::<Secret>())
         .owns_stream_with(deployments, dynamic_type::<Deployment>())
         .owns_stream_with(statefulsets, dynamic_type::<StatefulSet>())
         .owns_stream_with(services, dynamic_type::<Service>())

@@ -456,13 +456,17 @@ async fn write_secret(
     if existing.map(|e| (&e.data, e.type_.as_deref()))
         != Some((&desired.data, Some("kubernetes.io/tls")))
     {
-        Api::<Secret>::namespaced(ctx.client.clone(), &t.ns)
+        let written = Api::<Secret>::namespaced(ctx.client.clone(), &t.ns)
             .patch(
                 &desired.name_any(),
                 &PatchParams::apply(MANAGER).force(),
                 &Patch::Apply(desired),
             )
             .await?;
+        // Its watch event is our own write coming back: no pass for it.
+        ctx.stores
+            .secrets
+            .wrote(written.metadata.uid.as_deref(), &written.metadata);
     }
     if revoked {
         // Done: clear the request so it is not repeated.

@@ -7,6 +7,7 @@ pub mod backups;
 pub mod credentials;
 pub mod events;
 pub mod inbox;
+pub mod metadata;
 pub mod report;
 pub mod rollout;
 pub mod status;
@@ -28,6 +29,9 @@ use crate::keys::{FINALIZER, reasons};
 use crate::telemetry::ResultLabels;
 use crate::workload::MemoryPlan;
 
+/// How long a pass that found the watch cache behind its own last write waits to run again.
+const CACHE_CATCH_UP: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub async fn reconcile(
     guard: Arc<DeserializeGuard<Agent>>,
     ctx: Arc<Context>,
@@ -43,22 +47,28 @@ pub async fn reconcile(
     let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
     let key = format!("{ns}/{}", agent.name_any());
     let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, agent, |event| async {
-        match event {
-            Event::Apply(agent) => apply(agent, &ctx).await,
-            Event::Cleanup(agent) => cleanup(agent, &ctx).await,
-        }
-    })
-    .await;
-    let result = match result {
-        // The Agent is already gone: a second cleanup pass (its trigger raced the first
-        // pass's finalizer removal) found nothing left to release. Not an error.
-        Err(kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(e)))
-            if e.code == 404 =>
-        {
-            Ok(Action::await_change())
-        }
-        other => other.map_err(|e| Error::Finalizer(Box::new(e))),
+    let result = match metadata::ensure(agent, &api, &ctx).await {
+        // Our finalizer and labels are on it: kube's helper goes straight to the apply (or,
+        // for a deleting Agent, the cleanup).
+        Ok(Some(agent)) => finalizer(&api, FINALIZER, agent, |event| async {
+            match event {
+                Event::Apply(agent) => apply(agent, &ctx).await,
+                Event::Cleanup(agent) => cleanup(agent, &ctx).await,
+            }
+        })
+        .await
+        .or_else(|e| match e {
+            // The Agent is already gone: a second cleanup pass (its trigger raced the first
+            // pass's finalizer removal) found nothing left to release. Not an error.
+            kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s))
+                if s.code == 404 =>
+            {
+                Ok(Action::await_change())
+            }
+            other => Err(Error::Finalizer(Box::new(other))),
+        }),
+        Ok(None) => Ok(Action::requeue(CACHE_CATCH_UP)),
+        Err(e) => Err(Error::Metadata(e)),
     };
     ctx.metrics
         .reconcile_duration
@@ -115,7 +125,7 @@ async fn cleanup(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
     let revoked = credentials::cleanup(&agent, ctx).await?;
     ctx.forget_applied(&agent.namespace().unwrap_or_default(), &agent.name_any());
     if let Some(uid) = agent.uid() {
-        ctx.forget_status(&uid);
+        ctx.forget_writes(&uid);
     }
     let note = format!(
         "revoked {revoked} certificate(s) and published the CRL{}; removing the finalizer",

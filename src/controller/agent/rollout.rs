@@ -1,20 +1,21 @@
 //! The rollout step of the Agent pipeline: server-side apply the objects `crate::workload`
-//! builds (never over an object the Agent did not create), put the discovery labels on the
-//! Agent, and report readiness from the rollout.
+//! builds (never over an object the Agent did not create) and report readiness from the
+//! rollout. The Agent's own discovery labels are put on by `metadata`.
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use kube::api::{DeleteParams, Patch, PatchParams};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::report::Report;
+use crate::controller::context::Cached;
 use crate::controller::error::refused_as_invalid;
 use crate::controller::{Applied, Context, NameConflict, content_hash, owned_by};
 use crate::crd::{Agent, ValidatedSpec};
 use crate::keys::conditions::WORKLOAD_READY;
-use crate::keys::{CAPABILITY_PREFIX, MANAGER, reasons};
+use crate::keys::{MANAGER, reasons};
 use crate::workload::{self, MemoryPlan, Workload};
 
 /// What failed while applying an Agent's workload.
@@ -60,7 +61,7 @@ enum Track {
 /// managed-fields merge, and reconciles are frequent: skipping them keeps fleets cheap.
 async fn apply<K>(
     ctx: &Context,
-    store: &Store<K>,
+    cache: &Cached<K>,
     ns: &str,
     obj: &K,
     track: Track,
@@ -71,7 +72,8 @@ where
         + Clone
         + DeserializeOwned
         + Serialize
-        + std::fmt::Debug,
+        + std::fmt::Debug
+        + 'static,
 {
     let name = obj.name_any();
     let key = format!("{}/{ns}/{name}", K::kind(&()));
@@ -79,7 +81,7 @@ where
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     // Never adopt: an object of this name that the Agent did not create stays untouched. The
     // cache holds only objects labelled as ours; anything else needs one read to be sure.
-    let cached = store.get(&ObjectRef::new(&name).within(ns));
+    let cached = cache.store.get(&ObjectRef::new(&name).within(ns));
     let owner_ok = match &cached {
         Some(live) => owned_by(live.meta(), uid),
         None => api
@@ -115,6 +117,7 @@ where
             &Patch::Apply(obj),
         )
         .await?;
+    cache.echoes.wrote(applied.meta().uid.as_deref(), &applied);
     ctx.record_applied(
         key,
         Applied {
@@ -130,7 +133,7 @@ where
 /// of that name the Agent does not own is left alone.
 async fn delete_if_owned<K>(
     ctx: &Context,
-    store: &Store<K>,
+    cache: &Cached<K>,
     ns: &str,
     name: &str,
     uid: &str,
@@ -139,9 +142,11 @@ where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
         + DeserializeOwned
-        + std::fmt::Debug,
+        + std::fmt::Debug
+        + 'static,
 {
-    let owned = store
+    let owned = cache
+        .store
         .get(&ObjectRef::new(name).within(ns))
         .is_some_and(|live| owned_by(live.meta(), uid));
     if !owned {
@@ -166,7 +171,6 @@ pub async fn step(
         .namespace()
         .zip(agent.uid())
         .ok_or(WorkloadError::NotStored)?;
-    label_agent(agent, ctx, &ns).await?;
     let stores = &ctx.stores;
     let track = Track::ResourceVersion;
     let sa = workload::service_account(agent);
@@ -214,30 +218,4 @@ pub async fn step(
     } else {
         Report::pending(WORKLOAD_READY, reasons::ROLLING_OUT, message)
     })
-}
-
-/// Puts `agentry.dev/agent` and one `capability.agentry.dev/<c>` label per capability on the
-/// Agent (server-side apply: labels for dropped capabilities disappear with our ownership).
-async fn label_agent(agent: &Agent, ctx: &Context, ns: &str) -> Result<(), WorkloadError> {
-    let want = workload::discovery_labels(agent);
-    let have = agent.labels();
-    let stale = have
-        .keys()
-        .any(|k| k.starts_with(CAPABILITY_PREFIX) && !want.contains_key(k));
-    if !stale && want.iter().all(|(k, v)| have.get(k) == Some(v)) {
-        return Ok(());
-    }
-    let patch = serde_json::json!({
-        "apiVersion": Agent::api_version(&()),
-        "kind": Agent::kind(&()),
-        "metadata": {"name": agent.name_any(), "labels": want},
-    });
-    let api: Api<Agent> = Api::namespaced(ctx.client.clone(), ns);
-    api.patch(
-        &agent.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
 }

@@ -12,7 +12,7 @@ use kube::{Api, Resource, ResourceExt};
 
 use super::report::{Level, Report};
 use crate::controller::conditions;
-use crate::controller::{Context, Error};
+use crate::controller::{Context, Error, OwnWrite};
 use crate::crd::{Agent, AgentStatus, AssignedResources, IdentityStatus, Phase};
 use crate::keys::conditions::{READY, RECONCILING, STALLED};
 use crate::keys::{MANAGER, reasons};
@@ -160,7 +160,7 @@ impl<'a> From<&'a Report> for Verdict<'a> {
 
 /// Writes `status` with one server-side-apply patch, unless it equals what is stored.
 pub async fn write(ctx: &Context, agent: &Agent, status: AgentStatus) -> Result<(), Error> {
-    if agent.status.as_ref() == Some(&status) || ctx.status_in_flight(agent, &status) {
+    if agent.status.as_ref() == Some(&status) || ctx.in_flight(OwnWrite::Status, agent, &status) {
         return Ok(());
     }
     let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
@@ -177,7 +177,7 @@ pub async fn write(ctx: &Context, agent: &Agent, status: AgentStatus) -> Result<
     )
     .await
     .map_err(Error::Status)?;
-    ctx.status_written(agent, &status);
+    ctx.wrote(OwnWrite::Status, agent, &status);
     Ok(())
 }
 
