@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PartialObjectMeta;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 
@@ -86,12 +86,27 @@ impl<K> Echoes<K> {
     }
 }
 
-/// What we last applied to a child: the desired content's hash and the object's version after.
-#[derive(Clone, Debug)]
+/// What we last applied to a child: the desired content's hash and the object's version after
+/// (its resourceVersion hashed: 32 bytes an entry, three or four entries an Agent).
+#[derive(Clone, Debug, PartialEq)]
 pub struct Applied {
     pub hash: u64,
     pub generation: Option<i64>,
-    pub resource_version: Option<String>,
+    pub resource_version: Option<u64>,
+}
+
+impl Applied {
+    /// The applied-object cache's form of a resourceVersion.
+    pub fn version(resource_version: Option<&str>) -> Option<u64> {
+        resource_version.map(super::hash_of)
+    }
+}
+
+/// The kinds of child in the applied-object cache (what `forget_applied` drops).
+const APPLIED_KINDS: [&str; 4] = ["ServiceAccount", "Service", "Deployment", "StatefulSet"];
+
+fn applied_key(kind: &str, namespace: &str, name: &str) -> u64 {
+    super::hash_of((kind, namespace, name))
 }
 
 /// The writes a pass makes to the Agent itself, remembered until the watch cache shows them.
@@ -106,14 +121,17 @@ pub enum OwnWrite {
 /// Shared state handed to every reconcile.
 pub struct Context {
     pub client: Client,
+    /// Folds repeats of an Event into one Event's series; kube keeps every Event it published
+    /// for 6 minutes to do so. See [`Context::recorder_for`].
     pub recorder: Recorder,
+    reporter: Reporter,
     pub metrics: Arc<Metrics>,
     pub config: Config,
     pub authority: Arc<Authority>,
     pub stores: ChildStores,
     /// Redis messaging (None: the controller runs without `--redis-url`).
     pub messaging: Option<Arc<super::messaging::Messaging>>,
-    applied: std::sync::Mutex<HashMap<String, Applied>>,
+    applied: std::sync::Mutex<HashMap<u64, Applied>>,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: std::sync::Mutex<HashMap<String, u32>>,
     /// Per Agent uid and kind of write (hashed): the resourceVersion a pass saw when it wrote
@@ -131,16 +149,15 @@ impl Context {
         authority: Arc<Authority>,
         stores: ChildStores,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: MANAGER.into(),
-                instance: Some(config.replica.clone()),
-            },
-        );
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: Some(config.replica.clone()),
+        };
+        let recorder = Recorder::new(client.clone(), reporter.clone());
         Self {
             client,
             recorder,
+            reporter,
             metrics,
             config,
             authority,
@@ -149,6 +166,17 @@ impl Context {
             applied: Default::default(),
             failures: Default::default(),
             own_writes: Default::default(),
+        }
+    }
+
+    /// The recorder for an Event of `type_`: Warnings (which repeat while a problem lasts) go
+    /// through the shared one, which folds repeats; one-off Normal Events (a certificate
+    /// issued, revoked, an Agent cleaned up) through a fresh one, so a fleet's worth of them
+    /// is not held in memory for 6 minutes (a few KiB each, for 10,000 Agents created at once).
+    pub(crate) fn recorder_for(&self, type_: EventType) -> Recorder {
+        match type_ {
+            EventType::Warning => self.recorder.clone(),
+            EventType::Normal => Recorder::new(self.client.clone(), self.reporter.clone()),
         }
     }
 
@@ -166,19 +194,20 @@ impl Context {
         backoff_delay(*n, rand::random::<f64>())
     }
 
-    pub(crate) fn applied(&self, key: &str) -> Option<Applied> {
+    /// What we last applied to the child `kind` `namespace`/`name`.
+    pub(crate) fn applied(&self, kind: &str, namespace: &str, name: &str) -> Option<Applied> {
         self.applied
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(key)
+            .get(&applied_key(kind, namespace, name))
             .cloned()
     }
 
-    pub(crate) fn record_applied(&self, key: String, applied: Applied) {
+    pub(crate) fn record_applied(&self, kind: &str, namespace: &str, name: &str, a: Applied) {
         self.applied
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key, applied);
+            .insert(applied_key(kind, namespace, name), a);
     }
 
     /// Records that a pass over `agent` (as cached) just wrote `what` with content `written`.
@@ -220,11 +249,10 @@ impl Context {
     /// Drops what the applied-object cache knows of an Agent's children (on deletion), so a
     /// fleet that comes and goes does not grow it forever.
     pub(crate) fn forget_applied(&self, namespace: &str, name: &str) {
-        let suffix = format!("/{namespace}/{name}");
-        self.applied
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|key, _| !key.ends_with(&suffix));
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        for kind in APPLIED_KINDS {
+            applied.remove(&applied_key(kind, namespace, name));
+        }
     }
 
     /// Forgets an Agent's last own writes (on deletion).

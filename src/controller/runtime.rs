@@ -273,9 +273,15 @@ async fn reconcile_agents(
     // The caches keep what the reconcile reads (metadata versions, rollout status), not the pod
     // templates: a fleet's worth of full Deployments would be most of our memory.
     let deployment = Child {
+        // What `deployment_ready` reads: spec.replicas, the generations and the counts.
         trim: |d: &mut Deployment| {
             if let Some(spec) = d.spec.as_mut() {
                 spec.template = Default::default();
+                spec.selector = Default::default();
+                spec.strategy = None;
+            }
+            if let Some(status) = d.status.as_mut() {
+                status.conditions = None;
             }
         },
         // Whether it is rolled out (what the Agent's status says of it), not each step.
@@ -292,6 +298,10 @@ async fn reconcile_agents(
             if let Some(spec) = s.spec.as_mut() {
                 spec.template = Default::default();
                 spec.volume_claim_templates = None;
+                spec.selector = Default::default();
+            }
+            if let Some(status) = s.status.as_mut() {
+                status.conditions = None;
             }
         },
         trigger: |st| {
@@ -302,9 +312,16 @@ async fn reconcile_agents(
         },
     };
     let (statefulsets, statefulset_events) = child_watch(&client, ns, statefulset);
-    let (services, service_events) = child_watch::<Service>(&client, ns, Child::every_change());
-    let (service_accounts, service_account_events) =
-        child_watch::<ServiceAccount>(&client, ns, Child::every_change());
+    let service = Child::every_change(|s: &mut Service| {
+        s.spec = None;
+        s.status = None;
+    });
+    let (services, service_events) = child_watch(&client, ns, service);
+    let service_account = Child::every_change(|sa: &mut ServiceAccount| {
+        sa.secrets = None;
+        sa.image_pull_secrets = None;
+    });
+    let (service_accounts, service_account_events) = child_watch(&client, ns, service_account);
     let (secrets, secret_events) = secret_watch(&client, ns);
     let (namespaces, namespace_events) = namespace_watch(&client, ns);
     let stores = ChildStores {
@@ -671,6 +688,9 @@ fn dynamic_type<K: kube::Resource<DynamicType = ()>>() -> ApiResource {
     ApiResource::erase::<K>(&())
 }
 
+/// kubectl's annotation holding the whole manifest it last applied.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// How one child kind is cached and which of its changes reconcile the owning Agent.
 struct Child<K> {
     /// Drops what the reconcile never reads from the cache (memory at 10,000 Agents).
@@ -681,13 +701,30 @@ struct Child<K> {
 }
 
 impl<K: kube::Resource> Child<K> {
-    /// Objects without a status: any change may be tampering to repair.
-    fn every_change() -> Self {
+    /// Objects a pass reads nothing from but their metadata (ServiceAccounts, Services): any
+    /// change may be tampering to repair. Cached as their metadata only.
+    fn every_change(trim: fn(&mut K)) -> Self {
         Self {
-            trim: |_| {},
+            trim,
             trigger: |o| hash_of(o.meta().resource_version.as_deref()),
         }
     }
+}
+
+/// What a pass reads of a cached child's metadata: who owns it and which version it is. The
+/// rest (labels, which the watch selects on server-side; timestamps) is not kept.
+fn trim_meta(meta: &mut kube::api::ObjectMeta) {
+    let kept = kube::api::ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        uid: meta.uid.take(),
+        resource_version: meta.resource_version.take(),
+        generation: meta.generation.take(),
+        owner_references: meta.owner_references.take(),
+        deletion_timestamp: meta.deletion_timestamp.take(),
+        ..Default::default()
+    };
+    *meta = kept;
 }
 
 /// A watch cache of one child kind, and its stream of changes (as metadata, for the owner
@@ -716,8 +753,7 @@ where
     let stream = watcher::watcher(scoped::<K>(client, ns), managed())
         .default_backoff()
         .modify(move |obj: &mut K| {
-            obj.meta_mut().managed_fields = None;
-            obj.meta_mut().annotations = None;
+            trim_meta(obj.meta_mut());
             trim(obj);
         })
         .reflect(writer)
@@ -851,16 +887,24 @@ async fn run_agent_controller(
         service_accounts,
         secrets,
     ] = children;
-    // Agents as the reconcile needs them: without managedFields, which nothing here reads.
+    // Agents as the reconcile needs them: without managedFields and kubectl's copy of the last
+    // applied manifest, which nothing here reads (a fleet's worth of both would be a large
+    // part of our memory).
     let mut agent_watch = watcher::Config::default().any_semantic();
     if let Some(selector) = &ctx.config.agent_selector {
         agent_watch = agent_watch.labels(selector);
     }
     let agent_events = watcher::watcher(agents, agent_watch)
         .default_backoff()
-        .modify(|guard: &mut DeserializeGuard<Agent>| match &mut guard.0 {
-            Ok(agent) => agent.metadata.managed_fields = None,
-            Err(invalid) => invalid.metadata.managed_fields = None,
+        .modify(|guard: &mut DeserializeGuard<Agent>| {
+            let meta = match &mut guard.0 {
+                Ok(agent) => &mut agent.metadata,
+                Err(invalid) => &mut invalid.metadata,
+            };
+            meta.managed_fields = None;
+            if let Some(a) = meta.annotations.as_mut() {
+                a.remove(LAST_APPLIED);
+            }
         })
         .reflect(writer)
         .applied_objects()

@@ -13,7 +13,7 @@ use crate::keys::reasons;
 
 /// Publishes `note` as an Event on the Agent.
 pub async fn publish(ctx: &Context, agent: &Agent, note: &Note) {
-    publish_on(&ctx.recorder, &agent.object_ref(&()), note).await;
+    publish_on(&ctx.recorder_for(note.type_), &agent.object_ref(&()), note).await;
 }
 
 /// Publishes `note` as an Event on the object `reference` points at.

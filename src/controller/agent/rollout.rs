@@ -76,7 +76,7 @@ where
         + 'static,
 {
     let name = obj.name_any();
-    let key = format!("{}/{ns}/{name}", K::kind(&()));
+    let kind = K::kind(&());
     let desired = content_hash(obj);
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     // Never adopt: an object of this name that the Agent did not create stays untouched. The
@@ -93,7 +93,7 @@ where
         return Err(NameConflict::new(&K::kind(&()), &name).into());
     }
     if let Some(live) = cached {
-        let unchanged = ctx.applied(&key).is_some_and(|a| {
+        let unchanged = ctx.applied(&kind, ns, &name).is_some_and(|a| {
             a.hash == desired
                 && match track {
                     Track::Generation => {
@@ -101,7 +101,8 @@ where
                     }
                     Track::ResourceVersion => {
                         a.resource_version.is_some()
-                            && live.meta().resource_version == a.resource_version
+                            && Applied::version(live.meta().resource_version.as_deref())
+                                == a.resource_version
                     }
                 }
         });
@@ -119,11 +120,13 @@ where
         .await?;
     cache.echoes.wrote(applied.meta().uid.as_deref(), &applied);
     ctx.record_applied(
-        key,
+        &kind,
+        ns,
+        &name,
         Applied {
             hash: desired,
             generation: applied.meta().generation,
-            resource_version: applied.meta().resource_version.clone(),
+            resource_version: Applied::version(applied.meta().resource_version.as_deref()),
         },
     );
     Ok(applied)
