@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -384,5 +385,67 @@ async fn cluster_wide_mode_reconciles_agents_in_every_namespace() {
         other.status.as_ref().and_then(|s| s.observed_generation) == Some(-1)
             && !has_finalizer(&other),
         "reconciled outside its shard"
+    );
+}
+
+/// Deleting an Agent's namespace: the namespace controller removes the Agent's children while
+/// the Agent waits on its finalizer. The controller leaves a terminating namespace alone (no
+/// re-apply of a removed child, which the apiserver refuses as "being terminated", so no failed
+/// reconcile), and the Agents' cleanup still runs, so the namespace goes away.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminating_namespace_is_left_alone_and_still_goes_away() {
+    let (client, home) = setup("ctl-nsdel").await;
+    let doomed = TestNamespace::new(&client, "ctl-nsdel-x").await;
+    let mut opts = ControllerOptions::new(&home.name);
+    opts.cluster_wide = true;
+    opts.extra_args = vec![
+        "--agent-selector".into(),
+        format!("agentry.dev/e2e-shard={}", home.name),
+    ];
+    let controller = ControllerProcess::start(opts);
+    let label = json!({"metadata": {"labels": {"agentry.dev/e2e-shard": home.name}}});
+    for name in ["one", "two", "three"] {
+        create_agent(&client, &doomed.name, agent_manifest(name, label.clone()))
+            .await
+            .unwrap();
+    }
+    for name in ["one", "two", "three"] {
+        wait_agent(
+            &client,
+            &doomed.name,
+            name,
+            Duration::from_secs(60),
+            "Ready",
+            ready,
+        )
+        .await;
+    }
+    let errors_before = controller
+        .metric("agentry_reconcile_errors_total")
+        .await
+        .unwrap_or(0.0);
+    Api::<Namespace>::all(client.clone())
+        .delete(&doomed.name, &DeleteParams::default())
+        .await
+        .unwrap();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    eventually_ok(Duration::from_secs(90), "namespace gone", || async {
+        Ok::<bool, kube::Error>(namespaces.get_opt(&doomed.name).await?.is_none())
+    })
+    .await;
+    let errors = controller
+        .metric("agentry_reconcile_errors_total")
+        .await
+        .unwrap_or(0.0)
+        - errors_before;
+    let logs = controller.logs();
+    assert!(
+        errors == 0.0 && !logs.contains("being terminated"),
+        "{errors} failed reconciles while the namespace was deleted: {}",
+        logs.lines()
+            .filter(|l| l.contains("WARN"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }

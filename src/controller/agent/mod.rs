@@ -19,7 +19,7 @@ use std::time::Instant;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event, finalizer};
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 
 use self::report::Report;
 use self::status::Facts;
@@ -46,6 +46,12 @@ pub async fn reconcile(
     };
     let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
     let key = format!("{ns}/{}", agent.name_any());
+    if agent.meta().deletion_timestamp.is_none() && namespace_terminating(&ctx, &ns) {
+        // The namespace controller is removing the Agent's children and deletes the Agent
+        // next; its deletion brings the cleanup. Re-creating what it removes would only be
+        // refused ("being terminated") and retried.
+        return Ok(Action::await_change());
+    }
     let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
     let result = match metadata::ensure(agent, &api, &ctx).await {
         // Our finalizer and labels are on it: kube's helper goes straight to the apply (or,
@@ -84,6 +90,14 @@ pub async fn reconcile(
         ctx.clear_backoff(&key);
     }
     result
+}
+
+/// Whether the Agent's namespace is being deleted (as the namespace cache shows it).
+fn namespace_terminating(ctx: &Context, ns: &str) -> bool {
+    ctx.stores
+        .namespaces
+        .get(&kube::runtime::reflector::ObjectRef::new(ns))
+        .is_some_and(|n| n.metadata.deletion_timestamp.is_some())
 }
 
 /// Brings the world in line with the Agent's spec, one step after the other.
@@ -135,12 +149,18 @@ async fn cleanup(agent: Arc<Agent>, ctx: &Context) -> Result<Action, Error> {
             ""
         }
     );
-    events::publish(
-        ctx,
-        &agent,
-        &report::Note::normal(reasons::DELETED, "Cleanup", note),
-    )
-    .await;
+    let ns = agent.namespace().unwrap_or_default();
+    if namespace_terminating(ctx, &ns) {
+        // No new Event can be created in a namespace being deleted: the log keeps the trace.
+        tracing::info!(agent = %format!("{ns}/{}", agent.name_any()), "{note}");
+    } else {
+        events::publish(
+            ctx,
+            &agent,
+            &report::Note::normal(reasons::DELETED, "Cleanup", note),
+        )
+        .await;
+    }
     Ok(Action::await_change())
 }
 
