@@ -352,19 +352,25 @@ async fn an_undecodable_agent_does_not_stop_the_others() {
 /// The default mode: no `--watch-namespace`, so the controller reconciles Agents in every
 /// namespace (here limited by `--agent-selector` to this test's Agents, so that it leaves the
 /// other tests' Agents on the shared cluster alone), and its namespace watch covers them all.
+/// A controller watching every namespace, limited to the Agents labelled with its shard (so it
+/// leaves other tests' Agents alone), and that label as a manifest overlay.
+fn shard_controller(home: &str) -> (ControllerProcess, serde_json::Value) {
+    let mut opts = ControllerOptions::new(home);
+    opts.cluster_wide = true;
+    opts.extra_args = vec![
+        "--agent-selector".into(),
+        format!("agentry.dev/e2e-shard={home}"),
+    ];
+    let label = json!({"metadata": {"labels": {"agentry.dev/e2e-shard": home}}});
+    (ControllerProcess::start(opts), label)
+}
+
 #[tokio::test]
 async fn cluster_wide_mode_reconciles_agents_in_every_namespace() {
     let (client, home) = setup("ctl-wide").await;
     let one = TestNamespace::new(&client, "ctl-wide-a").await;
     let two = TestNamespace::new(&client, "ctl-wide-b").await;
-    let mut opts = ControllerOptions::new(&home.name);
-    opts.cluster_wide = true;
-    opts.extra_args = vec![
-        "--agent-selector".into(),
-        format!("agentry.dev/e2e-shard={}", home.name),
-    ];
-    let _controller = ControllerProcess::start(opts);
-    let label = json!({"metadata": {"labels": {"agentry.dev/e2e-shard": home.name}}});
+    let (_controller, label) = shard_controller(&home.name);
     for ns in [&one.name, &two.name] {
         create_agent(&client, ns, agent_manifest("wide", label.clone()))
             .await
@@ -396,14 +402,7 @@ async fn cluster_wide_mode_reconciles_agents_in_every_namespace() {
 async fn a_terminating_namespace_is_left_alone_and_still_goes_away() {
     let (client, home) = setup("ctl-nsdel").await;
     let doomed = TestNamespace::new(&client, "ctl-nsdel-x").await;
-    let mut opts = ControllerOptions::new(&home.name);
-    opts.cluster_wide = true;
-    opts.extra_args = vec![
-        "--agent-selector".into(),
-        format!("agentry.dev/e2e-shard={}", home.name),
-    ];
-    let controller = ControllerProcess::start(opts);
-    let label = json!({"metadata": {"labels": {"agentry.dev/e2e-shard": home.name}}});
+    let (controller, label) = shard_controller(&home.name);
     for name in ["one", "two", "three"] {
         create_agent(&client, &doomed.name, agent_manifest(name, label.clone()))
             .await
