@@ -38,6 +38,37 @@ fn audit_log() -> PathBuf {
     log
 }
 
+/// The controller identity of one test whose writes the apiserver audits: a cluster-admin
+/// ServiceAccount in the audited namespace, named after the test's namespace.
+struct Audited {
+    sa: String,
+    /// Its user name in the audit log.
+    user: String,
+    kubeconfig: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Audited {
+    async fn new(client: &kube::Client, ns: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sa = format!("controller-{ns}");
+        let kubeconfig = audited_kubeconfig(client, &sa, dir.path()).await;
+        Self {
+            user: format!("system:serviceaccount:{AUDITED}:{sa}"),
+            sa,
+            kubeconfig,
+            _dir: dir,
+        }
+    }
+
+    /// Drops its cluster-admin binding.
+    async fn release(self, client: &kube::Client) {
+        let _ = Api::<ClusterRoleBinding>::all(client.clone())
+            .delete(&self.sa, &Default::default())
+            .await;
+    }
+}
+
 /// A kubeconfig for a cluster-admin ServiceAccount `sa` in the audited namespace: the same
 /// server and CA as $KUBECONFIG, authenticated by a bound token.
 async fn audited_kubeconfig(client: &kube::Client, sa: &str, dir: &Path) -> PathBuf {
@@ -279,12 +310,10 @@ async fn healthy_agents_at_rest_cost_no_writes() {
     let n = agents_at_rest();
     let (client, ns) = setup("rest").await;
     let log = audit_log();
-    let dir = tempfile::tempdir().unwrap();
-    let sa = format!("controller-{}", ns.name);
-    let user = format!("system:serviceaccount:{AUDITED}:{sa}");
-    let kubeconfig = audited_kubeconfig(&client, &sa, dir.path()).await;
+    let audited = Audited::new(&client, &ns.name).await;
+    let user = audited.user.clone();
     let mut opts = ControllerOptions::new(&ns.name);
-    opts.kubeconfig = Some(&kubeconfig);
+    opts.kubeconfig = Some(&audited.kubeconfig);
     opts.extra_args = ["--resync-interval", "4s", "--concurrency", "32"]
         .map(String::from)
         .to_vec();
@@ -350,9 +379,7 @@ async fn healthy_agents_at_rest_cost_no_writes() {
     eprintln!(
         "{n} Agents at rest: {reconciles} reconciles, 0 writes, {lease_writes} Lease renewals, ledger unchanged"
     );
-    let _ = Api::<ClusterRoleBinding>::all(client.clone())
-        .delete(&sa, &Default::default())
-        .await;
+    audited.release(&client).await;
 }
 
 /// A burst held to the limit: 30 Agents created at once, with `--kube-api-qps 10
@@ -367,13 +394,11 @@ async fn a_burst_of_agents_is_written_at_the_client_side_rate_limit() {
     const BURST: usize = 10;
     let (client, ns) = setup("burst").await;
     let log = audit_log();
-    let dir = tempfile::tempdir().unwrap();
-    let sa = format!("controller-{}", ns.name);
-    let user = format!("system:serviceaccount:{AUDITED}:{sa}");
-    let kubeconfig = audited_kubeconfig(&client, &sa, dir.path()).await;
+    let audited = Audited::new(&client, &ns.name).await;
+    let user = audited.user.clone();
     let from = std::fs::metadata(&log).unwrap().len();
     let mut opts = ControllerOptions::new(&ns.name);
-    opts.kubeconfig = Some(&kubeconfig);
+    opts.kubeconfig = Some(&audited.kubeconfig);
     opts.extra_args = ["--kube-api-qps", "10", "--kube-api-burst", "10"]
         .map(String::from)
         .to_vec();
@@ -421,7 +446,5 @@ async fn a_burst_of_agents_is_written_at_the_client_side_rate_limit() {
         lease_writes > 0,
         "the Lease was not renewed during the burst"
     );
-    let _ = Api::<ClusterRoleBinding>::all(client.clone())
-        .delete(&sa, &Default::default())
-        .await;
+    audited.release(&client).await;
 }

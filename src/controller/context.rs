@@ -88,7 +88,7 @@ impl<K> Echoes<K> {
 
 /// What we last applied to a child: the desired content's hash and the object's version after
 /// (its resourceVersion hashed: 32 bytes an entry, three or four entries an Agent).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Applied {
     pub hash: u64,
     pub generation: Option<i64>,

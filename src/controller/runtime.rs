@@ -762,14 +762,7 @@ where
             futures::stream::iter(changed.map(Ok))
         })
         .try_flatten()
-        .map_ok(|obj: K| PartialObjectMeta::<DynamicObject> {
-            types: Some(TypeMeta {
-                api_version: K::api_version(&()).into(),
-                kind: K::kind(&()).into(),
-            }),
-            metadata: obj.meta().clone(),
-            _phantom: Default::default(),
-        })
+        .map_ok(|obj: K| trigger_of::<K>(obj.meta().clone()))
         .boxed();
     (Cached { store, echoes }, stream)
 }
@@ -812,18 +805,24 @@ fn secret_watch(
             futures::stream::iter(changed.map(Ok))
         })
         .try_flatten()
-        .map_ok(
-            |m: PartialObjectMeta<Secret>| PartialObjectMeta::<DynamicObject> {
-                types: Some(TypeMeta {
-                    api_version: "v1".into(),
-                    kind: "Secret".into(),
-                }),
-                metadata: m.metadata,
-                _phantom: Default::default(),
-            },
-        )
+        .map_ok(|m: PartialObjectMeta<Secret>| trigger_of::<Secret>(m.metadata))
         .boxed();
     (echoes, stream)
+}
+
+/// A changed child of kind K as the controller's trigger streams carry it: its metadata, for
+/// the lookup of the owning Agent.
+fn trigger_of<K: kube::Resource<DynamicType = ()>>(
+    metadata: ObjectMeta,
+) -> PartialObjectMeta<DynamicObject> {
+    PartialObjectMeta {
+        types: Some(TypeMeta {
+            api_version: K::api_version(&()).into(),
+            kind: K::kind(&()).into(),
+        }),
+        metadata,
+        _phantom: Default::default(),
+    }
 }
 
 type NamespaceStore = Store<PartialObjectMeta<Namespace>>;
