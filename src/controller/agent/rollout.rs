@@ -80,19 +80,17 @@ where
     let desired = content_hash(obj);
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     // Never adopt: an object of this name that the Agent did not create stays untouched. The
-    // cache holds only objects labelled as ours; anything else needs one read to be sure.
-    let cached = cache.store.get(&ObjectRef::new(&name).within(ns));
-    let owner_ok = match &cached {
-        Some(live) => owned_by(live.meta(), uid),
-        None => api
-            .get_metadata_opt(&name)
-            .await?
-            .is_none_or(|m| owned_by(&m.metadata, uid)),
+    // cache holds only objects labelled as ours; anything else needs one read to be sure. That
+    // read also stands in for the cache when the cache has not yet seen an object a pass just
+    // created (so it is not applied a second time).
+    let live = match cache.store.get(&ObjectRef::new(&name).within(ns)) {
+        Some(cached) => Some(cached),
+        None => api.get_opt(&name).await?.map(std::sync::Arc::new),
     };
-    if !owner_ok {
+    if live.as_ref().is_some_and(|l| !owned_by(l.meta(), uid)) {
         return Err(NameConflict::new(&K::kind(&()), &name).into());
     }
-    if let Some(live) = cached {
+    if let Some(live) = live {
         let unchanged = ctx.applied(&kind, ns, &name).is_some_and(|a| {
             a.hash == desired
                 && match track {
