@@ -198,6 +198,7 @@ async fn fixture(cancel: CancellationToken) -> Fixture {
                 &authority.ledger,
                 &LeafRequest {
                     agent_uid: agent_uid(i),
+                    agent_created: now as i64,
                     namespace: NAMESPACE.into(),
                     name: name.clone(),
                     trust_domain: TRUST_DOMAIN.into(),

@@ -244,6 +244,7 @@ fn plain_children(ns: &str, n: usize) -> Vec<PlainChildren> {
                     &ledger,
                     &LeafRequest {
                         agent_uid: format!("plain-{i}"),
+                        agent_created: 0,
                         namespace: ns.into(),
                         name: name.clone(),
                         trust_domain: "cluster.local".into(),

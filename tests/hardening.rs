@@ -425,11 +425,11 @@ async fn an_agent_takes_over_nothing_it_did_not_create() {
     );
     assert_eq!(secret_after.data, secret.data);
     let ledger = Ledger::open(&controller.data_dir()).unwrap();
-    let uid = bar.metadata.uid.unwrap();
+    let key = agentry::identity::store::AgentKey::of(&bar.metadata).unwrap();
     assert_eq!(
         ledger
             .revoke_agent_serials(
-                &uid,
+                &key,
                 agentry::identity::store::RevocationReason::Unspecified,
                 0
             )

@@ -176,6 +176,7 @@ async fn issue_replacing_previous(
             "{}{CSR_UID_SUFFIX}",
             agent.metadata.uid.clone().unwrap_or_default()
         ),
+        agent_created: crate::identity::store::created(&agent.metadata),
         namespace: agent.namespace().unwrap_or_default(),
         name: agent.name_any(),
         trust_domain: authority.config.trust_domain.clone(),
@@ -192,14 +193,17 @@ async fn issue_replacing_previous(
     .map_err(ApiError::internal)?
     .map_err(ApiError::internal)?;
     // The previous CSR certificate's key is cut off: one bootstrapped key at a time.
-    let (ledger, uid_key, serial) = (
+    let (ledger, key, serial) = (
         authority.ledger.clone(),
-        leaf.record.agent_uid.clone(),
+        crate::identity::store::AgentKey::new(
+            leaf.record.agent_uid.clone(),
+            leaf.record.agent_created,
+        ),
         leaf.record.serial.clone(),
     );
     let revoked = tokio::task::spawn_blocking(move || {
         ledger.revoke_others(
-            &uid_key,
+            &key,
             &serial,
             crate::identity::store::RevocationReason::Superseded,
             time::OffsetDateTime::now_utc().unix_timestamp(),

@@ -205,6 +205,7 @@ async fn issue_server_cert(
     let config = &authority.config;
     let request = LeafRequest {
         agent_uid: "agentry-api".into(),
+        agent_created: 0,
         namespace: config.namespace.clone(),
         name: "agentry-api".into(),
         trust_domain: config.trust_domain.clone(),

@@ -1060,6 +1060,7 @@ mod tests {
                 tokio::spawn(async move {
                     let req = LeafRequest {
                         agent_uid: format!("uid-{i}"),
+                        agent_created: 1_700_000_000,
                         namespace: "ns".into(),
                         name: format!("a{i}"),
                         trust_domain: "td".into(),
@@ -1136,6 +1137,7 @@ mod tests {
         let rec = |serial: &str, uid: &str, not_after: i64| CertRecord {
             serial: serial.into(),
             agent_uid: uid.into(),
+            agent_created: 1_700_000_000,
             namespace: "ns".into(),
             name: "a".into(),
             spiffe_id: "spiffe://td/ns/ns/agent/a".into(),

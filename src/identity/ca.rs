@@ -270,6 +270,7 @@ impl CertificateAuthority {
         let record = CertRecord {
             serial: serial.clone(),
             agent_uid: req.agent_uid.clone(),
+            agent_created: req.agent_created,
             namespace: req.namespace.clone(),
             name: req.name.clone(),
             spiffe_id: req.spiffe_id(),
@@ -357,6 +358,9 @@ fn crl_reason(r: RevocationReason) -> rcgen::RevocationReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeafRequest {
     pub agent_uid: String,
+    /// When the Agent was created, unix seconds: with the uid, its key in the ledger (see
+    /// [`crate::identity::store::AgentKey`]).
+    pub agent_created: i64,
     pub namespace: String,
     pub name: String,
     pub trust_domain: String,
@@ -575,6 +579,7 @@ mod tests {
     fn request() -> LeafRequest {
         LeafRequest {
             agent_uid: "uid-1".into(),
+            agent_created: 1_700_000_000,
             namespace: "team-a".into(),
             name: "summarizer".into(),
             trust_domain: "cluster.local".into(),

@@ -143,6 +143,7 @@ mod tests {
     fn issue(ca: &CertificateAuthority, ledger: &Ledger, i: usize) -> String {
         let req = LeafRequest {
             agent_uid: format!("uid-{i}"),
+            agent_created: 1_700_000_000,
             namespace: "ns".into(),
             name: format!("a{i}"),
             trust_domain: "td".into(),

@@ -531,6 +531,7 @@ mod tests {
         let ledger = Ledger::in_memory().unwrap();
         let request = |name: &str| LeafRequest {
             agent_uid: format!("uid-{name}"),
+            agent_created: 1_700_000_000,
             namespace: "ns".into(),
             name: name.into(),
             trust_domain: "td".into(),

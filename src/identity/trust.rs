@@ -109,6 +109,7 @@ mod tests {
     fn request(uid: &str, name: &str) -> LeafRequest {
         LeafRequest {
             agent_uid: uid.into(),
+            agent_created: 1_700_000_000,
             namespace: "ns".into(),
             name: name.into(),
             trust_domain: "cluster.local".into(),

@@ -20,7 +20,7 @@ use crate::crd::{Agent, IdentityStatus, ValidatedSpec};
 use crate::identity::authority::{Authority, AuthorityError};
 use crate::identity::ca::{self, BACKDATE, CaError, CertificateAuthority, LeafRequest};
 use crate::identity::jwt::{self, JwtError};
-use crate::identity::store::{Ledger, RevocationReason, StoreError};
+use crate::identity::store::{self, AgentKey, Ledger, RevocationReason, StoreError};
 use crate::identity::trust::{self, TrustedLeaf, Untrusted};
 use crate::keys::conditions::{CERTIFICATE_ISSUED, TOKEN_ISSUED};
 use crate::keys::{AGENT_LABEL, MANAGED_BY, MANAGER, REVOKE_ANNOTATION, reasons};
@@ -326,6 +326,8 @@ struct Target<'a> {
     ns: String,
     name: String,
     uid: String,
+    /// The Agent's creationTimestamp, unix seconds: with the uid, its ledger key.
+    created: i64,
     spiffe: String,
     dns: Vec<String>,
     now: i64,
@@ -422,10 +424,15 @@ impl<'a> Target<'a> {
             spiffe: ca::spiffe_id(trust_domain, &ns, &name),
             dns: ca::service_dns_names(&ns, &name),
             now: Timestamp::now().as_second(),
+            created: store::created(&agent.metadata),
             ns,
             name,
             uid,
         })
+    }
+
+    fn key(&self) -> AgentKey {
+        AgentKey::new(self.uid.clone(), self.created)
     }
 }
 
@@ -508,12 +515,12 @@ async fn revoke_on_request(
 ) -> Result<Note, IdentityError> {
     let why = RevocationReason::parse(reason);
     let deployed = trusted.as_ref().ok().map(|l| l.facts.serial.clone());
-    let (uid, now) = (t.uid.clone(), t.now);
+    let (key, now) = (t.key(), t.now);
     let serials = with_ledger(&ctx.authority, move |l| {
         if why == RevocationReason::KeyCompromise {
-            l.revoke_agent_serials(&uid, why, now)
+            l.revoke_agent_serials(&key, why, now)
         } else {
-            l.revoke_deployed(&uid, deployed.as_deref(), why, now)
+            l.revoke_deployed(&key, deployed.as_deref(), why, now)
         }
     })
     .await?;
@@ -574,6 +581,7 @@ async fn issue(
 ) -> Result<(Leaf, Vec<Note>), IdentityError> {
     let req = LeafRequest {
         agent_uid: t.uid.clone(),
+        agent_created: t.created,
         namespace: t.ns.clone(),
         name: t.name.clone(),
         trust_domain: ctx.authority.config.trust_domain.clone(),
@@ -737,7 +745,9 @@ fn finish(
 /// On deletion: revoke every unexpired certificate of the Agent and re-publish the CRL.
 pub async fn cleanup(agent: &Agent, ctx: &Context) -> Result<usize, IdentityError> {
     let authority = &ctx.authority;
-    let Some(uid) = agent.uid() else { return Ok(0) };
+    let Some(key) = AgentKey::of(&agent.metadata) else {
+        return Ok(0);
+    };
     // A ledger behind the published CRL may be replaced by a restore: a revocation written
     // into it now could be lost, and could not be published. The finalizer waits instead.
     authority.ledger_health().map_err(|e| {
@@ -746,7 +756,7 @@ pub async fn cleanup(agent: &Agent, ctx: &Context) -> Result<usize, IdentityErro
     })?;
     let now = Timestamp::now().as_second();
     let n = with_ledger(authority, move |l| {
-        l.revoke_agent(&uid, RevocationReason::CessationOfOperation, now)
+        l.revoke_agent(&key, RevocationReason::CessationOfOperation, now)
     })
     .await?;
     if n > 0 {
