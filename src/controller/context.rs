@@ -18,6 +18,7 @@ use crate::crd::Agent;
 use crate::identity::authority::Authority;
 use crate::keys::MANAGER;
 use crate::telemetry::Metrics;
+use crate::workload::Observed;
 
 /// Watch caches of the objects the controller creates for Agents, and of the namespaces'
 /// permission policies.
@@ -33,10 +34,11 @@ pub struct ChildStores {
     pub secrets: Echoes<ObjectMeta>,
 }
 
-/// A child kind's watch cache, and which of its versions are news to the controller.
+/// A child kind's watch cache (each object as [`Observed`]), and which of its versions are news
+/// to the controller.
 pub struct Cached<K: Resource<DynamicType = ()> + 'static> {
-    pub store: Store<K>,
-    pub echoes: Echoes<K>,
+    pub store: Store<Observed<K>>,
+    pub echoes: Echoes<Observed<K>>,
 }
 
 /// Which versions of one kind of child should trigger a pass of the owning Agent: per object

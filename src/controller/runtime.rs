@@ -33,6 +33,7 @@ use crate::keys::{
     ALLOWED_PERMISSIONS_ANNOTATION, DISCOVERABLE_FROM_ANNOTATION, MANAGED_BY, MANAGER, reasons,
 };
 use crate::telemetry::{ErrorLabels, Metrics};
+use crate::workload::Observed;
 
 /// The client for everything but leader election: at most `rate.burst` requests at once,
 /// then `rate.qps` per second on average (tower's window limiter: `burst` requests per
@@ -270,58 +271,15 @@ async fn reconcile_agents(
     api_role: Arc<std::sync::atomic::AtomicU8>,
 ) -> anyhow::Result<()> {
     let ns = &config.watch_namespace;
-    // The caches keep what the reconcile reads (metadata versions, rollout status), not the pod
-    // templates: a fleet's worth of full Deployments would be most of our memory.
-    let deployment = Child {
-        // What `deployment_ready` reads: spec.replicas, the generations and the counts.
-        trim: |d: &mut Deployment| {
-            if let Some(spec) = d.spec.as_mut() {
-                spec.template = Default::default();
-                spec.selector = Default::default();
-                spec.strategy = None;
-            }
-            if let Some(status) = d.status.as_mut() {
-                status.conditions = None;
-            }
-        },
-        // Whether it is rolled out (what the Agent's status says of it), not each step.
-        trigger: |d| {
-            hash_of((
-                d.metadata.generation,
-                crate::workload::deployment_ready(d).0,
-            ))
-        },
-    };
-    let (deployments, deployment_events) = child_watch(&client, ns, deployment);
-    let statefulset = Child {
-        trim: |s: &mut StatefulSet| {
-            if let Some(spec) = s.spec.as_mut() {
-                spec.template = Default::default();
-                spec.volume_claim_templates = None;
-                spec.selector = Default::default();
-            }
-            if let Some(status) = s.status.as_mut() {
-                status.conditions = None;
-            }
-        },
-        trigger: |st| {
-            hash_of((
-                st.metadata.generation,
-                crate::workload::statefulset_ready(st).0,
-            ))
-        },
-    };
-    let (statefulsets, statefulset_events) = child_watch(&client, ns, statefulset);
-    let service = Child::every_change(|s: &mut Service| {
-        s.spec = None;
-        s.status = None;
-    });
-    let (services, service_events) = child_watch(&client, ns, service);
-    let service_account = Child::every_change(|sa: &mut ServiceAccount| {
-        sa.secrets = None;
-        sa.image_pull_secrets = None;
-    });
-    let (service_accounts, service_account_events) = child_watch(&client, ns, service_account);
+    // The caches keep what a pass reads (see `Observed`): metadata versions and owners, the
+    // rollout counts; not the pod templates, which would be most of our memory.
+    let (deployments, deployment_events) =
+        child_watch::<Deployment>(&client, ns, Child::workload());
+    let (statefulsets, statefulset_events) =
+        child_watch::<StatefulSet>(&client, ns, Child::workload());
+    let (services, service_events) = child_watch::<Service>(&client, ns, Child::every_change());
+    let (service_accounts, service_account_events) =
+        child_watch::<ServiceAccount>(&client, ns, Child::every_change());
     let (secrets, secret_events) = secret_watch(&client, ns);
     let (namespaces, namespace_events) = namespace_watch(&client, ns);
     let stores = ChildStores {
@@ -691,40 +649,29 @@ fn dynamic_type<K: kube::Resource<DynamicType = ()>>() -> ApiResource {
 /// kubectl's annotation holding the whole manifest it last applied.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-/// How one child kind is cached and which of its changes reconcile the owning Agent.
-struct Child<K> {
-    /// Drops what the reconcile never reads from the cache (memory at 10,000 Agents).
-    trim: fn(&mut K),
+/// Which changes of one child kind reconcile the owning Agent.
+struct Child<K: kube::Resource<DynamicType = ()>> {
     /// The part of the object a reconcile acts on: a change elsewhere (a Deployment's status
     /// ticking through counts it does not read) triggers nothing. Deletions always trigger.
-    trigger: fn(&K) -> u64,
+    trigger: fn(&Observed<K>) -> u64,
 }
 
-impl<K: kube::Resource> Child<K> {
-    /// Objects a pass reads nothing from but their metadata (ServiceAccounts, Services): any
-    /// change may be tampering to repair. Cached as their metadata only.
-    fn every_change(trim: fn(&mut K)) -> Self {
+impl<K: kube::Resource<DynamicType = ()>> Child<K> {
+    /// Deployments and StatefulSets: whether it is rolled out (what the Agent's status says of
+    /// it), not each step of the rollout.
+    fn workload() -> Self {
         Self {
-            trim,
-            trigger: |o| hash_of(o.meta().resource_version.as_deref()),
+            trigger: |o| hash_of((o.metadata.generation, o.rollout().0)),
         }
     }
-}
 
-/// What a pass reads of a cached child's metadata: who owns it and which version it is. The
-/// rest (labels, which the watch selects on server-side; timestamps) is not kept.
-fn trim_meta(meta: &mut kube::api::ObjectMeta) {
-    let kept = kube::api::ObjectMeta {
-        name: meta.name.take(),
-        namespace: meta.namespace.take(),
-        uid: meta.uid.take(),
-        resource_version: meta.resource_version.take(),
-        generation: meta.generation.take(),
-        owner_references: meta.owner_references.take(),
-        deletion_timestamp: meta.deletion_timestamp.take(),
-        ..Default::default()
-    };
-    *meta = kept;
+    /// Objects a pass reads nothing from but their metadata (ServiceAccounts, Services): any
+    /// change may be tampering to repair.
+    fn every_change() -> Self {
+        Self {
+            trigger: |o| hash_of(o.metadata.resource_version.as_deref()),
+        }
+    }
 }
 
 /// A watch cache of one child kind, and its stream of changes (as metadata, for the owner
@@ -738,31 +685,20 @@ fn child_watch<K>(
     BoxStream<'static, Result<PartialObjectMeta<DynamicObject>, watcher::Error>>,
 )
 where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + 'static,
 {
     let (store, writer) = reflector::store();
-    let Child { trim, trigger } = child;
-    let echoes = Echoes::new(trigger);
+    let echoes = Echoes::new(child.trigger);
     let news = echoes.clone();
-    let stream = watcher::watcher(scoped::<K>(client, ns), managed())
+    let stream = watcher::watcher(scoped::<Observed<K>>(client, ns), managed())
         .default_backoff()
-        .modify(move |obj: &mut K| {
-            trim_meta(obj.meta_mut());
-            trim(obj);
-        })
         .reflect(writer)
         .map_ok(move |event| {
-            let changed = news_of(&news, event, |o: &K| o);
+            let changed = news_of(&news, event, |o: &Observed<K>| o);
             futures::stream::iter(changed.map(Ok))
         })
         .try_flatten()
-        .map_ok(|obj: K| trigger_of::<K>(obj.meta().clone()))
+        .map_ok(|obj: Observed<K>| trigger_of::<K>(obj.metadata))
         .boxed();
     (Cached { store, echoes }, stream)
 }

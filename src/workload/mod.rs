@@ -20,7 +20,10 @@ use kube::{Resource, ResourceExt};
 use crate::crd::units::{MEMORY_CAP_BYTES, format_memory};
 use crate::crd::{Agent, AssignedResources, ValidatedSpec};
 
+mod observed;
 pub mod policy;
+
+pub use observed::Observed;
 
 pub use crate::keys::{AGENT_LABEL, CAPABILITY_PREFIX, MANAGED_BY};
 /// Where the identity Secret (tls.crt, tls.key, ca.crt, token) appears in the agent's container.
@@ -445,7 +448,7 @@ pub fn endpoint(agent: &Agent) -> String {
 
 /// Where a rollout stands, read off a Deployment's or StatefulSet's metadata and status.
 struct Rollout {
-    kind: &'static str,
+    kind: std::borrow::Cow<'static, str>,
     generation: i64,
     observed_generation: i64,
     want: i32,
@@ -460,7 +463,7 @@ impl Rollout {
     /// write per step per Agent).
     fn ready(&self) -> (bool, String) {
         let Rollout {
-            kind,
+            ref kind,
             want,
             updated,
             available,
@@ -480,38 +483,10 @@ impl Rollout {
     }
 }
 
-/// Whether a Deployment has rolled out its current generation and has an available pod.
-pub fn deployment_ready(d: &Deployment) -> (bool, String) {
-    let s = d.status.clone().unwrap_or_default();
-    Rollout {
-        kind: "Deployment",
-        generation: d.metadata.generation.unwrap_or(0),
-        observed_generation: s.observed_generation.unwrap_or(0),
-        want: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
-        updated: s.updated_replicas.unwrap_or(0),
-        available: s.available_replicas.unwrap_or(0),
-    }
-    .ready()
-}
-
-pub fn statefulset_ready(st: &StatefulSet) -> (bool, String) {
-    let s = st.status.clone().unwrap_or_default();
-    Rollout {
-        kind: "StatefulSet",
-        generation: st.metadata.generation.unwrap_or(0),
-        observed_generation: s.observed_generation.unwrap_or(0),
-        want: st.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
-        updated: s.updated_replicas.unwrap_or(0),
-        available: s.available_replicas.unwrap_or(0),
-    }
-    .ready()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::crd::{AgentSpec, StateSpec};
-    use k8s_openapi::api::apps::v1::DeploymentStatus;
 
     fn agent(memory: &str) -> Agent {
         let spec: AgentSpec = serde_json::from_value(serde_json::json!({
@@ -751,29 +726,5 @@ mod tests {
                 .iter()
                 .any(|m| m.name == "state" && m.mount_path == "/var/lib/agent")
         );
-    }
-
-    #[test]
-    fn readiness_follows_the_rollout() {
-        let mut d = Deployment::default();
-        d.metadata.generation = Some(2);
-        d.spec = Some(DeploymentSpec {
-            replicas: Some(1),
-            ..Default::default()
-        });
-        d.status = Some(DeploymentStatus {
-            observed_generation: Some(1),
-            ..Default::default()
-        });
-        assert!(!deployment_ready(&d).0);
-        d.status = Some(DeploymentStatus {
-            observed_generation: Some(2),
-            updated_replicas: Some(1),
-            available_replicas: Some(0),
-            ..Default::default()
-        });
-        assert!(!deployment_ready(&d).0);
-        d.status.as_mut().unwrap().available_replicas = Some(1);
-        assert!(deployment_ready(&d).0);
     }
 }

@@ -16,7 +16,7 @@ use crate::controller::{Applied, Context, NameConflict, content_hash, owned_by};
 use crate::crd::{Agent, ValidatedSpec};
 use crate::keys::conditions::WORKLOAD_READY;
 use crate::keys::{MANAGER, reasons};
-use crate::workload::{self, MemoryPlan, Workload};
+use crate::workload::{self, MemoryPlan, Observed, Workload};
 
 /// What failed while applying an Agent's workload.
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +66,9 @@ async fn apply<K>(
     obj: &K,
     track: Track,
     uid: &str,
-) -> Result<K, WorkloadError>
+) -> Result<Observed<K>, WorkloadError>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + DeserializeOwned
         + Serialize
         + std::fmt::Debug
         + 'static,
@@ -78,7 +76,8 @@ where
     let name = obj.name_any();
     let kind = K::kind(&());
     let desired = content_hash(obj);
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    // Read and applied as `Observed`: the answers decode to what a pass reads.
+    let api: Api<Observed<K>> = Api::namespaced(ctx.client.clone(), ns);
     // Never adopt: an object of this name that the Agent did not create stays untouched. The
     // cache holds only objects labelled as ours; anything else needs one read to be sure. That
     // read also stands in for the cache when the cache has not yet seen an object a pass just
@@ -189,7 +188,7 @@ pub async fn step(
         Workload::Deployment(d) => {
             // Switching from persistent state back: the StatefulSet goes.
             delete_if_owned::<StatefulSet>(ctx, &stores.statefulsets, &ns, &name, &uid).await?;
-            let applied: Deployment = apply(
+            let applied = apply(
                 ctx,
                 &stores.deployments,
                 &ns,
@@ -198,11 +197,11 @@ pub async fn step(
                 &uid,
             )
             .await?;
-            workload::deployment_ready(&applied)
+            applied.rollout()
         }
         Workload::StatefulSet(s) => {
             delete_if_owned::<Deployment>(ctx, &stores.deployments, &ns, &name, &uid).await?;
-            let applied: StatefulSet = apply(
+            let applied = apply(
                 ctx,
                 &stores.statefulsets,
                 &ns,
@@ -211,7 +210,7 @@ pub async fn step(
                 &uid,
             )
             .await?;
-            workload::statefulset_ready(&applied)
+            applied.rollout()
         }
     };
     Ok(if ready {
