@@ -58,6 +58,20 @@ enum Stopped {
     LostLease,
 }
 
+/// The longest each last step of a shutdown (the Lease release, the ops endpoint) may take.
+const SHUTDOWN_STEP: Duration = Duration::from_secs(5);
+
+/// Waits for one last step of a shutdown, at most [`SHUTDOWN_STEP`]; says so when it is cut.
+async fn shutdown_step<T>(what: &str, task: tokio::task::JoinHandle<T>) {
+    if tokio::time::timeout(SHUTDOWN_STEP, task).await.is_err() {
+        tracing::warn!(
+            step = what,
+            timeout_s = SHUTDOWN_STEP.as_secs(),
+            "shutdown step not done in time; exiting without it"
+        );
+    }
+}
+
 /// Runs the controller until SIGTERM (exit 0) or until leadership is lost (error: the process
 /// exits and restarts as a standby, so two replicas never write at once).
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -126,8 +140,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // and a standby takes over at once.
     metrics.leader.set(0);
     shutdown.cancel();
-    let _ = lease_task.await;
-    let _ = ops_task.await;
+    // Bounded, and said when cut: an exit never waits long on the apiserver.
+    shutdown_step("releasing the leader Lease", lease_task).await;
+    shutdown_step("stopping the ops endpoint", ops_task).await;
     match outcome? {
         Stopped::Shutdown => {
             tracing::info!("stopped cleanly");
