@@ -676,7 +676,7 @@ impl<K: kube::Resource<DynamicType = ()>> Child<K> {
     /// it), not each step of the rollout.
     fn workload() -> Self {
         Self {
-            trigger: |o| hash_of((o.metadata.generation, o.rollout().0)),
+            trigger: |o| hash_of((o.metadata.generation, o.rolled_out())),
         }
     }
 

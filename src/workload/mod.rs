@@ -446,43 +446,6 @@ pub fn endpoint(agent: &Agent) -> String {
     )
 }
 
-/// Where a rollout stands, read off a Deployment's or StatefulSet's metadata and status.
-struct Rollout {
-    kind: std::borrow::Cow<'static, str>,
-    generation: i64,
-    observed_generation: i64,
-    want: i32,
-    updated: i32,
-    available: i32,
-}
-
-impl Rollout {
-    /// Ready once the current generation is observed and every wanted pod is updated and
-    /// available. While rolling out, one message that does not change with each step (the
-    /// Agent's status is written when its message changes: a count ticking up would cost a
-    /// write per step per Agent).
-    fn ready(&self) -> (bool, String) {
-        let Rollout {
-            ref kind,
-            want,
-            updated,
-            available,
-            ..
-        } = *self;
-        let done = self.observed_generation >= self.generation && updated >= want;
-        if done && available >= want {
-            (true, format!("{available}/{want} pods available"))
-        } else {
-            (
-                false,
-                format!(
-                    "rolling out: waiting for the {kind}'s {want} pod(s) to be updated and available"
-                ),
-            )
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

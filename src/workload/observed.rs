@@ -12,8 +12,6 @@ use kube::Resource;
 use kube::api::ObjectMeta;
 use serde::{Deserialize, Deserializer};
 
-use super::Rollout;
-
 /// A child of kind `K` (Deployment, StatefulSet, Service, ServiceAccount), read through the
 /// API as `K` and decoded to: its identity, version, owners and deletion (the metadata a pass
 /// reads); and for workloads, the replicas wanted and the rollout's counts.
@@ -51,12 +49,12 @@ impl<K: Resource<DynamicType = ()>> std::fmt::Debug for Observed<K> {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 struct Wanted {
     replicas: Option<i32>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Counts {
     observed_generation: Option<i64>,
@@ -93,20 +91,43 @@ fn kept_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
 }
 
 impl<K: Resource<DynamicType = ()>> Observed<K> {
-    /// Whether the rollout is done (the current generation observed, every wanted pod updated
-    /// and available), and a message saying so. Defaults as the apps/v1 API has them: one
-    /// replica, nothing observed.
+    /// The pods wanted: `spec.replicas`, one when unset (the apps/v1 default).
+    fn want(&self) -> i32 {
+        self.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
+    }
+
+    /// One of the rollout's counts; nothing observed counts as none.
+    fn count(&self, field: fn(&Counts) -> Option<i32>) -> i32 {
+        self.status.as_ref().and_then(field).unwrap_or(0)
+    }
+
+    /// Whether the rollout is done: the current generation observed, every wanted pod updated
+    /// and available. What the watch trigger asks at every event, without a message.
+    pub fn rolled_out(&self) -> bool {
+        let observed = self.status.as_ref().and_then(|c| c.observed_generation);
+        let want = self.want();
+        observed.unwrap_or(0) >= self.metadata.generation.unwrap_or(0)
+            && self.count(|c| c.updated_replicas) >= want
+            && self.count(|c| c.available_replicas) >= want
+    }
+
+    /// [`Self::rolled_out`], and a message saying so. While rolling out, one message that does
+    /// not change with each step (the Agent's status is written when its message changes: a
+    /// count ticking up would cost a write per step per Agent).
     pub fn rollout(&self) -> (bool, String) {
-        let counts = self.status.clone().unwrap_or_default();
-        Rollout {
-            kind: K::kind(&()),
-            generation: self.metadata.generation.unwrap_or(0),
-            observed_generation: counts.observed_generation.unwrap_or(0),
-            want: self.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
-            updated: counts.updated_replicas.unwrap_or(0),
-            available: counts.available_replicas.unwrap_or(0),
+        let want = self.want();
+        if self.rolled_out() {
+            let available = self.count(|c| c.available_replicas);
+            (true, format!("{available}/{want} pods available"))
+        } else {
+            let kind = K::kind(&());
+            (
+                false,
+                format!(
+                    "rolling out: waiting for the {kind}'s {want} pod(s) to be updated and available"
+                ),
+            )
         }
-        .ready()
     }
 }
 
