@@ -97,26 +97,47 @@ fn cpu_seconds(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The control plane's processes on this machine (by command name), for their CPU use.
-fn control_plane_cpu() -> f64 {
-    let names = [
-        "kube-apiserver",
-        "etcd",
-        "kube-controller",
-        "kube-scheduler",
-        "kwok",
-    ];
-    std::fs::read_dir("/proc")
+/// The control plane's processes on this machine (by command name).
+const CONTROL_PLANE: [&str; 5] = [
+    "kube-apiserver",
+    "etcd",
+    "kube-controller",
+    "kube-scheduler",
+    "kwok",
+];
+
+/// CPU seconds each control-plane process (by command name) has used so far.
+fn control_plane_cpu() -> [f64; 5] {
+    let mut cpu = [0.0; 5];
+    for pid in std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| names.iter().any(|n| c.trim().starts_with(n)))
-        })
-        .map(cpu_seconds)
-        .sum()
+    {
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
+            continue;
+        };
+        if let Some(i) = CONTROL_PLANE
+            .iter()
+            .position(|n| comm.trim().starts_with(n))
+        {
+            cpu[i] += cpu_seconds(pid);
+        }
+    }
+    cpu
+}
+
+/// The control plane's CPU since `before`: the total, then each process's.
+fn control_plane_cpu_since(before: [f64; 5]) -> String {
+    let now = control_plane_cpu();
+    let each: Vec<String> = CONTROL_PLANE
+        .iter()
+        .zip(now.iter().zip(before))
+        .map(|(name, (now, before))| format!("{name} {:.1}", now - before))
+        .collect();
+    let total: f64 = now.iter().sum::<f64>() - before.iter().sum::<f64>();
+    format!("{total:.1} s ({})", each.join(", "))
 }
 
 async fn fresh_namespace(client: &Client, name: &str) {
@@ -304,10 +325,26 @@ async fn plain_client(client: &Client, ns: &str, children: Vec<PlainChildren>) -
             // AGENTRY_BENCH_PLAIN_APPLY=1: server-side apply instead of create, as the
             // controller does (to see what apply itself costs the control plane).
             let apply = std::env::var("AGENTRY_BENCH_PLAIN_APPLY").is_ok_and(|v| v == "1");
-            futures::stream::iter(children)
-                .map(move |c| {
+            // AGENTRY_BENCH_PLAIN_OWNED=1: the plain client first creates the Agent itself and
+            // owns the children by it, as the controller does (to see what the Agent object and
+            // the ownerReferences cost the control plane, without a controller).
+            let owned = std::env::var("AGENTRY_BENCH_PLAIN_OWNED").is_ok_and(|v| v == "1");
+            futures::stream::iter(children.into_iter().enumerate())
+                .map(move |(i, mut c)| {
                     let (client, ns) = (client.clone(), ns.clone());
                     async move {
+                        if owned {
+                            use kube::Resource;
+                            let agents: Api<Agent> = Api::namespaced(client.clone(), &ns);
+                            let agent = agents
+                                .create(&PostParams::default(), &bench_agent(i))
+                                .await?;
+                            let owner = agent.controller_owner_ref(&()).map(|o| vec![o]);
+                            c.secret.metadata.owner_references = owner.clone();
+                            c.account.metadata.owner_references = owner.clone();
+                            c.service.metadata.owner_references = owner.clone();
+                            c.deployment.metadata.owner_references = owner;
+                        }
                         create_or_apply(&client, &ns, &c.secret, apply).await?;
                         create_or_apply(&client, &ns, &c.account, apply).await?;
                         create_or_apply(&client, &ns, &c.service, apply).await?;
@@ -594,9 +631,9 @@ async fn agentry_run(
     let (secs, requests) = requests_during(client, n, apply_and_wait(client, ns, n)).await;
     let rss = peak_rss_kib(ours.id());
     println!(
-        "  Agentry: controller CPU {:.1} s, control plane CPU {:.1} s",
+        "  Agentry: controller CPU {:.1} s, control plane CPU {}",
         cpu_seconds(ours.id()),
-        control_plane_cpu() - plane_before
+        control_plane_cpu_since(plane_before)
     );
     let rotation = match rotate {
         true => Some(requests_during(client, n, rotate_and_wait(client, ns, n)).await),
@@ -615,8 +652,8 @@ async fn plain_run(client: &Client, ns: &str, n: usize) -> (f64, Requests) {
     let plane_before = control_plane_cpu();
     let out = requests_during(client, n, plain_client(client, ns, children)).await;
     println!(
-        "  plain client: control plane CPU {:.1} s",
-        control_plane_cpu() - plane_before
+        "  plain client: control plane CPU {}",
+        control_plane_cpu_since(plane_before)
     );
     delete_namespace(client, ns).await;
     out
