@@ -346,12 +346,15 @@ impl ControllerProcess {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM and wait for exit; returns the exit status code.
+    /// SIGTERM and wait for exit, at most the 30 s a pod gets by default
+    /// (`terminationGracePeriodSeconds`) before the kubelet kills it; returns the exit status
+    /// code, None if it had to be killed. (The controller's own bounded steps add up to less:
+    /// the API's grace, the Lease release and the ops endpoint, 5 s each at most.)
     pub fn terminate(&mut self) -> Option<i32> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        for _ in 0..100 {
+        for _ in 0..300 {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status.code();
             }
