@@ -361,6 +361,38 @@ async fn short_lifetimes_renew_before_expiry() {
     .await;
 }
 
+/// The controller refuses a CRL too large for its ConfigMap itself (nothing half-written; see
+/// `authority::tests::a_crl_too_large_for_its_configmap_is_not_half_published`). Its limit must
+/// be the apiserver's: a ConfigMap of exactly that many bytes is stored, one byte more refused.
+#[tokio::test]
+async fn the_configmap_limit_the_crl_is_held_to_is_the_apiservers() {
+    use agentry::identity::authority::CONFIGMAP_MAX_BYTES;
+    let (client, ns) = setup("id-cm-limit").await;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let sized = |name: &str, bytes: usize| -> ConfigMap {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            // The trust bundle and the CRL, as the controller publishes them.
+            "data": {"ca.crt": "c".repeat(1000), "crl.pem": "x".repeat(bytes - 1000)}
+        }))
+        .unwrap()
+    };
+    api.create(&Default::default(), &sized("fits", CONFIGMAP_MAX_BYTES))
+        .await
+        .expect("a ConfigMap of exactly the limit is stored");
+    let refused = api
+        .create(
+            &Default::default(),
+            &sized("too-big", CONFIGMAP_MAX_BYTES + 1),
+        )
+        .await
+        .expect_err("one byte over the limit is refused");
+    assert!(
+        matches!(&refused, kube::Error::Api(e) if e.code == 422),
+        "refused as invalid: {refused}"
+    );
+}
+
 #[tokio::test]
 async fn revocation_by_annotation_and_by_deletion_lands_on_the_crl() {
     let (client, ns) = setup("id-revoke").await;

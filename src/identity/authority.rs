@@ -82,6 +82,21 @@ pub enum AuthorityError {
     /// The stale-ledger guard holds (see `identity::guard`): nothing is issued or published.
     #[error("{0}")]
     LedgerBehind(String),
+    /// The CRL no longer fits where it is published; nothing was written there.
+    #[error(
+        "the CRL of {revoked} revoked, unexpired certificate(s) takes {bytes} bytes with the trust \
+         bundle, more than the {limit} bytes {place} holds; nothing was published there (the \
+         agent API serves the new CRL at /v1/crl). Agent deletions wait until their revocation \
+         is published, so until older certificates expire out of the CRL (within the Agents' \
+         spec.certificateTTL, 24h by default); to make room sooner, shorten certificateTTL or \
+         split the fleet across controllers (docs/scale.md)"
+    )]
+    CrlTooLarge {
+        revoked: usize,
+        bytes: usize,
+        limit: usize,
+        place: String,
+    },
 }
 
 impl From<tokio::task::JoinError> for AuthorityError {
@@ -602,7 +617,14 @@ pub trait TrustSink: Send + Sync {
     fn published_crl_number(&self) -> BoxFuture<'_, Result<Option<u64>, AuthorityError>>;
     /// Publishes `ca.crt` (the bundle) and `crl.pem` (one CRL per signing CA).
     fn publish(&self, bundle: String, crl: String) -> BoxFuture<'_, Result<(), AuthorityError>>;
+    /// The most bytes of bundle and CRL it holds, and what it is (for the error), if bounded.
+    fn limit(&self) -> Option<(usize, String)> {
+        None
+    }
 }
+
+/// The most a ConfigMap holds (the sizes of its values together), as the apiserver enforces.
+pub const CONFIGMAP_MAX_BYTES: usize = 1024 * 1024;
 
 /// The `agentry-ca` ConfigMap.
 pub struct ConfigMapSink<'a> {
@@ -642,6 +664,11 @@ impl TrustSink for ConfigMapSink<'_> {
             };
             apply(self.client, self.namespace, self.name, &cm).await
         })
+    }
+
+    fn limit(&self) -> Option<(usize, String)> {
+        let place = format!("ConfigMap {}/{}", self.namespace, self.name);
+        Some((CONFIGMAP_MAX_BYTES, place))
     }
 }
 
@@ -735,7 +762,7 @@ impl CrlPublisher {
         let bundle = cas.bundle();
         let ledger = ledger.clone();
         // SQLite and signing off the async workers.
-        let (crl, number) = tokio::task::spawn_blocking(move || {
+        let (crl, number, listed) = tokio::task::spawn_blocking(move || {
             let now = time::OffsetDateTime::now_utc();
             let revoked = ledger.revoked_unexpired(now.unix_timestamp())?;
             let counted = ledger.next_crl_number()?;
@@ -751,13 +778,26 @@ impl CrlPublisher {
             for ca in std::iter::once(&cas.active).chain(cas.previous.iter()) {
                 crl.push_str(&ca.sign_crl(&revoked, number, now, next_update)?);
             }
-            Ok::<_, CaError>((crl, number))
+            Ok::<_, CaError>((crl, number, revoked.len()))
         })
         .await??;
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
         let latest: Arc<str> = Arc::from(crl.as_str());
+        let bytes = bundle.len() + crl.len();
+        if let Some((limit, place)) = sink.limit().filter(|(limit, _)| bytes > *limit) {
+            // Nothing half-written there; the API still serves every revocation, and the next
+            // CRL is numbered above this one.
+            *self.latest.write().unwrap_or_else(|p| p.into_inner()) = Some(latest);
+            state.last_number = Some(number);
+            return Err(AuthorityError::CrlTooLarge {
+                revoked: listed,
+                bytes,
+                limit,
+                place,
+            });
+        }
         sink.publish(bundle, crl).await?;
         *self.latest.write().unwrap_or_else(|p| p.into_inner()) = Some(latest);
         state.last_number = Some(number);
@@ -1004,6 +1044,7 @@ mod tests {
     struct Recorder {
         published: std::sync::Mutex<Vec<(u64, String)>>,
         already: Option<u64>,
+        limit: Option<usize>,
     }
 
     impl TrustSink for Recorder {
@@ -1023,6 +1064,9 @@ mod tests {
                 self.published.lock().unwrap().push((number, crl));
                 Ok(())
             })
+        }
+        fn limit(&self) -> Option<(usize, String)> {
+            self.limit.map(|l| (l, "the test sink".to_string()))
         }
     }
 
@@ -1052,6 +1096,7 @@ mod tests {
         let sink = Arc::new(Recorder {
             published: Default::default(),
             already: None,
+            limit: None,
         });
         let tasks: Vec<_> = (0..20)
             .map(|i| {
@@ -1116,6 +1161,7 @@ mod tests {
         let sink = Recorder {
             published: Default::default(),
             already: Some(41),
+            limit: None,
         };
         let first = publisher
             .publish(&ledger, || cas.clone(), &sink, CRL_NEXT_UPDATE)
@@ -1127,6 +1173,97 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(second, Some(43));
+    }
+
+    /// A CRL too large for where it is published (a ConfigMap holds 1 MiB) is refused before
+    /// anything is written there, with the count, the size and the way out; the API still
+    /// serves it, the next CRL is numbered above it, and one that fits again is published.
+    #[tokio::test]
+    async fn a_crl_too_large_for_its_configmap_is_not_half_published() {
+        use crate::identity::store::RevocationReason;
+        let ledger = Arc::new(Ledger::in_memory().unwrap());
+        let cas = CaSet::single(
+            CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(86400)).unwrap(),
+        );
+        let revoke_one = |i: usize| {
+            let leaf = cas
+                .active
+                .issue(
+                    &ledger,
+                    &crate::identity::ca::LeafRequest {
+                        agent_uid: format!("uid-{i}"),
+                        agent_created: 1_700_000_000,
+                        namespace: "ns".into(),
+                        name: format!("a-{i}"),
+                        trust_domain: "td".into(),
+                        dns_names: vec![],
+                        ttl: Duration::from_secs(3600),
+                    },
+                )
+                .unwrap();
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            assert!(
+                ledger
+                    .revoke(&leaf.record.serial, RevocationReason::KeyCompromise, now)
+                    .unwrap()
+            );
+        };
+        let publisher = CrlPublisher::new();
+        let sink = Recorder {
+            published: Default::default(),
+            already: None,
+            limit: Some(4096),
+        };
+        revoke_one(0);
+        let first = publisher
+            .publish(&ledger, || cas.clone(), &sink, CRL_NEXT_UPDATE)
+            .await
+            .unwrap();
+        assert_eq!(first, Some(1));
+        for i in 1..100 {
+            revoke_one(i);
+        }
+        let err = publisher
+            .publish(&ledger, || cas.clone(), &sink, CRL_NEXT_UPDATE)
+            .await
+            .unwrap_err();
+        let message = err.to_string();
+        for needle in [
+            "100 revoked",
+            "more than the 4096 bytes the test sink holds",
+            "nothing was published there",
+            "/v1/crl",
+            "certificateTTL",
+        ] {
+            assert!(message.contains(needle), "{needle:?} not in: {message}");
+        }
+        assert_eq!(
+            sink.published.lock().unwrap().len(),
+            1,
+            "nothing more written"
+        );
+        let served = publisher.latest().unwrap();
+        assert_eq!(
+            crl_serials(&served).len(),
+            100,
+            "the API serves every revocation"
+        );
+        assert_eq!(crl_numbers(&served), vec![2]);
+        // Room again (here: a larger sink): published, numbered above the refused one.
+        let roomy = Recorder {
+            published: Default::default(),
+            already: None,
+            limit: Some(CONFIGMAP_MAX_BYTES),
+        };
+        let next = publisher
+            .publish(&ledger, || cas.clone(), &roomy, CRL_NEXT_UPDATE)
+            .await
+            .unwrap();
+        assert_eq!(next, Some(3));
+        assert_eq!(
+            crl_serials(&roomy.published.lock().unwrap()[0].1).len(),
+            100
+        );
     }
 
     /// Item 5: retirement waits only for unexpired active leaves of the old CA.
