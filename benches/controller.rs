@@ -12,6 +12,10 @@
 //! two diagnostic rows: a no-op kube-rs controller that only patches status, and plain
 //! Deployments alone.
 //!
+//! `AGENTRY_BENCH_DIAGNOSTICS=0` skips the two diagnostics; `AGENTRY_BENCH_FIRST=plain` has the
+//! plain client go first in even rounds; `AGENTRY_BENCH_PLAIN_OWNED=1` has it create each Agent
+//! and own the children by it. Each side prints its time, CPU and requests as soon as measured.
+//!
 //! Needs KUBECONFIG pointing at `hack/local-cluster` (`make bench` starts it).
 //! Run as `controller --baseline-controller <ns>` it is the no-op controller itself.
 
@@ -630,11 +634,14 @@ async fn agentry_run(
     let plane_before = control_plane_cpu();
     let (secs, requests) = requests_during(client, n, apply_and_wait(client, ns, n)).await;
     let rss = peak_rss_kib(ours.id());
+    // Printed at once: at 10,000 Agents the rotation and the deletion below take long.
     println!(
-        "  Agentry: controller CPU {:.1} s, control plane CPU {}",
+        "  Agentry: {n} Agents Ready in {secs:.1} s; controller CPU {:.1} s, peak RSS {:.1} MiB, control plane CPU {}",
         cpu_seconds(ours.id()),
+        rss / 1024.0,
         control_plane_cpu_since(plane_before)
     );
+    print_requests("Agentry", &requests);
     let rotation = match rotate {
         true => Some(requests_during(client, n, rotate_and_wait(client, ns, n)).await),
         false => None,
@@ -652,9 +659,11 @@ async fn plain_run(client: &Client, ns: &str, n: usize) -> (f64, Requests) {
     let plane_before = control_plane_cpu();
     let out = requests_during(client, n, plain_client(client, ns, children)).await;
     println!(
-        "  plain client: control plane CPU {}",
+        "  plain client: {n} agents' children Available in {:.1} s; control plane CPU {}",
+        out.0,
         control_plane_cpu_since(plane_before)
     );
+    print_requests("plain client", &out.1);
     delete_namespace(client, ns).await;
     out
 }
@@ -701,34 +710,42 @@ async fn run() {
     std::fs::create_dir_all(&out_dir).unwrap();
     let started = Instant::now();
 
-    // Diagnostic: a no-op controller (status patches only), for the RSS baseline too.
-    let base_ns = format!("bench-noop-{tag}");
-    fresh_namespace(&client, &base_ns).await;
-    let me = std::env::current_exe().unwrap();
-    let mut base = spawn(
-        me.to_str().unwrap(),
-        &["--baseline-controller", &base_ns],
-        &format!("{out_dir}/controller-baseline.log"),
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let noop_secs = apply_and_wait(&client, &base_ns, n).await;
-    let base_rss = peak_rss_kib(base.id());
-    let _ = base.kill();
-    let _ = base.wait();
-    delete_namespace(&client, &base_ns).await;
+    // AGENTRY_BENCH_DIAGNOSTICS=0 skips the two diagnostics (at 10,000 Agents they add ~15 min).
+    let diagnostics = std::env::var("AGENTRY_BENCH_DIAGNOSTICS").map_or(true, |v| v != "0");
+    // AGENTRY_BENCH_FIRST=plain: the plain client goes first in even rounds (default Agentry).
+    let plain_first = std::env::var("AGENTRY_BENCH_FIRST").is_ok_and(|v| v == "plain");
+    let (mut noop_secs, mut base_rss, mut deployments_secs) = (f64::NAN, f64::NAN, f64::NAN);
+    if diagnostics {
+        // Diagnostic: a no-op controller (status patches only), for the RSS baseline too.
+        let base_ns = format!("bench-noop-{tag}");
+        fresh_namespace(&client, &base_ns).await;
+        let me = std::env::current_exe().unwrap();
+        let mut base = spawn(
+            me.to_str().unwrap(),
+            &["--baseline-controller", &base_ns],
+            &format!("{out_dir}/controller-baseline.log"),
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        noop_secs = apply_and_wait(&client, &base_ns, n).await;
+        base_rss = peak_rss_kib(base.id());
+        let _ = base.kill();
+        let _ = base.wait();
+        delete_namespace(&client, &base_ns).await;
 
-    // Diagnostic: plain Deployments alone (scheduler, controller-manager and kwok at work).
-    let deploy_ns = format!("bench-deploy-{tag}");
-    fresh_namespace(&client, &deploy_ns).await;
-    let deployments_secs = deployments_available(&client, &deploy_ns, n).await;
-    delete_namespace(&client, &deploy_ns).await;
+        // Diagnostic: plain Deployments alone (scheduler, controller-manager and kwok at work).
+        let deploy_ns = format!("bench-deploy-{tag}");
+        fresh_namespace(&client, &deploy_ns).await;
+        deployments_secs = deployments_available(&client, &deploy_ns, n).await;
+        delete_namespace(&client, &deploy_ns).await;
+    }
 
     // The main comparison, alternating who goes first.
     let (mut ours, mut plain, mut rss) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ours_req, mut plain_req) = (Requests::new(), Requests::new());
     let mut rotation = None;
     for round in 0..rounds {
-        for agentry_side in [round % 2 == 0, round % 2 != 0] {
+        let agentry_first = (round % 2 == 0) != plain_first;
+        for agentry_side in [agentry_first, !agentry_first] {
             if agentry_side {
                 let ns = format!("bench-agentry-{tag}-{round}");
                 let log = format!("{out_dir}/controller-agentry-{round}.log");
@@ -828,6 +845,12 @@ async fn run() {
             ],
         },
     ];
+    if !diagnostics {
+        // Without the no-op controller, peak RSS stands alone (no baseline, no "over noop").
+        rows.retain(|r| {
+            !["agents_ready_vs_noop", "agents_ready_vs_plain_deployments"].contains(&r.name)
+        });
+    }
     if let Some((r, req)) = &rotation {
         rows.push(Row {
             name: "ca_rotation_reissue",
