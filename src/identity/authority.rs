@@ -1070,6 +1070,31 @@ mod tests {
         }
     }
 
+    /// Issues agent `i` a leaf, revokes it (key compromise) and returns its serial.
+    fn issue_and_revoke(cas: &CaSet, ledger: &Ledger, i: usize) -> String {
+        use crate::identity::ca::{LeafRequest, service_dns_names};
+        use crate::identity::store::RevocationReason;
+        let req = LeafRequest {
+            agent_uid: format!("uid-{i}"),
+            agent_created: 1_700_000_000,
+            namespace: "ns".into(),
+            name: format!("a{i}"),
+            trust_domain: "td".into(),
+            dns_names: service_dns_names("ns", &format!("a{i}")),
+            ttl: Duration::from_secs(3600),
+        };
+        let leaf = cas.active.issue(ledger, &req).unwrap();
+        let revoked = ledger
+            .revoke(
+                &leaf.record.serial,
+                RevocationReason::KeyCompromise,
+                now_unix(),
+            )
+            .unwrap();
+        assert!(revoked, "revoked now");
+        leaf.record.serial
+    }
+
     fn crl_serials(pem: &str) -> Vec<String> {
         x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
             .filter_map(Result::ok)
@@ -1086,8 +1111,6 @@ mod tests {
     /// order (strictly increasing), and the last one lists every revoked serial.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_revocations_publish_crls_in_order_and_the_last_has_them_all() {
-        use crate::identity::ca::{LeafRequest, service_dns_names};
-        use crate::identity::store::RevocationReason;
         let ledger = Arc::new(Ledger::in_memory().unwrap());
         let cas = CaSet::single(
             CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(86400)).unwrap(),
@@ -1103,28 +1126,12 @@ mod tests {
                 let (ledger, cas, publisher, sink) =
                     (ledger.clone(), cas.clone(), publisher.clone(), sink.clone());
                 tokio::spawn(async move {
-                    let req = LeafRequest {
-                        agent_uid: format!("uid-{i}"),
-                        agent_created: 1_700_000_000,
-                        namespace: "ns".into(),
-                        name: format!("a{i}"),
-                        trust_domain: "td".into(),
-                        dns_names: service_dns_names("ns", &format!("a{i}")),
-                        ttl: Duration::from_secs(3600),
-                    };
-                    let leaf = cas.active.issue(&ledger, &req).unwrap();
-                    ledger
-                        .revoke(
-                            &leaf.record.serial,
-                            RevocationReason::KeyCompromise,
-                            now_unix(),
-                        )
-                        .unwrap();
+                    let serial = issue_and_revoke(&cas, &ledger, i);
                     publisher
                         .publish(&ledger, || cas.clone(), &*sink, CRL_NEXT_UPDATE)
                         .await
                         .unwrap();
-                    leaf.record.serial
+                    serial
                 })
             })
             .collect();
@@ -1180,48 +1187,24 @@ mod tests {
     /// serves it, the next CRL is numbered above it, and one that fits again is published.
     #[tokio::test]
     async fn a_crl_too_large_for_its_configmap_is_not_half_published() {
-        use crate::identity::store::RevocationReason;
         let ledger = Arc::new(Ledger::in_memory().unwrap());
         let cas = CaSet::single(
             CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(86400)).unwrap(),
         );
-        let revoke_one = |i: usize| {
-            let leaf = cas
-                .active
-                .issue(
-                    &ledger,
-                    &crate::identity::ca::LeafRequest {
-                        agent_uid: format!("uid-{i}"),
-                        agent_created: 1_700_000_000,
-                        namespace: "ns".into(),
-                        name: format!("a-{i}"),
-                        trust_domain: "td".into(),
-                        dns_names: vec![],
-                        ttl: Duration::from_secs(3600),
-                    },
-                )
-                .unwrap();
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            assert!(
-                ledger
-                    .revoke(&leaf.record.serial, RevocationReason::KeyCompromise, now)
-                    .unwrap()
-            );
-        };
         let publisher = CrlPublisher::new();
         let sink = Recorder {
             published: Default::default(),
             already: None,
             limit: Some(4096),
         };
-        revoke_one(0);
+        issue_and_revoke(&cas, &ledger, 0);
         let first = publisher
             .publish(&ledger, || cas.clone(), &sink, CRL_NEXT_UPDATE)
             .await
             .unwrap();
         assert_eq!(first, Some(1));
         for i in 1..100 {
-            revoke_one(i);
+            issue_and_revoke(&cas, &ledger, i);
         }
         let err = publisher
             .publish(&ledger, || cas.clone(), &sink, CRL_NEXT_UPDATE)
