@@ -111,8 +111,8 @@ const CONTROL_PLANE: [&str; 5] = [
 ];
 
 /// CPU seconds each control-plane process (by command name) has used so far.
-fn control_plane_cpu() -> [f64; 5] {
-    let mut cpu = [0.0; 5];
+fn control_plane_cpu() -> [f64; CONTROL_PLANE.len()] {
+    let mut cpu = [0.0; CONTROL_PLANE.len()];
     for pid in std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -133,7 +133,7 @@ fn control_plane_cpu() -> [f64; 5] {
 }
 
 /// The control plane's CPU since `before`: the total, then each process's.
-fn control_plane_cpu_since(before: [f64; 5]) -> String {
+fn control_plane_cpu_since(before: [f64; CONTROL_PLANE.len()]) -> String {
     let now = control_plane_cpu();
     let each: Vec<String> = CONTROL_PLANE
         .iter()
@@ -692,6 +692,42 @@ fn requests_json(r: &Requests) -> serde_json::Value {
     )
 }
 
+/// The two diagnostics' figures.
+struct Diagnostics {
+    noop_secs: f64,
+    noop_rss_kib: f64,
+    deployments_secs: f64,
+}
+
+/// A no-op controller (status patches only; also the RSS baseline) over `n` Agents, then `n`
+/// plain Deployments alone (scheduler, controller-manager and kwok at work).
+async fn diagnostics(client: &Client, tag: &str, out_dir: &str, n: usize) -> Diagnostics {
+    let base_ns = format!("bench-noop-{tag}");
+    fresh_namespace(client, &base_ns).await;
+    let me = std::env::current_exe().unwrap();
+    let mut base = spawn(
+        me.to_str().unwrap(),
+        &["--baseline-controller", &base_ns],
+        &format!("{out_dir}/controller-baseline.log"),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let noop_secs = apply_and_wait(client, &base_ns, n).await;
+    let noop_rss_kib = peak_rss_kib(base.id());
+    let _ = base.kill();
+    let _ = base.wait();
+    delete_namespace(client, &base_ns).await;
+
+    let deploy_ns = format!("bench-deploy-{tag}");
+    fresh_namespace(client, &deploy_ns).await;
+    let deployments_secs = deployments_available(client, &deploy_ns, n).await;
+    delete_namespace(client, &deploy_ns).await;
+    Diagnostics {
+        noop_secs,
+        noop_rss_kib,
+        deployments_secs,
+    }
+}
+
 async fn run() {
     let n: usize = std::env::var("AGENTRY_BENCH_AGENTS")
         .ok()
@@ -711,33 +747,12 @@ async fn run() {
     let started = Instant::now();
 
     // AGENTRY_BENCH_DIAGNOSTICS=0 skips the two diagnostics (at 10,000 Agents they add ~15 min).
-    let diagnostics = std::env::var("AGENTRY_BENCH_DIAGNOSTICS").map_or(true, |v| v != "0");
+    let diagnostics = match std::env::var("AGENTRY_BENCH_DIAGNOSTICS").as_deref() {
+        Ok("0") => None,
+        _ => Some(diagnostics(&client, &tag, &out_dir, n).await),
+    };
     // AGENTRY_BENCH_FIRST=plain: the plain client goes first in even rounds (default Agentry).
     let plain_first = std::env::var("AGENTRY_BENCH_FIRST").is_ok_and(|v| v == "plain");
-    let (mut noop_secs, mut base_rss, mut deployments_secs) = (f64::NAN, f64::NAN, f64::NAN);
-    if diagnostics {
-        // Diagnostic: a no-op controller (status patches only), for the RSS baseline too.
-        let base_ns = format!("bench-noop-{tag}");
-        fresh_namespace(&client, &base_ns).await;
-        let me = std::env::current_exe().unwrap();
-        let mut base = spawn(
-            me.to_str().unwrap(),
-            &["--baseline-controller", &base_ns],
-            &format!("{out_dir}/controller-baseline.log"),
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        noop_secs = apply_and_wait(&client, &base_ns, n).await;
-        base_rss = peak_rss_kib(base.id());
-        let _ = base.kill();
-        let _ = base.wait();
-        delete_namespace(&client, &base_ns).await;
-
-        // Diagnostic: plain Deployments alone (scheduler, controller-manager and kwok at work).
-        let deploy_ns = format!("bench-deploy-{tag}");
-        fresh_namespace(&client, &deploy_ns).await;
-        deployments_secs = deployments_available(&client, &deploy_ns, n).await;
-        delete_namespace(&client, &deploy_ns).await;
-    }
 
     // The main comparison, alternating who goes first.
     let (mut ours, mut plain, mut rss) = (Vec::new(), Vec::new(), Vec::new());
@@ -792,65 +807,61 @@ async fn run() {
 
     let (ours_secs, plain_secs) = (mean(&ours), mean(&plain));
     let peak = rss.iter().copied().fold(0.0, f64::max);
-    let mut rows = vec![
-        Row {
-            name: "agents_ready_vs_plain_client",
-            ours: ours_secs,
-            baseline: plain_secs,
-            unit: "s",
-            ratio: ours_secs / plain_secs,
-            baseline_is: "a plain client creating the same Secret (pre-made cert), ServiceAccount, Service, Deployment per agent, 32 in flight, to Available; mean of alternating rounds",
-            target: "<= 1.25",
-            extra: vec![
-                ("agents", n as f64),
-                ("rounds", rounds as f64),
-                ("ours_agents_per_s", n as f64 / ours_secs),
-                ("plain_agents_per_s", n as f64 / plain_secs),
-                ("ours_writes_per_agent", writes(&ours_req)),
-                ("plain_writes_per_agent", writes(&plain_req)),
-                ("bench_minutes", started.elapsed().as_secs_f64() / 60.0),
-            ],
-        },
-        Row {
+    let mut rows = vec![Row {
+        name: "agents_ready_vs_plain_client",
+        ours: ours_secs,
+        baseline: plain_secs,
+        unit: "s",
+        ratio: ours_secs / plain_secs,
+        baseline_is: "a plain client creating the same Secret (pre-made cert), ServiceAccount, Service, Deployment per agent, 32 in flight, to Available; mean of alternating rounds",
+        target: "<= 1.25",
+        extra: vec![
+            ("agents", n as f64),
+            ("rounds", rounds as f64),
+            ("ours_agents_per_s", n as f64 / ours_secs),
+            ("plain_agents_per_s", n as f64 / plain_secs),
+            ("ours_writes_per_agent", writes(&ours_req)),
+            ("plain_writes_per_agent", writes(&plain_req)),
+            ("bench_minutes", started.elapsed().as_secs_f64() / 60.0),
+        ],
+    }];
+    // Without the no-op controller, peak RSS stands alone (no baseline, no "over noop").
+    let base_rss = diagnostics.as_ref().map_or(f64::NAN, |d| d.noop_rss_kib);
+    if let Some(d) = &diagnostics {
+        rows.push(Row {
             name: "agents_ready_vs_noop",
             ours: ours_secs,
-            baseline: noop_secs,
+            baseline: d.noop_secs,
             unit: "s",
-            ratio: ours_secs / noop_secs,
+            ratio: ours_secs / d.noop_secs,
             baseline_is: "no-op kube-rs controller patching status only, same Agents (diagnostic)",
             target: "(diagnostic)",
             extra: vec![],
-        },
-        Row {
+        });
+        rows.push(Row {
             name: "agents_ready_vs_plain_deployments",
             ours: ours_secs,
-            baseline: deployments_secs,
+            baseline: d.deployments_secs,
             unit: "s",
-            ratio: ours_secs / deployments_secs,
+            ratio: ours_secs / d.deployments_secs,
             baseline_is: "the same number of plain Deployments alone, created directly, to Available (diagnostic)",
             target: "(diagnostic)",
             extra: vec![],
-        },
-        Row {
-            name: "peak_rss",
-            ours: peak / 1024.0,
-            baseline: base_rss / 1024.0,
-            unit: "MiB",
-            ratio: peak / base_rss,
-            baseline_is: "the no-op controller process over the same Agents",
-            target: "<= 150 MiB at 10,000",
-            extra: vec![
-                ("ours_kib_per_agent", peak / n as f64),
-                ("ours_kib_per_agent_over_noop", (peak - base_rss) / n as f64),
-            ],
-        },
-    ];
-    if !diagnostics {
-        // Without the no-op controller, peak RSS stands alone (no baseline, no "over noop").
-        rows.retain(|r| {
-            !["agents_ready_vs_noop", "agents_ready_vs_plain_deployments"].contains(&r.name)
         });
     }
+    rows.push(Row {
+        name: "peak_rss",
+        ours: peak / 1024.0,
+        baseline: base_rss / 1024.0,
+        unit: "MiB",
+        ratio: peak / base_rss,
+        baseline_is: "the no-op controller process over the same Agents",
+        target: "<= 150 MiB at 10,000",
+        extra: vec![
+            ("ours_kib_per_agent", peak / n as f64),
+            ("ours_kib_per_agent_over_noop", (peak - base_rss) / n as f64),
+        ],
+    });
     if let Some((r, req)) = &rotation {
         rows.push(Row {
             name: "ca_rotation_reissue",
