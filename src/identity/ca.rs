@@ -283,7 +283,7 @@ impl CertificateAuthority {
             revoked_at: None,
         };
         // The ledger first: a certificate that is not recorded never leaves this function.
-        ledger.record_issued(&record, now.unix_timestamp())?;
+        let record = ledger.record(record, now.unix_timestamp())?;
         Ok(IssuedLeaf {
             cert_pem: cert.pem(),
             key_pem: String::new(),
@@ -464,18 +464,13 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex(&Sha256::digest(data))
 }
 
+/// Lowercase hex (serials, fingerprints, key ids in the ledger and in status).
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    ::hex::encode(bytes)
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    ::hex::decode(s).ok()
 }
 
 /// The DER of the first CERTIFICATE block in `pem`.

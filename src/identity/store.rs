@@ -196,7 +196,40 @@ fn migrations() -> Migrations<'static> {
         "ALTER TABLE certificates ADD COLUMN agent_created INTEGER NOT NULL DEFAULT 0;
         DROP INDEX certificates_by_agent;
         CREATE INDEX certificates_by_agent ON certificates (agent_created, agent_uid, state);",
-    )])
+    ),
+    // The state's CHECK as comparisons: `state IN (...)` built a temporary table at each insert
+    // and each state change. SQLite cannot alter a CHECK, so the table is rebuilt (the steps of
+    // https://www.sqlite.org/lang_altertable.html#otheralter), every row and index kept.
+    M::up(
+        "CREATE TABLE certificates_v4 (
+            serial TEXT PRIMARY KEY NOT NULL,
+            agent_uid TEXT NOT NULL,
+            namespace TEXT NOT NULL,
+            name TEXT NOT NULL,
+            spiffe_id TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            issuer_fingerprint TEXT NOT NULL,
+            not_before INTEGER NOT NULL,
+            not_after INTEGER NOT NULL,
+            state TEXT NOT NULL
+                CHECK (state = 'active' OR state = 'superseded' OR state = 'revoked'),
+            revocation_reason TEXT,
+            revoked_at INTEGER,
+            issued_at INTEGER NOT NULL,
+            agent_created INTEGER NOT NULL DEFAULT 0
+        ) STRICT;
+        INSERT INTO certificates_v4 (rowid, serial, agent_uid, namespace, name, spiffe_id,
+            fingerprint, issuer_fingerprint, not_before, not_after, state, revocation_reason,
+            revoked_at, issued_at, agent_created)
+          SELECT rowid, serial, agent_uid, namespace, name, spiffe_id, fingerprint,
+            issuer_fingerprint, not_before, not_after, state, revocation_reason, revoked_at,
+            issued_at, agent_created FROM certificates;
+        DROP TABLE certificates;
+        ALTER TABLE certificates_v4 RENAME TO certificates;
+        CREATE INDEX certificates_by_agent ON certificates (agent_created, agent_uid, state);
+        CREATE INDEX certificates_by_state ON certificates (state, not_after);",
+    ),
+    ])
 }
 
 pub struct Ledger {
@@ -220,7 +253,10 @@ struct Writer {
 struct Pending {
     record: CertRecord,
     now: i64,
-    done: std::sync::mpsc::Sender<Result<(), StoreError>>,
+    /// The answer, and the record handed back: its strings are freed by the issuer's thread
+    /// that allocated them, not by the writer's (a free across threads costs the allocator a
+    /// lock on the other thread's arena).
+    done: std::sync::mpsc::SyncSender<(Result<(), StoreError>, CertRecord)>,
 }
 
 impl Ledger {
@@ -315,16 +351,20 @@ impl Ledger {
     /// Records a new active certificate and supersedes the agent's previous active one, in one
     /// transaction. Returns only once committed.
     pub fn record_issued(&self, rec: &CertRecord, now: i64) -> Result<(), StoreError> {
-        let (done, answer) = std::sync::mpsc::channel();
-        let pending = Pending {
-            record: rec.clone(),
-            now,
-            done,
-        };
+        self.record(rec.clone(), now).map(drop)
+    }
+
+    /// [`Self::record_issued`] for a record the caller gives up until the answer, which hands
+    /// it back once committed (the issuance path: no copy of the record per certificate).
+    pub fn record(&self, record: CertRecord, now: i64) -> Result<CertRecord, StoreError> {
         let gone = || StoreError::Batch(format!("ledger database {}: writer stopped", self.path));
         let writer = self.writer.as_ref().ok_or_else(gone)?;
+        // One slot: the writer's answer never waits, and the channel allocates nothing more.
+        let (done, answer) = std::sync::mpsc::sync_channel(1);
+        let pending = Pending { record, now, done };
         writer.queue.send(pending).map_err(|_| gone())?;
-        answer.recv().map_err(|_| gone())?
+        let (outcome, record) = answer.recv().map_err(|_| gone())?;
+        outcome.map(|()| record)
     }
 
     pub fn get(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
@@ -672,8 +712,18 @@ const REVOKE_AGENT: &str =
              RETURNING serial";
 
 /// An Agent's active row, when a new one is recorded.
-const SUPERSEDE: &str = "UPDATE certificates SET state = 'superseded'
-                 WHERE agent_created IN (0, ?2) AND agent_uid = ?1 AND state = 'active'";
+/// The Agent's active certificates, by row: run once with its creation time and once with 0
+/// (rows written before the agent key). An equality probe of the agent index each; `IN (0, ?)`
+/// would build a temporary table per row, and an UPDATE searching by the very index column it
+/// changes (`state`) another: on the issuance path, where a new Agent has nothing to supersede,
+/// that was most of the writer's time per row.
+const ACTIVE_OF_AGENT: &str = "SELECT rowid FROM certificates
+                 WHERE agent_created = ?2 AND agent_uid = ?1 AND state = 'active'";
+const SUPERSEDE_ROW: &str = "UPDATE certificates SET state = 'superseded' WHERE rowid = ?1";
+const INSERT_ISSUED: &str = "INSERT INTO certificates (serial, agent_uid, namespace, name, spiffe_id,
+                    fingerprint, issuer_fingerprint, not_before, not_after, state, issued_at, agent_created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10, ?11)
+                 ON CONFLICT(serial) DO NOTHING";
 
 const COLUMNS: &str =
     "serial, agent_uid, namespace, name, spiffe_id, fingerprint, issuer_fingerprint,
@@ -729,9 +779,27 @@ fn write_batches(conn: &Mutex<Connection>, path: &str, rows: &std::sync::mpsc::R
             &batch,
         );
         for (p, outcome) in batch.into_iter().zip(outcomes) {
-            let _ = p.done.send(outcome);
+            let _ = p.done.send((outcome, p.record));
         }
     }
+}
+
+/// Marks the Agent's active certificates superseded (before its new one goes in).
+fn supersede(tx: &rusqlite::Transaction, uid: &str, created: i64) -> rusqlite::Result<()> {
+    let mut active = Vec::new();
+    let mut probe = tx.prepare_cached(ACTIVE_OF_AGENT)?;
+    for key in [created, 0]
+        .into_iter()
+        .take(if created == 0 { 1 } else { 2 })
+    {
+        for row in probe.query_map(params![uid, key], |r| r.get::<_, i64>(0))? {
+            active.push(row?);
+        }
+    }
+    for rowid in active {
+        tx.prepare_cached(SUPERSEDE_ROW)?.execute(params![rowid])?;
+    }
+    Ok(())
 }
 
 /// Writes a batch in one transaction. Per-row outcomes: a duplicate serial fails alone; a
@@ -746,29 +814,20 @@ fn commit_batch(
         let mut inserted = Vec::with_capacity(batch.len());
         for p in batch {
             let (rec, now) = (&p.record, p.now);
-            tx.prepare_cached(SUPERSEDE)?
-                .execute(params![rec.agent_uid, rec.agent_created])?;
-            let n = tx
-                .prepare_cached(
-                    "INSERT INTO certificates (serial, agent_uid, namespace, name, spiffe_id, fingerprint,
-                    issuer_fingerprint, not_before, not_after, state, issued_at, agent_created)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10, ?11)
-                 ON CONFLICT(serial) DO NOTHING",
-                )?
-                .execute(params![
-                    rec.serial,
-                    rec.agent_uid,
-                    rec.namespace,
-                    rec.name,
-                    rec.spiffe_id,
-                    rec.fingerprint,
-                    rec.issuer_fingerprint,
-                    rec.not_before,
-                    rec.not_after,
-                    now,
-                    rec.agent_created
-                ],
-            )?;
+            supersede(&tx, &rec.agent_uid, rec.agent_created)?;
+            let n = tx.prepare_cached(INSERT_ISSUED)?.execute(params![
+                rec.serial,
+                rec.agent_uid,
+                rec.namespace,
+                rec.name,
+                rec.spiffe_id,
+                rec.fingerprint,
+                rec.issuer_fingerprint,
+                rec.not_before,
+                rec.not_after,
+                now,
+                rec.agent_created
+            ])?;
             inserted.push(n > 0);
         }
         tx.commit()?;
@@ -1017,7 +1076,12 @@ mod tests {
     #[test]
     fn every_lookup_by_agent_searches_the_agent_index_by_creation_time_and_uid() {
         let l = Ledger::in_memory().unwrap();
-        for sql in [SUPERSEDE, REVOKE_DEPLOYED, REVOKE_OTHERS, REVOKE_AGENT] {
+        for sql in [
+            ACTIVE_OF_AGENT,
+            REVOKE_DEPLOYED,
+            REVOKE_OTHERS,
+            REVOKE_AGENT,
+        ] {
             let conn = l.conn();
             let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
             let params = stmt.parameter_count();
@@ -1030,12 +1094,89 @@ mod tests {
                 .collect::<Result<_, _>>()
                 .unwrap();
             assert!(
-                plan.iter().any(|p| p.contains(
-                    "USING INDEX certificates_by_agent (agent_created=? AND agent_uid=?"
-                )),
+                plan.iter()
+                    .any(|p| p
+                        .contains("INDEX certificates_by_agent (agent_created=? AND agent_uid=?")),
                 "{sql}\nplans as {plan:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_issuance_path_builds_no_temporary_table_per_row() {
+        let l = Ledger::in_memory().unwrap();
+        let conn = l.conn();
+        for sql in [ACTIVE_OF_AGENT, SUPERSEDE_ROW, INSERT_ISSUED] {
+            let mut stmt = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
+            let params = stmt.parameter_count();
+            let ops: Vec<String> = stmt
+                .query_map(
+                    rusqlite::params_from_iter((0..params).map(|i| i as i64)),
+                    |r| r.get(1),
+                )
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                !ops.iter().any(|op| op == "OpenEphemeral"),
+                "{sql}\nopens a temporary table: {ops:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_state_check_rebuild_keeps_every_row_and_still_refuses_an_unknown_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger").join("ledger.db");
+        let before = {
+            // A ledger at the schema before the rebuild (3), rows in every state.
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let mut conn = Connection::open(&path).unwrap();
+            migrations().to_version(&mut conn, 3).unwrap();
+            let rows = [
+                ("01", "superseded", None, None),
+                ("02", "active", None, None),
+                ("03", "revoked", Some("keyCompromise"), Some(4)),
+            ];
+            for (serial, state, reason, revoked_at) in rows {
+                conn.execute(
+                    "INSERT INTO certificates (serial, agent_uid, namespace, name, spiffe_id,
+                        fingerprint, issuer_fingerprint, not_before, not_after, state,
+                        revocation_reason, revoked_at, issued_at, agent_created)
+                     VALUES (?1, 'u1', 'ns', 'a', 's', 'f', 'i', 0, 5000, ?2, ?3, ?4, 1, 7)",
+                    params![serial, state, reason, revoked_at],
+                )
+                .unwrap();
+            }
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {COLUMNS} FROM certificates ORDER BY serial"
+                ))
+                .unwrap();
+            stmt.query_map([], row_to_record)
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+        };
+        let l = Ledger::open(dir.path()).unwrap();
+        let after: Vec<_> = ["01", "02", "03"]
+            .map(|s| l.get(s).unwrap().unwrap())
+            .into();
+        assert_eq!(after, before);
+        assert_eq!(
+            after.iter().map(|r| r.state).collect::<Vec<_>>(),
+            [CertState::Superseded, CertState::Active, CertState::Revoked]
+        );
+        assert_eq!(after[2].revoked_at, Some(4));
+        let refused = l.conn().execute(
+            "UPDATE certificates SET state = 'forgotten' WHERE serial = '01'",
+            [],
+        );
+        assert!(
+            refused.is_err_and(|e| e.to_string().contains("CHECK")),
+            "an unknown state was stored"
+        );
+        assert_eq!(l.get("01").unwrap().unwrap().state, CertState::Superseded);
     }
 
     #[test]

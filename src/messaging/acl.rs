@@ -40,10 +40,7 @@ const WRITE_COMMANDS: &str = "+xadd +xlen +xrange +xrevrange +xinfo|stream";
 
 /// The password hash Redis stores (`#<sha256 hex>`), without the `#`.
 pub fn password_hash(password: &str) -> String {
-    Sha256::digest(password.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(password.as_bytes()))
 }
 
 /// A new password: 256 random bits, URL-safe base64.

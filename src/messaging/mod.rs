@@ -168,7 +168,7 @@ pub fn field(entry: &redis::streams::StreamId, name: &str) -> Option<Vec<u8>> {
 /// A new message id: 128 random bits, hex.
 pub fn new_id() -> String {
     let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 /// What an agent needs to reach its mailbox: `redis.json` in the identity Secret (the password
