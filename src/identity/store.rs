@@ -1073,6 +1073,21 @@ mod tests {
         migrations().validate().unwrap();
     }
 
+    /// Column `column` of `<how> <sql>` (EXPLAIN or EXPLAIN QUERY PLAN), each parameter bound
+    /// to its index.
+    fn explain(l: &Ledger, how: &str, sql: &str, column: usize) -> Vec<String> {
+        let conn = l.conn();
+        let mut stmt = conn.prepare(&format!("{how} {sql}")).unwrap();
+        let params = stmt.parameter_count();
+        stmt.query_map(
+            rusqlite::params_from_iter((0..params).map(|i| i as i64)),
+            |r| r.get(column),
+        )
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    }
+
     #[test]
     fn every_lookup_by_agent_searches_the_agent_index_by_creation_time_and_uid() {
         let l = Ledger::in_memory().unwrap();
@@ -1082,17 +1097,7 @@ mod tests {
             REVOKE_OTHERS,
             REVOKE_AGENT,
         ] {
-            let conn = l.conn();
-            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-            let params = stmt.parameter_count();
-            let plan: Vec<String> = stmt
-                .query_map(
-                    rusqlite::params_from_iter((0..params).map(|i| i as i64)),
-                    |r| r.get(3),
-                )
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
+            let plan = explain(&l, "EXPLAIN QUERY PLAN", sql, 3);
             assert!(
                 plan.iter()
                     .any(|p| p
@@ -1105,18 +1110,8 @@ mod tests {
     #[test]
     fn the_issuance_path_builds_no_temporary_table_per_row() {
         let l = Ledger::in_memory().unwrap();
-        let conn = l.conn();
         for sql in [ACTIVE_OF_AGENT, SUPERSEDE_ROW, INSERT_ISSUED] {
-            let mut stmt = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
-            let params = stmt.parameter_count();
-            let ops: Vec<String> = stmt
-                .query_map(
-                    rusqlite::params_from_iter((0..params).map(|i| i as i64)),
-                    |r| r.get(1),
-                )
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
+            let ops = explain(&l, "EXPLAIN", sql, 1);
             assert!(
                 !ops.iter().any(|op| op == "OpenEphemeral"),
                 "{sql}\nopens a temporary table: {ops:?}"
