@@ -144,6 +144,16 @@ pub enum StoreError {
     },
     #[error("ledger migration failed: {0}")]
     Migration(#[from] rusqlite_migration::Error),
+    #[error(
+        "ledger database {path} is at schema version {found}, newer than this agentry knows \
+         ({known}): a newer agentry wrote it. Run that version (or newer), or restore the ledger \
+         from a copy taken before the upgrade (docs/install.md, Upgrade)"
+    )]
+    TooNew {
+        path: String,
+        found: usize,
+        known: usize,
+    },
     #[error("preparing ledger file {path}: {source}")]
     Io {
         path: String,
@@ -155,6 +165,9 @@ pub enum StoreError {
     #[error("{0}")]
     Batch(String),
 }
+
+/// The ledger schema this version writes: the number of migrations below.
+const LEDGER_SCHEMA: usize = 4;
 
 fn migrations() -> Migrations<'static> {
     Migrations::new(vec![M::up(
@@ -316,7 +329,17 @@ impl Ledger {
             .map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql)?;
-        migrations().to_latest(&mut conn)?;
+        let migrations = migrations();
+        if let rusqlite_migration::SchemaVersion::Outside(found) =
+            migrations.current_version(&conn)?
+        {
+            return Err(StoreError::TooNew {
+                path,
+                found: found.get(),
+                known: LEDGER_SCHEMA,
+            });
+        }
+        migrations.to_latest(&mut conn)?;
         let conn = std::sync::Arc::new(Mutex::new(conn));
         let (queue, rows) = std::sync::mpsc::channel();
         let thread = {
@@ -1071,6 +1094,42 @@ mod tests {
     #[test]
     fn migrations_are_valid() {
         migrations().validate().unwrap();
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrations().to_latest(&mut conn).unwrap();
+        assert_eq!(
+            usize::from(&migrations().current_version(&conn).unwrap()),
+            LEDGER_SCHEMA
+        );
+    }
+
+    #[test]
+    fn a_ledger_from_a_newer_agentry_is_refused_by_name_and_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        Ledger::open(dir.path())
+            .unwrap()
+            .record_issued(&rec("01", "u1", 1000), 1)
+            .unwrap();
+        let path = ledger_dir(dir.path()).join("ledger.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", LEDGER_SCHEMA as i64 + 1)
+            .unwrap();
+        let err = Ledger::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            err.contains(&path.display().to_string())
+                && err.contains(&format!("schema version {}", LEDGER_SCHEMA + 1))
+                && err.contains("restore the ledger"),
+            "{err}"
+        );
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, LEDGER_SCHEMA as i64 + 1);
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM certificates", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 1);
     }
 
     /// Column `column` of `<how> <sql>` (EXPLAIN or EXPLAIN QUERY PLAN), each parameter bound
