@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::store::{StoreError, create_private_dir};
 
+/// The catalog schema this version writes: the number of migrations below.
+const CATALOG_SCHEMA: usize = 3;
+
 fn migrations() -> Migrations<'static> {
     Migrations::new(vec![
         M::up(
@@ -131,7 +134,13 @@ impl Catalog {
             source,
         };
         crate::identity::store::durable(&conn).map_err(sql)?;
-        migrations().to_latest(&mut conn)?;
+        crate::identity::store::migrate(
+            "backup catalog",
+            &migrations(),
+            CATALOG_SCHEMA,
+            &mut conn,
+            &path,
+        )?;
         Ok(Self {
             conn: Mutex::new(conn),
             path,
@@ -333,6 +342,31 @@ mod tests {
     #[test]
     fn migrations_are_valid() {
         migrations().validate().unwrap();
+        let c = Catalog::in_memory().unwrap();
+        assert_eq!(c.schema_version().unwrap(), CATALOG_SCHEMA);
+    }
+
+    #[test]
+    fn a_catalog_from_a_newer_agentry_is_refused_by_name_and_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Catalog::open(dir.path()).unwrap());
+        let path = dir.path().join("catalog").join("catalog.db");
+        let newer = CATALOG_SCHEMA as i64 + 1;
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", newer)
+            .unwrap();
+        let err = Catalog::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            err.starts_with(&format!("backup catalog {}", path.display()))
+                && err.contains(&format!("schema version {newer}")),
+            "{err}"
+        );
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, newer);
     }
 
     #[test]

@@ -145,11 +145,12 @@ pub enum StoreError {
     #[error("ledger migration failed: {0}")]
     Migration(#[from] rusqlite_migration::Error),
     #[error(
-        "ledger database {path} is at schema version {found}, newer than this agentry knows \
-         ({known}): a newer agentry wrote it. Run that version (or newer), or restore the ledger \
-         from a copy taken before the upgrade (docs/install.md, Upgrade)"
+        "{what} {path} is at schema version {found}, newer than this agentry knows ({known}): a \
+         newer agentry wrote it. Run that version (or newer), or restore the database from a \
+         copy taken before the upgrade (docs/install.md, Upgrade)"
     )]
     TooNew {
+        what: &'static str,
         path: String,
         found: usize,
         known: usize,
@@ -329,17 +330,13 @@ impl Ledger {
             .map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql)?;
-        let migrations = migrations();
-        if let rusqlite_migration::SchemaVersion::Outside(found) =
-            migrations.current_version(&conn)?
-        {
-            return Err(StoreError::TooNew {
-                path,
-                found: found.get(),
-                known: LEDGER_SCHEMA,
-            });
-        }
-        migrations.to_latest(&mut conn)?;
+        migrate(
+            "ledger database",
+            &migrations(),
+            LEDGER_SCHEMA,
+            &mut conn,
+            &path,
+        )?;
         let conn = std::sync::Arc::new(Mutex::new(conn));
         let (queue, rows) = std::sync::mpsc::channel();
         let thread = {
@@ -875,6 +872,28 @@ fn commit_batch(
     }
 }
 
+/// Migrates `conn` (a `what`, e.g. "ledger database", at `path`) to the `known`-th schema, the
+/// last of `migrations`, in one transaction; a database a newer agentry migrated further is
+/// refused by name and left as it is.
+pub fn migrate(
+    what: &'static str,
+    migrations: &Migrations,
+    known: usize,
+    conn: &mut Connection,
+    path: &str,
+) -> Result<(), StoreError> {
+    if let rusqlite_migration::SchemaVersion::Outside(found) = migrations.current_version(conn)? {
+        return Err(StoreError::TooNew {
+            what,
+            path: path.to_string(),
+            found: found.get(),
+            known,
+        });
+    }
+    migrations.to_latest(conn)?;
+    Ok(())
+}
+
 /// WAL survives a crash mid-write; FULL makes each commit durable before its result is handed
 /// out (a certificate, a catalogued backup).
 pub fn durable(conn: &Connection) -> rusqlite::Result<()> {
@@ -1118,7 +1137,8 @@ mod tests {
         assert!(
             err.contains(&path.display().to_string())
                 && err.contains(&format!("schema version {}", LEDGER_SCHEMA + 1))
-                && err.contains("restore the ledger"),
+                && err.starts_with("ledger database")
+                && err.contains("restore the database"),
             "{err}"
         );
         let conn = Connection::open(&path).unwrap();
