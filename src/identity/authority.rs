@@ -1072,18 +1072,9 @@ mod tests {
 
     /// Issues agent `i` a leaf, revokes it (key compromise) and returns its serial.
     fn issue_and_revoke(cas: &CaSet, ledger: &Ledger, i: usize) -> String {
-        use crate::identity::ca::{LeafRequest, service_dns_names};
+        use crate::identity::ca::test_support::numbered_request;
         use crate::identity::store::RevocationReason;
-        let req = LeafRequest {
-            agent_uid: format!("uid-{i}"),
-            agent_created: 1_700_000_000,
-            namespace: "ns".into(),
-            name: format!("a{i}"),
-            trust_domain: "td".into(),
-            dns_names: service_dns_names("ns", &format!("a{i}")),
-            ttl: Duration::from_secs(3600),
-        };
-        let leaf = cas.active.issue(ledger, &req).unwrap();
+        let leaf = cas.active.issue(ledger, &numbered_request(i)).unwrap();
         let revoked = ledger
             .revoke(
                 &leaf.record.serial,

@@ -855,8 +855,22 @@ mod tests {
 
 #[cfg(test)]
 pub(crate) mod test_support {
-    //! CAs made by `openssl`, as an operator would bring them.
+    //! CAs made by `openssl`, as an operator would bring them; numbered leaf requests.
     use std::path::Path;
+    use std::time::Duration;
+
+    /// Agent `i`'s request (uid `uid-<i>`, name `a<i>` in namespace `ns`, trust domain `td`, 1h).
+    pub fn numbered_request(i: usize) -> super::LeafRequest {
+        super::LeafRequest {
+            agent_uid: format!("uid-{i}"),
+            agent_created: 1_700_000_000,
+            namespace: "ns".into(),
+            name: format!("a{i}"),
+            trust_domain: "td".into(),
+            dns_names: super::service_dns_names("ns", &format!("a{i}")),
+            ttl: Duration::from_secs(3600),
+        }
+    }
 
     pub fn openssl(dir: &Path, args: &[&str]) {
         let out = std::process::Command::new("openssl")

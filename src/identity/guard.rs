@@ -132,7 +132,7 @@ pub fn check(ledger: &Ledger, published: &PublishedCrl) -> Result<LedgerCheck, S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::ca::{LeafRequest, service_dns_names};
+    use crate::identity::ca::test_support::numbered_request;
     use crate::identity::store::{CertState, RevocationReason};
     use std::time::Duration;
 
@@ -141,16 +141,10 @@ mod tests {
     }
 
     fn issue(ca: &CertificateAuthority, ledger: &Ledger, i: usize) -> String {
-        let req = LeafRequest {
-            agent_uid: format!("uid-{i}"),
-            agent_created: 1_700_000_000,
-            namespace: "ns".into(),
-            name: format!("a{i}"),
-            trust_domain: "td".into(),
-            dns_names: service_dns_names("ns", &format!("a{i}")),
-            ttl: Duration::from_secs(3600),
-        };
-        ca.issue(ledger, &req).unwrap().record.serial
+        ca.issue(ledger, &numbered_request(i))
+            .unwrap()
+            .record
+            .serial
     }
 
     fn crl(ca: &CertificateAuthority, ledger: &Ledger) -> String {
