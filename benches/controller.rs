@@ -14,12 +14,15 @@
 //!
 //! `AGENTRY_BENCH_DIAGNOSTICS=0` skips the two diagnostics; `AGENTRY_BENCH_FIRST=plain` has the
 //! plain client go first in even rounds; `AGENTRY_BENCH_PLAIN_OWNED=1` has it create each Agent
-//! and own the children by it. Each side prints its time, CPU and requests as soon as measured.
+//! and own the children by it; `AGENTRY_BENCH_TIMELINE=1` records each agent's way to Ready on
+//! both sides (`timeline/`; opt-in, its watches add load). Each side prints its time, CPU and
+//! requests as soon as measured.
 //!
 //! Needs KUBECONFIG pointing at `hack/local-cluster` (`make bench` starts it).
 //! Run as `controller --baseline-controller <ns>` it is the no-op controller itself.
 
 mod report;
+mod timeline;
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -453,12 +456,11 @@ async fn apiserver_requests(client: &Client) -> Requests {
         .await
         .expect("reading the apiserver's /metrics");
     let mut out = Requests::new();
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-    {
-        let Some((labels, value)) = line["apiserver_request_total{".len()..].rsplit_once("} ")
-        else {
+    for line in text.lines() {
+        let Some((name, rest)) = line.split_once('{') else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
             continue;
         };
         let label = |name: &str| {
@@ -469,16 +471,42 @@ async fn apiserver_requests(client: &Client) -> Requests {
                 .map(|(_, v)| v.trim_end_matches('"').to_string())
                 .unwrap_or_default()
         };
-        let resource = match label("subresource").as_str() {
-            "" => label("resource"),
-            sub => format!("{}/{sub}", label("resource")),
-        };
-        *out.entry((label("verb"), resource)).or_default() += value.parse::<f64>().unwrap_or(0.0);
+        if let Some(key) = series_key(name, label) {
+            *out.entry(key).or_default() += value.parse::<f64>().unwrap_or(0.0);
+        }
     }
     out
 }
 
-/// Requests per agent made while `f` ran, by (verb, resource).
+/// The key a line of the apiserver's `/metrics` adds to, by its series: request counts under
+/// their (verb, resource), the apiserver's seconds on them under `SECONDS <verb>`, and the
+/// flow-control queue wait under `QUEUED` (`QUEUED_N`: how many waited) and the priority level.
+fn series_key(name: &str, label: impl Fn(&str) -> String) -> Option<(String, String)> {
+    let request = || {
+        let resource = match label("subresource").as_str() {
+            "" => label("resource"),
+            sub => format!("{}/{sub}", label("resource")),
+        };
+        (label("verb"), resource)
+    };
+    match name {
+        "apiserver_request_total" => Some(request()),
+        "apiserver_request_duration_seconds_sum" => {
+            let (verb, resource) = request();
+            Some((format!("SECONDS {verb}"), resource))
+        }
+        "apiserver_flowcontrol_request_wait_duration_seconds_sum" => {
+            Some(("QUEUED".into(), label("priority_level")))
+        }
+        "apiserver_flowcontrol_request_wait_duration_seconds_count" => {
+            Some(("QUEUED_N".into(), label("priority_level")))
+        }
+        _ => None,
+    }
+}
+
+/// Requests per agent made while `f` ran, by (verb, resource); with them the apiserver's
+/// seconds on them and its flow-control queueing, per agent too (see `print_requests`).
 async fn requests_during<F: std::future::Future>(
     client: &Client,
     n: usize,
@@ -631,9 +659,12 @@ async fn agentry_run(
         .collect::<Vec<_>>(),
         log,
     );
+    let timeline = optional_timeline(client, ns).await;
     let plane_before = control_plane_cpu();
+    let clock = Instant::now();
     let (secs, requests) = requests_during(client, n, apply_and_wait(client, ns, n)).await;
     let rss = peak_rss_kib(ours.id());
+    finish_timeline(timeline, clock, "Agentry", log);
     // Printed at once: at 10,000 Agents the rotation and the deletion below take long.
     println!(
         "  Agentry: {n} Agents Ready in {secs:.1} s; controller CPU {:.1} s, peak RSS {:.1} MiB, control plane CPU {}",
@@ -653,11 +684,15 @@ async fn agentry_run(
     (secs, rss, requests, rotation)
 }
 
-async fn plain_run(client: &Client, ns: &str, n: usize) -> (f64, Requests) {
+/// The plain client's run; `log` names where its timeline goes (it has no process to log).
+async fn plain_run(client: &Client, ns: &str, n: usize, log: &str) -> (f64, Requests) {
     fresh_namespace(client, ns).await;
     let children = plain_children(ns, n);
+    let timeline = optional_timeline(client, ns).await;
     let plane_before = control_plane_cpu();
+    let clock = Instant::now();
     let out = requests_during(client, n, plain_client(client, ns, children)).await;
+    finish_timeline(timeline, clock, "plain client", log);
     println!(
         "  plain client: {n} agents' children Available in {:.1} s; control plane CPU {}",
         out.0,
@@ -668,20 +703,58 @@ async fn plain_run(client: &Client, ns: &str, n: usize) -> (f64, Requests) {
     out
 }
 
+/// A per-agent timeline of the run, when `AGENTRY_BENCH_TIMELINE=1`.
+async fn optional_timeline(client: &Client, ns: &str) -> Option<timeline::Timeline> {
+    match timeline::enabled() {
+        true => Some(timeline::Timeline::start(client, ns).await),
+        false => None,
+    }
+}
+
+/// Prints the timeline and writes it next to `log` (its `.log` replaced by `-timeline.json`).
+fn finish_timeline(t: Option<timeline::Timeline>, clock: Instant, side: &str, log: &str) {
+    let Some(t) = t else { return };
+    let summary = t.finish(clock);
+    timeline::print(side, &summary);
+    let path = format!("{}-timeline.json", log.trim_end_matches(".log"));
+    std::fs::write(&path, serde_json::to_string_pretty(&summary).unwrap()).unwrap();
+}
+
 fn print_requests(side: &str, r: &Requests) {
     println!(
-        "apiserver requests per agent, {side} (all clients; writes total {:.2}):",
+        "apiserver requests per agent, {side} (all clients; writes total {:.2}; mean ms in the apiserver):",
         writes(r)
     );
-    for ((verb, resource), x) in r.iter().filter(|(_, x)| **x >= 0.01) {
-        println!("  {verb:<7} {resource:<40} {x:>8.2}");
+    for ((verb, resource), x) in r.iter().filter(|((v, _), x)| **x >= 0.01 && is_verb(v)) {
+        let seconds = r.get(&(format!("SECONDS {verb}"), resource.clone()));
+        let ms = seconds.map_or(String::new(), |s| format!("{:>8.1}", s / x * 1000.0));
+        println!("  {verb:<7} {resource:<40} {x:>8.2} {ms}");
     }
+    for (level, x) in r
+        .iter()
+        .filter(|((v, _), _)| v == "QUEUED")
+        .map(|((_, l), x)| (l, x))
+    {
+        let waited = r
+            .get(&("QUEUED_N".to_string(), level.clone()))
+            .copied()
+            .unwrap_or(0.0);
+        println!(
+            "  flow control, priority level {level}: {waited:.2} requests per agent, {:.1} ms waiting each",
+            x / waited.max(f64::MIN_POSITIVE) * 1000.0
+        );
+    }
+}
+
+/// The request counts of `Requests` (not its seconds or queue waits).
+fn is_verb(v: &str) -> bool {
+    !v.starts_with("SECONDS ") && !v.starts_with("QUEUED")
 }
 
 fn requests_json(r: &Requests) -> serde_json::Value {
     serde_json::Value::Object(
         r.iter()
-            .filter(|(_, x)| **x >= 0.005)
+            .filter(|((v, _), x)| **x >= 0.005 && is_verb(v))
             .map(|((verb, resource), x)| {
                 (
                     format!("{verb} {resource}"),
@@ -782,7 +855,8 @@ async fn run() {
                 ours_req = req;
             } else {
                 let ns = format!("bench-plain-{tag}-{round}");
-                let (secs, req) = plain_run(&client, &ns, n).await;
+                let log = format!("{out_dir}/plain-client-{round}.log");
+                let (secs, req) = plain_run(&client, &ns, n, &log).await;
                 println!(
                     "round {round}: plain client, {n} agents' children Available in {secs:.1} s"
                 );
