@@ -308,7 +308,7 @@ fn plain_children(ns: &str, n: usize) -> Vec<PlainChildren> {
                     None,
                 ),
                 account: workload::service_account(&agent),
-                service: workload::service(&agent),
+                service: workload::service(&agent, false),
                 deployment,
             }
         })

@@ -410,6 +410,13 @@ pub struct ControllerArgs {
     /// How many Agents are reconciled at once (0: no limit).
     #[arg(long, default_value_t = 32)]
     concurrency: u16,
+    /// Give each Agent's Service a cluster IP (a virtual IP through kube-proxy). Off by
+    /// default: Agent Services are headless, `<agent>.<namespace>.svc` resolves to the Agent's
+    /// pod, and no cluster IP is allocated (the apiserver allocates them one at a time, and a
+    /// fleet can outgrow the service range). A cluster IP cannot be added or removed in place:
+    /// changing this replaces each existing Agent's Service once.
+    #[arg(long)]
+    agent_service_cluster_ip: bool,
     /// Gather an Agent's triggers for this long before its pass (each new one restarts the
     /// wait): the events of a rollout (children created, the Deployment observed, updated,
     /// available) then cost one pass instead of one each. 0 turns it off.
@@ -704,6 +711,7 @@ impl ControllerArgs {
             maintenance_interval: self.maintenance_interval,
             resync: self.resync_interval.max(Duration::from_secs(1)),
             concurrency: self.concurrency,
+            service_cluster_ip: self.agent_service_cluster_ip,
             debounce: self.reconcile_debounce,
             api_rate: (self.kube_api_qps > 0.0).then_some(agentry::controller::ApiRate {
                 qps: self.kube_api_qps,

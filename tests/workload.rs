@@ -299,6 +299,137 @@ async fn deleting_an_agent_garbage_collects_its_children() {
     .await;
 }
 
+/// The Agent's Service as it is now: (uid, clusterIP) once it has one.
+async fn service_addressing(services: &Api<Service>, name: &str) -> Option<(String, String)> {
+    let s = services.get_opt(name).await.unwrap()?;
+    let ip = s.spec.as_ref()?.cluster_ip.clone()?;
+    Some((s.uid()?, ip))
+}
+
+#[tokio::test]
+async fn agent_services_are_headless_and_changing_the_cluster_ip_flag_replaces_them() {
+    let (client, ns) = setup("wl-svc").await;
+    let services = Api::<Service>::namespaced(client.clone(), &ns.name);
+    // A tenant's Service named like an Agent, labelled as the controller's (so it is in the
+    // controller's cache) and with a cluster IP where the controller wants none: it is never
+    // deleted to make way; the Agent says NameConflict.
+    let squatter = services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "squatter", "labels": {"app.kubernetes.io/managed-by": "agentry"}},
+                "spec": {"ports": [{"port": 80}], "selector": {"x": "y"}}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
+    create_agent(&client, &ns.name, agent_manifest("squatter", json!({})))
+        .await
+        .unwrap();
+    create_and_wait(
+        &client,
+        &ns.name,
+        "talker",
+        Duration::from_secs(60),
+        "Ready",
+        ready,
+    )
+    .await;
+    let (first_uid, ip) = service_addressing(&services, "talker").await.unwrap();
+    assert_eq!(ip, "None", "headless by default");
+    wait_agent(
+        &client,
+        &ns.name,
+        "squatter",
+        Duration::from_secs(60),
+        "NameConflict",
+        |a| condition(a, "WorkloadReady").is_some_and(|c| c.reason == "NameConflict"),
+    )
+    .await;
+    let kept = services.get("squatter").await.unwrap();
+    assert_eq!(
+        (&kept.metadata.uid, &kept.metadata.resource_version),
+        (&squatter.metadata.uid, &squatter.metadata.resource_version),
+        "the tenant's Service was replaced or modified"
+    );
+
+    // --agent-service-cluster-ip: the headless Service is replaced by one with a cluster IP.
+    let data_dir = controller.data_dir();
+    let mut controller = controller;
+    controller.terminate();
+    let mut opts = ControllerOptions::new(&ns.name);
+    opts.data_dir = Some(&data_dir);
+    opts.extra_args = vec!["--agent-service-cluster-ip".into()];
+    let mut controller = ControllerProcess::start(opts);
+    eventually(
+        Duration::from_secs(60),
+        "a Service with a cluster IP",
+        || {
+            let (services, first_uid) = (services.clone(), first_uid.clone());
+            async move {
+                service_addressing(&services, "talker")
+                    .await
+                    .is_some_and(|(uid, ip)| uid != first_uid && ip != "None")
+            }
+        },
+    )
+    .await;
+    let (second_uid, _) = service_addressing(&services, "talker").await.unwrap();
+    let agent = wait_agent(
+        &client,
+        &ns.name,
+        "talker",
+        Duration::from_secs(60),
+        "Ready",
+        ready,
+    )
+    .await;
+    assert!(owned_by(
+        &services.get("talker").await.unwrap().metadata,
+        &agent
+    ));
+    assert!(
+        controller.logs().contains("replacing the Agent's Service"),
+        "{}",
+        controller.logs()
+    );
+
+    // And back: headless again, and the Agent is Ready.
+    controller.terminate();
+    let mut opts = ControllerOptions::new(&ns.name);
+    opts.data_dir = Some(&data_dir);
+    let _controller = ControllerProcess::start(opts);
+    eventually(Duration::from_secs(60), "a headless Service again", || {
+        let (services, second_uid) = (services.clone(), second_uid.clone());
+        async move {
+            service_addressing(&services, "talker")
+                .await
+                .is_some_and(|(uid, ip)| uid != second_uid && ip == "None")
+        }
+    })
+    .await;
+    let agent = wait_agent(
+        &client,
+        &ns.name,
+        "talker",
+        Duration::from_secs(60),
+        "Ready",
+        ready,
+    )
+    .await;
+    assert!(owned_by(
+        &services.get("talker").await.unwrap().metadata,
+        &agent
+    ));
+    let kept = services.get("squatter").await.unwrap();
+    assert_eq!(
+        kept.metadata.uid, squatter.metadata.uid,
+        "the tenant's Service was deleted"
+    );
+}
+
 fn labelled_pod(name: &str, limits: Option<&str>, second: Option<&str>) -> Pod {
     let container = |n: &str, mem: Option<&str>| {
         let mut c = json!({"name": n, "image": "busybox"});

@@ -57,6 +57,8 @@ pub struct Config {
     pub resync: Duration,
     /// Agents reconciled at once (0: unbounded).
     pub concurrency: u16,
+    /// Agents' Services get a cluster IP (else they are headless).
+    pub service_cluster_ip: bool,
     /// How long an Agent's triggers are gathered before its pass (0: none).
     pub debounce: Duration,
     /// Client-side limit on the controller's requests to the apiserver (None: no limit), so a

@@ -410,11 +410,18 @@ pub fn workload(
     }
 }
 
-pub fn service(agent: &Agent) -> Service {
+/// The Agent's Service: `<name>.<namespace>.svc` on its port. Headless unless `cluster_ip`:
+/// the name resolves to the Agent's pod (one replica; the Service port is the container port),
+/// and no cluster IP is allocated. Allocation is serialized in the apiserver (one loopback
+/// write each, under one lock), bounds Service creation at a few dozen per second on a busy
+/// control plane, and draws on a service range that is often smaller than a fleet (a /20 holds
+/// 4,096); a StatefulSet's pods also get their own DNS names only through a headless Service.
+pub fn service(agent: &Agent, cluster_ip: bool) -> Service {
     Service {
         metadata: meta(agent, agent.name_any()),
         spec: Some(ServiceSpec {
             selector: Some([(AGENT_LABEL.to_string(), agent.name_any())].into()),
+            cluster_ip: (!cluster_ip).then(|| "None".to_string()),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
                 port: agent.spec.template.port,
@@ -622,10 +629,20 @@ mod tests {
             (IDENTITY_MOUNT, Some(true))
         );
         assert_eq!(endpoint(&a), "summarizer.team-a.svc:8080");
+        let headless = service(&a, false).spec.unwrap();
         assert_eq!(
-            service(&a).spec.unwrap().selector.unwrap()["agentry.dev/agent"],
+            headless.selector.unwrap()["agentry.dev/agent"],
             "summarizer"
         );
+        assert_eq!(headless.cluster_ip.as_deref(), Some("None"));
+        // The name resolves to the pod: the Service port must be the container's.
+        let port = &headless.ports.unwrap()[0];
+        assert_eq!(
+            Some(port.port),
+            c.ports.as_ref().unwrap()[0].container_port.into()
+        );
+        // --agent-service-cluster-ip: the apiserver allocates one.
+        assert_eq!(service(&a, true).spec.unwrap().cluster_ip, None);
         assert_eq!(
             service_account(&a).automount_service_account_token,
             Some(false)

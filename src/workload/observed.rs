@@ -14,7 +14,8 @@ use serde::{Deserialize, Deserializer};
 
 /// A child of kind `K` (Deployment, StatefulSet, Service, ServiceAccount), read through the
 /// API as `K` and decoded to: its identity, version, owners and deletion (the metadata a pass
-/// reads); and for workloads, the replicas wanted and the rollout's counts.
+/// reads); for workloads, the replicas wanted and the rollout's counts; for Services, the
+/// cluster IP (whether the Service is headless).
 #[derive(Deserialize)]
 pub struct Observed<K> {
     #[serde(default, deserialize_with = "kept_meta")]
@@ -52,6 +53,8 @@ impl<K: Resource<DynamicType = ()>> std::fmt::Debug for Observed<K> {
 #[derive(Clone, Debug, Deserialize)]
 struct Wanted {
     replicas: Option<i32>,
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -99,6 +102,13 @@ impl<K: Resource<DynamicType = ()>> Observed<K> {
     /// One of the rollout's counts; nothing observed counts as none.
     fn count(&self, field: fn(&Counts) -> Option<i32>) -> i32 {
         self.status.as_ref().and_then(field).unwrap_or(0)
+    }
+
+    /// For a Service: whether it is headless (`clusterIP: None`); `None` before the apiserver
+    /// has set a cluster IP or for other kinds.
+    pub fn headless(&self) -> Option<bool> {
+        let ip = self.spec.as_ref()?.cluster_ip.as_deref()?;
+        Some(ip == "None")
     }
 
     /// Whether the rollout is done: the current generation observed, every wanted pod updated
@@ -189,6 +199,23 @@ mod tests {
     }
 
     #[test]
+    fn tells_a_headless_service_from_one_with_a_cluster_ip() {
+        let service = |spec: serde_json::Value| {
+            serde_json::from_value::<Observed<Service>>(serde_json::json!({"spec": spec})).unwrap()
+        };
+        assert_eq!(
+            service(serde_json::json!({"clusterIP": "None"})).headless(),
+            Some(true)
+        );
+        assert_eq!(
+            service(serde_json::json!({"clusterIP": "10.0.0.7"})).headless(),
+            Some(false)
+        );
+        assert_eq!(service(serde_json::json!({})).headless(), None);
+        assert_eq!(deployment(serde_json::json!({"spec": {}})).headless(), None);
+    }
+
+    #[test]
     fn keeps_only_what_a_pass_reads() {
         let s: Observed<Service> = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1",
@@ -216,6 +243,7 @@ mod tests {
         assert!(crate::controller::owned_by(m, "o"));
         assert!(m.labels.is_none() && m.annotations.is_none());
         assert!(m.managed_fields.is_none() && m.creation_timestamp.is_none());
+        assert_eq!(s.headless(), Some(false));
         assert_eq!(Observed::<Service>::kind(&()), "Service");
         assert_eq!(Observed::<Service>::plural(&()), "services");
     }

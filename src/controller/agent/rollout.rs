@@ -3,6 +3,7 @@
 //! rollout. The Agent's own discovery labels are put on by `metadata`.
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Service;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
@@ -129,6 +130,30 @@ where
     Ok(applied)
 }
 
+/// Deletes the Agent's own Service when it is addressed the other way (a cluster IP where a
+/// headless one is wanted, or the reverse: `--agent-service-cluster-ip` changed), so the apply
+/// that follows creates it anew; a cluster IP cannot be added or removed in place.
+async fn replace_if_other_addressing(
+    ctx: &Context,
+    ns: &str,
+    desired: &Service,
+    uid: &str,
+) -> Result<(), WorkloadError> {
+    let cache = &ctx.stores.services;
+    let name = desired.name_any();
+    let want_headless = desired.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None");
+    let other = cache
+        .store
+        .get(&ObjectRef::new(&name).within(ns))
+        .and_then(|live| live.headless())
+        .is_some_and(|headless| headless != want_headless);
+    if other {
+        tracing::info!(service = %format!("{ns}/{name}"), headless = want_headless, "replacing the Agent's Service: its cluster IP setting changed");
+        delete_if_owned::<Service>(ctx, cache, ns, &name, uid).await?;
+    }
+    Ok(())
+}
+
 /// Deletes the Agent's own `name` of kind K if the cache holds it (a 404 is success); an object
 /// of that name the Agent does not own is left alone.
 async fn delete_if_owned<K>(
@@ -175,7 +200,8 @@ pub async fn step(
     let track = Track::ResourceVersion;
     let sa = workload::service_account(agent);
     apply(ctx, &stores.service_accounts, &ns, &sa, track, &uid).await?;
-    let service = workload::service(agent);
+    let service = workload::service(agent, ctx.config.service_cluster_ip);
+    replace_if_other_addressing(ctx, &ns, &service, &uid).await?;
     apply(ctx, &stores.services, &ns, &service, track, &uid).await?;
     let name = agent.name_any();
     let (ready, message) = match workload::workload(
