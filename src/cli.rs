@@ -424,11 +424,13 @@ pub struct ControllerArgs {
     reconcile_debounce: Duration,
     /// Requests per second the controller sends the apiserver, on average (0: no client-side
     /// limit). Bounds bursts such as a CA rotation re-issuing every Agent. Leader election has
-    /// its own unlimited connection, so a throttled controller never loses its Lease.
-    #[arg(long, default_value_t = 200.0)]
+    /// its own unlimited connection, so a throttled controller never loses its Lease. An Agent
+    /// takes ~13 requests to Ready: the default lets ~37 Agents a second through, above what
+    /// the control plane itself takes in the benchmark (docs/scale.md).
+    #[arg(long, default_value_t = 500.0)]
     kube_api_qps: f64,
     /// Requests the controller may send at once above --kube-api-qps before waiting.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 1000)]
     kube_api_burst: u32,
     /// The `iss` of agent tokens (default: https://agentry.<namespace>.svc).
     #[arg(long)]
