@@ -306,6 +306,47 @@ async fn service_addressing(services: &Api<Service>, name: &str) -> Option<(Stri
     Some((s.uid()?, ip))
 }
 
+/// Starts the controller over `data_dir` with `args`; waits until the Agent "talker"'s Service
+/// is a new one (not `old_uid`), headless or not as `headless` says, and the Agent is Ready and
+/// owns it. Returns the controller and the Service's uid.
+async fn restart_and_expect_service(
+    client: &kube::Client,
+    ns: &str,
+    data_dir: &std::path::Path,
+    args: Vec<String>,
+    old_uid: &str,
+    headless: bool,
+) -> (ControllerProcess, String) {
+    let mut opts = ControllerOptions::new(ns);
+    opts.data_dir = Some(data_dir);
+    opts.extra_args = args;
+    let controller = ControllerProcess::start(opts);
+    let services = Api::<Service>::namespaced(client.clone(), ns);
+    eventually(Duration::from_secs(60), "the Service replaced", || {
+        let services = services.clone();
+        async move {
+            service_addressing(&services, "talker")
+                .await
+                .is_some_and(|(uid, ip)| uid != old_uid && (ip == "None") == headless)
+        }
+    })
+    .await;
+    let (uid, _) = service_addressing(&services, "talker").await.unwrap();
+    let agent = wait_agent(
+        client,
+        ns,
+        "talker",
+        Duration::from_secs(60),
+        "Ready",
+        ready,
+    )
+    .await;
+    let svc = services.get("talker").await.unwrap();
+    assert!(owned_by(&svc.metadata, &agent));
+    assert_eq!(svc.uid().as_deref(), Some(uid.as_str()));
+    (controller, uid)
+}
+
 #[tokio::test]
 async fn agent_services_are_headless_and_changing_the_cluster_ip_flag_replaces_them() {
     let (client, ns) = setup("wl-svc").await;
@@ -324,7 +365,7 @@ async fn agent_services_are_headless_and_changing_the_cluster_ip_flag_replaces_t
         )
         .await
         .unwrap();
-    let controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
+    let mut controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
     create_agent(&client, &ns.name, agent_manifest("squatter", json!({})))
         .await
         .unwrap();
@@ -356,40 +397,13 @@ async fn agent_services_are_headless_and_changing_the_cluster_ip_flag_replaces_t
     );
 
     // --agent-service-cluster-ip: the headless Service is replaced by one with a cluster IP.
+    // The same data directory (the CA and ledger) across the restarts; the first process,
+    // which owns it, lives to the end of the test.
     let data_dir = controller.data_dir();
-    let mut controller = controller;
     controller.terminate();
-    let mut opts = ControllerOptions::new(&ns.name);
-    opts.data_dir = Some(&data_dir);
-    opts.extra_args = vec!["--agent-service-cluster-ip".into()];
-    let mut controller = ControllerProcess::start(opts);
-    eventually(
-        Duration::from_secs(60),
-        "a Service with a cluster IP",
-        || {
-            let (services, first_uid) = (services.clone(), first_uid.clone());
-            async move {
-                service_addressing(&services, "talker")
-                    .await
-                    .is_some_and(|(uid, ip)| uid != first_uid && ip != "None")
-            }
-        },
-    )
-    .await;
-    let (second_uid, _) = service_addressing(&services, "talker").await.unwrap();
-    let agent = wait_agent(
-        &client,
-        &ns.name,
-        "talker",
-        Duration::from_secs(60),
-        "Ready",
-        ready,
-    )
-    .await;
-    assert!(owned_by(
-        &services.get("talker").await.unwrap().metadata,
-        &agent
-    ));
+    let args = vec!["--agent-service-cluster-ip".to_string()];
+    let (mut controller, second_uid) =
+        restart_and_expect_service(&client, &ns.name, &data_dir, args, &first_uid, false).await;
     assert!(
         controller.logs().contains("replacing the Agent's Service"),
         "{}",
@@ -398,31 +412,8 @@ async fn agent_services_are_headless_and_changing_the_cluster_ip_flag_replaces_t
 
     // And back: headless again, and the Agent is Ready.
     controller.terminate();
-    let mut opts = ControllerOptions::new(&ns.name);
-    opts.data_dir = Some(&data_dir);
-    let _controller = ControllerProcess::start(opts);
-    eventually(Duration::from_secs(60), "a headless Service again", || {
-        let (services, second_uid) = (services.clone(), second_uid.clone());
-        async move {
-            service_addressing(&services, "talker")
-                .await
-                .is_some_and(|(uid, ip)| uid != second_uid && ip == "None")
-        }
-    })
-    .await;
-    let agent = wait_agent(
-        &client,
-        &ns.name,
-        "talker",
-        Duration::from_secs(60),
-        "Ready",
-        ready,
-    )
-    .await;
-    assert!(owned_by(
-        &services.get("talker").await.unwrap().metadata,
-        &agent
-    ));
+    let _controller =
+        restart_and_expect_service(&client, &ns.name, &data_dir, vec![], &second_uid, true).await;
     let kept = services.get("squatter").await.unwrap();
     assert_eq!(
         kept.metadata.uid, squatter.metadata.uid,
