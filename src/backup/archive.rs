@@ -723,7 +723,7 @@ struct Restorer<'a> {
     data_end: u64,
 }
 
-impl Restorer<'_> {
+impl<'a> Restorer<'a> {
     fn refused(&self, entry: String, reason: Refusal) -> ArchiveError {
         ArchiveError::Refused {
             entry,
@@ -754,43 +754,9 @@ impl Restorer<'_> {
         mut entry: tar::Entry<'_, R>,
         name: &str,
     ) -> Result<(), ArchiveError> {
-        let refuse = |r: &Self, reason| r.refused(name.to_string(), reason);
-        let path =
-            entry_path(&entry.path_bytes()).ok_or_else(|| refuse(self, Refusal::UnsafeName))?;
-        let Some(root) = self.roots.iter().find(|r| path.starts_with(r)) else {
-            let roots = self
-                .roots
-                .iter()
-                .map(|r| r.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
-            return Err(refuse(self, Refusal::OutsideRoots { roots }));
-        };
+        let (path, root) = self.place(&entry, name)?;
+        let kind = self.kind_of(&entry, name)?;
         let header = entry.header();
-        let kind = match header.entry_type() {
-            tar::EntryType::Regular => Kind::File,
-            tar::EntryType::Directory => Kind::Dir,
-            tar::EntryType::Symlink => Kind::Symlink,
-            tar::EntryType::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| String::from_utf8_lossy(&t).into_owned())
-                    .unwrap_or_default();
-                return Err(refuse(self, Refusal::Hardlink { target }));
-            }
-            other => {
-                let kind = match other {
-                    tar::EntryType::Char => "character device".to_string(),
-                    tar::EntryType::Block => "block device".to_string(),
-                    tar::EntryType::Fifo => "fifo".to_string(),
-                    tar::EntryType::Continuous => "contiguous file".to_string(),
-                    tar::EntryType::GNUSparse => "sparse file".to_string(),
-                    tar::EntryType::XGlobalHeader => "PAX global header".to_string(),
-                    other => format!("type {:?}", char::from(other.as_byte())),
-                };
-                return Err(refuse(self, Refusal::Unsupported { kind }));
-            }
-        };
         let mode = header
             .mode()
             .map_err(|e| self.corrupt(name.to_string(), e))?
@@ -802,46 +768,20 @@ impl Restorer<'_> {
             .checked_add(Duration::from_secs(mtime))
             .unwrap_or(UNIX_EPOCH);
         let size = entry.size();
-        match kind {
-            Kind::File => {
-                let total = self.summary.bytes.saturating_add(size);
-                if total > self.max_bytes {
-                    let limit = self.max_bytes;
-                    return Err(refuse(self, Refusal::TooLarge { total, limit }));
-                }
-            }
-            Kind::Dir | Kind::Symlink if size != 0 => {
-                let kind = if kind == Kind::Dir {
-                    "directory"
-                } else {
-                    "symlink"
-                };
-                return Err(refuse(self, Refusal::CarriesData { kind, size }));
-            }
-            _ => {}
-        }
-        let target = if kind == Kind::Symlink {
-            let target = entry
-                .link_name_bytes()
-                .map(|t| t.into_owned())
-                .unwrap_or_default();
-            if let Err(problem) = check_link(&path, root, &target, self.roots) {
-                let target = String::from_utf8_lossy(&target).into_owned();
-                return Err(refuse(self, Refusal::LinkTarget { target, problem }));
-            }
-            Some(OsString::from_vec(target))
-        } else {
-            None
+        self.check_size(kind, size, name)?;
+        let target = match kind {
+            Kind::Symlink => Some(self.link_target(&entry, &path, root, name)?),
+            _ => None,
         };
         if self.seen.contains_key(&path) {
-            return Err(refuse(self, Refusal::Duplicate));
+            return Err(self.refused(name.to_string(), Refusal::Duplicate));
         }
         let missing = self.inspect(&path, root, kind, name)?;
         self.seen.insert(path.clone(), kind);
         // Checked: from here on, the entry is restored (or counted, for check).
         self.consumed_data_limit(size);
-        match kind {
-            Kind::File => {
+        match (kind, target) {
+            (Kind::File, _) => {
                 if self.write {
                     self.make_parents(root, &missing, name)?;
                     self.write_file(&path, &mut entry, size, mode, mtime, name)?;
@@ -855,27 +795,14 @@ impl Restorer<'_> {
                 self.summary.files += 1;
                 self.summary.bytes += size;
             }
-            Kind::Dir => {
+            (Kind::Dir, _) => {
                 if self.write {
                     self.make_parents(root, &missing, name)?;
-                    let created = match fs::DirBuilder::new().mode(0o700).create(&path) {
-                        Ok(()) => true,
-                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
-                        Err(e) => return Err(self.failed(name, &path, e)),
-                    };
-                    if created {
-                        self.touch_parent(&path);
-                    }
-                    self.dirs.push(DirMeta {
-                        path,
-                        mode,
-                        mtime,
-                        created,
-                    });
+                    self.restore_dir(path, mode, mtime, name)?;
                 }
                 self.summary.dirs += 1;
             }
-            Kind::Symlink => {
+            (Kind::Symlink, target) => {
                 if self.write {
                     self.make_parents(root, &missing, name)?;
                     let target = target.expect("a symlink has a target");
@@ -887,6 +814,120 @@ impl Restorer<'_> {
         if self.write {
             self.written += 1;
         }
+        Ok(())
+    }
+
+    /// The entry's path, and the root it is under; refused when unsafe or under no root.
+    fn place<R: Read>(
+        &self,
+        entry: &tar::Entry<'_, R>,
+        name: &str,
+    ) -> Result<(PathBuf, &'a PathBuf), ArchiveError> {
+        let path = entry_path(&entry.path_bytes())
+            .ok_or_else(|| self.refused(name.to_string(), Refusal::UnsafeName))?;
+        let Some(root) = self.roots.iter().find(|r| path.starts_with(r)) else {
+            let roots = self
+                .roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(self.refused(name.to_string(), Refusal::OutsideRoots { roots }));
+        };
+        Ok((path, root))
+    }
+
+    /// What the entry is; hard links and every other kind than file, directory and symlink
+    /// are refused.
+    fn kind_of<R: Read>(
+        &self,
+        entry: &tar::Entry<'_, R>,
+        name: &str,
+    ) -> Result<Kind, ArchiveError> {
+        let refuse = |reason| self.refused(name.to_string(), reason);
+        match entry.header().entry_type() {
+            tar::EntryType::Regular => Ok(Kind::File),
+            tar::EntryType::Directory => Ok(Kind::Dir),
+            tar::EntryType::Symlink => Ok(Kind::Symlink),
+            tar::EntryType::Link => {
+                let target = entry
+                    .link_name_bytes()
+                    .map(|t| String::from_utf8_lossy(&t).into_owned())
+                    .unwrap_or_default();
+                Err(refuse(Refusal::Hardlink { target }))
+            }
+            other => Err(refuse(Refusal::Unsupported {
+                kind: unsupported_kind(other),
+            })),
+        }
+    }
+
+    /// Files count against the size limit; directories and symlinks carry no data.
+    fn check_size(&self, kind: Kind, size: u64, name: &str) -> Result<(), ArchiveError> {
+        let refuse = |reason| Err(self.refused(name.to_string(), reason));
+        match kind {
+            Kind::File => {
+                let total = self.summary.bytes.saturating_add(size);
+                if total > self.max_bytes {
+                    let limit = self.max_bytes;
+                    return refuse(Refusal::TooLarge { total, limit });
+                }
+            }
+            Kind::Dir | Kind::Symlink if size != 0 => {
+                let kind = if kind == Kind::Dir {
+                    "directory"
+                } else {
+                    "symlink"
+                };
+                return refuse(Refusal::CarriesData { kind, size });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A symlink's target, refused unless it stays within the roots (`check_link`).
+    fn link_target<R: Read>(
+        &self,
+        entry: &tar::Entry<'_, R>,
+        path: &Path,
+        root: &Path,
+        name: &str,
+    ) -> Result<OsString, ArchiveError> {
+        let target = entry
+            .link_name_bytes()
+            .map(|t| t.into_owned())
+            .unwrap_or_default();
+        if let Err(problem) = check_link(path, root, &target, self.roots) {
+            let target = String::from_utf8_lossy(&target).into_owned();
+            return Err(self.refused(name.to_string(), Refusal::LinkTarget { target, problem }));
+        }
+        Ok(OsString::from_vec(target))
+    }
+
+    /// Creates a directory entry (0700 until `finish` applies its mode and mtime, after its
+    /// contents are written).
+    fn restore_dir(
+        &mut self,
+        path: PathBuf,
+        mode: u32,
+        mtime: SystemTime,
+        name: &str,
+    ) -> Result<(), ArchiveError> {
+        let created = match fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(self.failed(name, &path, e)),
+        };
+        if created {
+            self.touch_parent(&path);
+        }
+        self.dirs.push(DirMeta {
+            path,
+            mode,
+            mtime,
+            created,
+        });
         Ok(())
     }
 
@@ -1119,6 +1160,19 @@ impl Restorer<'_> {
             }
         }
         Ok(self.summary)
+    }
+}
+
+/// How a refused entry type is named in the error.
+fn unsupported_kind(kind: tar::EntryType) -> String {
+    match kind {
+        tar::EntryType::Char => "character device".to_string(),
+        tar::EntryType::Block => "block device".to_string(),
+        tar::EntryType::Fifo => "fifo".to_string(),
+        tar::EntryType::Continuous => "contiguous file".to_string(),
+        tar::EntryType::GNUSparse => "sparse file".to_string(),
+        tar::EntryType::XGlobalHeader => "PAX global header".to_string(),
+        other => format!("type {:?}", char::from(other.as_byte())),
     }
 }
 
