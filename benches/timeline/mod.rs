@@ -20,8 +20,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use agentry::crd::Agent;
+use agentry::keys::AGENT_LABEL;
 
-const AGENT_LABEL: &str = "agentry.dev/agent";
+// The same readiness the bench waits for on each side.
+use super::{agent_ready, deployment_available};
 
 /// The stages, in the order an agent passes them.
 pub const STAGES: [&str; 9] = [
@@ -107,64 +109,47 @@ fn pod_ready(p: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-fn deployment_available(d: &Deployment) -> bool {
-    d.status
-        .as_ref()
-        .and_then(|s| s.available_replicas)
-        .unwrap_or(0)
-        >= 1
-}
-
-fn agent_ready(a: &Agent) -> bool {
-    a.status.as_ref().is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-    })
-}
-
 impl Timeline {
     /// Starts the watches on `ns` and waits a moment for them to be established (the
     /// namespace is new: nothing is missed before that).
     pub async fn start(client: &Client, ns: &str) -> Self {
         let seen = Seen::default();
         let labelled = || watcher::Config::default().labels(AGENT_LABEL);
-        let c = |s: &Seen| s.clone();
         let tasks = vec![
             follow(
                 Api::<Agent>::namespaced(client.clone(), ns),
                 watcher::Config::default(),
                 |a: &Agent| Some(a.name_any()),
                 vec![(0, always), (8, agent_ready)],
-                c(&seen),
+                seen.clone(),
             ),
             follow(
                 Api::<Secret>::namespaced(client.clone(), ns),
                 labelled(),
                 by_label,
                 vec![(1, always)],
-                c(&seen),
+                seen.clone(),
             ),
             follow(
                 Api::<Deployment>::namespaced(client.clone(), ns),
                 labelled(),
                 by_label,
                 vec![(2, always), (7, deployment_available)],
-                c(&seen),
+                seen.clone(),
             ),
             follow(
                 Api::<ReplicaSet>::namespaced(client.clone(), ns),
                 labelled(),
                 by_label,
                 vec![(3, always)],
-                c(&seen),
+                seen.clone(),
             ),
             follow(
                 Api::<Pod>::namespaced(client.clone(), ns),
                 labelled(),
                 by_label,
                 vec![(4, always), (5, pod_scheduled), (6, pod_ready)],
-                c(&seen),
+                seen.clone(),
             ),
         ];
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
