@@ -410,6 +410,9 @@ pub fn workload(
     }
 }
 
+/// A headless Service's `spec.clusterIP`.
+pub const HEADLESS: &str = "None";
+
 /// The Agent's Service: `<name>.<namespace>.svc` on its port. Headless unless `cluster_ip`:
 /// the name resolves to the Agent's pod (one replica; the Service port is the container port),
 /// and no cluster IP is allocated. Allocation is serialized in the apiserver (one loopback
@@ -421,7 +424,7 @@ pub fn service(agent: &Agent, cluster_ip: bool) -> Service {
         metadata: meta(agent, agent.name_any()),
         spec: Some(ServiceSpec {
             selector: Some([(AGENT_LABEL.to_string(), agent.name_any())].into()),
-            cluster_ip: (!cluster_ip).then(|| "None".to_string()),
+            cluster_ip: (!cluster_ip).then(|| HEADLESS.to_string()),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
                 port: agent.spec.template.port,
@@ -634,7 +637,7 @@ mod tests {
             headless.selector.unwrap()["agentry.dev/agent"],
             "summarizer"
         );
-        assert_eq!(headless.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(headless.cluster_ip.as_deref(), Some(HEADLESS));
         // The name resolves to the pod: the Service port must be the container's.
         let port = &headless.ports.unwrap()[0];
         assert_eq!(

@@ -108,7 +108,7 @@ impl<K: Resource<DynamicType = ()>> Observed<K> {
     /// has set a cluster IP or for other kinds.
     pub fn headless(&self) -> Option<bool> {
         let ip = self.spec.as_ref()?.cluster_ip.as_deref()?;
-        Some(ip == "None")
+        Some(ip == super::HEADLESS)
     }
 
     /// Whether the rollout is done: the current generation observed, every wanted pod updated

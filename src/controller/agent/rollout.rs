@@ -136,20 +136,19 @@ where
 async fn replace_if_other_addressing(
     ctx: &Context,
     ns: &str,
-    desired: &Service,
+    name: &str,
     uid: &str,
 ) -> Result<(), WorkloadError> {
     let cache = &ctx.stores.services;
-    let name = desired.name_any();
-    let want_headless = desired.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None");
+    let want_headless = !ctx.config.service_cluster_ip;
     let other = cache
         .store
-        .get(&ObjectRef::new(&name).within(ns))
+        .get(&ObjectRef::new(name).within(ns))
         .and_then(|live| live.headless())
         .is_some_and(|headless| headless != want_headless);
     if other {
         tracing::info!(service = %format!("{ns}/{name}"), headless = want_headless, "replacing the Agent's Service: its cluster IP setting changed");
-        delete_if_owned::<Service>(ctx, cache, ns, &name, uid).await?;
+        delete_if_owned::<Service>(ctx, cache, ns, name, uid).await?;
     }
     Ok(())
 }
@@ -201,7 +200,7 @@ pub async fn step(
     let sa = workload::service_account(agent);
     apply(ctx, &stores.service_accounts, &ns, &sa, track, &uid).await?;
     let service = workload::service(agent, ctx.config.service_cluster_ip);
-    replace_if_other_addressing(ctx, &ns, &service, &uid).await?;
+    replace_if_other_addressing(ctx, &ns, &service.name_any(), &uid).await?;
     apply(ctx, &stores.services, &ns, &service, track, &uid).await?;
     let name = agent.name_any();
     let (ready, message) = match workload::workload(
