@@ -731,7 +731,6 @@ const REVOKE_AGENT: &str =
                AND state != 'revoked' AND not_after > ?3
              RETURNING serial";
 
-/// An Agent's active row, when a new one is recorded.
 /// The Agent's active certificates, by row: run once with its creation time and once with 0
 /// (rows written before the agent key). An equality probe of the agent index each; `IN (0, ?)`
 /// would build a temporary table per row, and an UPDATE searching by the very index column it
@@ -806,18 +805,17 @@ fn write_batches(conn: &Mutex<Connection>, path: &str, rows: &std::sync::mpsc::R
 
 /// Marks the Agent's active certificates superseded (before its new one goes in).
 fn supersede(tx: &rusqlite::Transaction, uid: &str, created: i64) -> rusqlite::Result<()> {
+    let keys: &[i64] = if created == 0 { &[0] } else { &[created, 0] };
     let mut active = Vec::new();
     let mut probe = tx.prepare_cached(ACTIVE_OF_AGENT)?;
-    for key in [created, 0]
-        .into_iter()
-        .take(if created == 0 { 1 } else { 2 })
-    {
+    for key in keys {
         for row in probe.query_map(params![uid, key], |r| r.get::<_, i64>(0))? {
             active.push(row?);
         }
     }
+    let mut mark = tx.prepare_cached(SUPERSEDE_ROW)?;
     for rowid in active {
-        tx.prepare_cached(SUPERSEDE_ROW)?.execute(params![rowid])?;
+        mark.execute(params![rowid])?;
     }
     Ok(())
 }
