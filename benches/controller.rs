@@ -434,6 +434,26 @@ async fn delete_namespace(client: &Client, name: &str) {
     }
 }
 
+/// The controller's process: `pid`, or under a wrapper (a profiler), the descendant of `pid`
+/// running the agentry binary.
+fn controller_pid(pid: u32) -> u32 {
+    let binary = std::fs::canonicalize(env!("CARGO_BIN_EXE_agentry")).ok();
+    let mut queue = vec![pid];
+    while let Some(p) = queue.pop() {
+        if std::fs::read_link(format!("/proc/{p}/exe")).ok() == binary {
+            return p;
+        }
+        let children = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children"));
+        queue.extend(
+            children
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+    }
+    pid
+}
+
 fn spawn(cmd: &str, args: &[&str], log: &str) -> Child {
     let log = std::fs::File::create(log).unwrap();
     Command::new(cmd)
@@ -636,9 +656,23 @@ async fn agentry_run(
         .split_whitespace()
         .map(String::from)
         .collect();
-    let mut ours = spawn(
-        env!("CARGO_BIN_EXE_agentry"),
-        &[
+    // A profiler to run the controller under (AGENTRY_BENCH_CONTROLLER_WRAPPER="heaptrack -o
+    // /tmp/agentry"): its RSS and CPU are then read from the controller under it.
+    let wrapper: Vec<String> = std::env::var("AGENTRY_BENCH_CONTROLLER_WRAPPER")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let (program, mut args) = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut args = rest.to_vec();
+            args.push(env!("CARGO_BIN_EXE_agentry").to_string());
+            (program.clone(), args)
+        }
+        None => (env!("CARGO_BIN_EXE_agentry").to_string(), Vec::new()),
+    };
+    args.extend(
+        [
             "controller",
             "--watch-namespace",
             ns,
@@ -654,21 +688,22 @@ async fn agentry_run(
             "1s",
         ]
         .iter()
-        .copied()
-        .chain(extra.iter().map(String::as_str))
-        .collect::<Vec<_>>(),
-        log,
+        .map(|a| a.to_string())
+        .chain(extra),
     );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut ours = spawn(&program, &args, log);
     let timeline = optional_timeline(client, ns).await;
     let plane_before = control_plane_cpu();
     let clock = Instant::now();
     let (secs, requests) = requests_during(client, n, apply_and_wait(client, ns, n)).await;
-    let rss = peak_rss_kib(ours.id());
+    let pid = controller_pid(ours.id());
+    let rss = peak_rss_kib(pid);
     finish_timeline(timeline, clock, "Agentry", log);
     // Printed at once: at 10,000 Agents the rotation and the deletion below take long.
     println!(
         "  Agentry: {n} Agents Ready in {secs:.1} s; controller CPU {:.1} s, peak RSS {:.1} MiB, control plane CPU {}",
-        cpu_seconds(ours.id()),
+        cpu_seconds(pid),
         rss / 1024.0,
         control_plane_cpu_since(plane_before)
     );
@@ -679,7 +714,12 @@ async fn agentry_run(
     };
     // Clean up while the controller runs, so finalizers are released.
     delete_namespace(client, ns).await;
-    let _ = ours.kill();
+    if pid != ours.id() {
+        // Under a wrapper: stop the controller itself, and let the wrapper finish its output.
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+    } else {
+        let _ = ours.kill();
+    }
     let _ = ours.wait();
     (secs, rss, requests, rotation)
 }

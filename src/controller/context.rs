@@ -18,7 +18,7 @@ use crate::crd::Agent;
 use crate::identity::authority::Authority;
 use crate::keys::MANAGER;
 use crate::telemetry::Metrics;
-use crate::workload::Observed;
+use crate::workload::{Live, Observed};
 
 /// Watch caches of the objects the controller creates for Agents, and of the namespaces'
 /// permission policies.
@@ -34,11 +34,82 @@ pub struct ChildStores {
     pub secrets: Echoes<ObjectMeta>,
 }
 
-/// A child kind's watch cache (each object as [`Observed`]), and which of its versions are news
-/// to the controller.
+/// A child kind's watch cache (what a pass reads of each object, as [`Live`]), and which of
+/// its versions are news to the controller.
 pub struct Cached<K: Resource<DynamicType = ()> + 'static> {
-    pub store: Store<Observed<K>>,
+    pub live: LiveIndex,
     pub echoes: Echoes<Observed<K>>,
+}
+
+/// The watch cache of one child kind: per object (`namespace/name`), its [`Live`] form. A
+/// reflector's store would keep each object with a key of four strings (~1.2 KiB a child as
+/// [`Observed`]); this keeps ~100 bytes, for the 30,000–40,000 children of 10,000 Agents.
+#[derive(Clone, Default)]
+pub struct LiveIndex {
+    objects: Arc<std::sync::RwLock<HashMap<Box<str>, Live>>>,
+}
+
+impl LiveIndex {
+    fn key(namespace: &str, name: &str) -> Box<str> {
+        format!("{namespace}/{name}").into_boxed_str()
+    }
+
+    /// The cached `namespace`/`name`, if the watch has seen it.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Live> {
+        let objects = self.objects.read().unwrap_or_else(|p| p.into_inner());
+        objects.get(&Self::key(namespace, name)).copied()
+    }
+
+    /// What keeps the index in step with the watch (its only writer).
+    pub fn writer(&self) -> LiveWriter {
+        LiveWriter {
+            index: self.clone(),
+            relist: None,
+        }
+    }
+}
+
+/// Applies watch events to a [`LiveIndex`] as kube's reflector does to its store: a relist
+/// (after the watch is lost) is gathered apart and then replaces the whole index, so objects
+/// deleted while the watch was down leave it.
+pub struct LiveWriter {
+    index: LiveIndex,
+    relist: Option<HashMap<Box<str>, Live>>,
+}
+
+impl LiveWriter {
+    pub fn apply<K>(&mut self, event: &kube::runtime::watcher::Event<Observed<K>>) {
+        use kube::runtime::watcher::Event;
+        let key = |o: &Observed<K>| {
+            let m = &o.metadata;
+            LiveIndex::key(
+                m.namespace.as_deref().unwrap_or(""),
+                m.name.as_deref().unwrap_or(""),
+            )
+        };
+        let write = || {
+            self.index
+                .objects
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        match event {
+            Event::Apply(o) => {
+                write().insert(key(o), o.live());
+            }
+            Event::Delete(o) => {
+                write().remove(&key(o));
+            }
+            Event::Init => self.relist = Some(HashMap::new()),
+            Event::InitApply(o) => {
+                self.relist.get_or_insert_default().insert(key(o), o.live());
+            }
+            Event::InitDone => {
+                let relisted = self.relist.take().unwrap_or_default();
+                *write() = relisted;
+            }
+        }
+    }
 }
 
 /// Which versions of one kind of child should trigger a pass of the owning Agent: per object
@@ -281,6 +352,38 @@ pub fn backoff_delay(attempt: u32, jitter: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The index follows the watch as a reflector's store does: applies and deletes one by
+    /// one, and a relist replaces it whole (what was deleted while the watch was down goes).
+    #[test]
+    fn the_live_index_follows_the_watch_and_relists() {
+        use k8s_openapi::api::core::v1::Service;
+        use kube::runtime::watcher::Event;
+        let service = |name: &str, rv: &str| -> Observed<Service> {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv}
+            }))
+            .unwrap()
+        };
+        let index = LiveIndex::default();
+        let mut writer = index.writer();
+        let version = |name: &str| index.get("ns", name).and_then(|l| l.resource_version);
+        writer.apply(&Event::Apply(service("a", "1")));
+        writer.apply(&Event::Apply(service("b", "2")));
+        writer.apply(&Event::Apply(service("a", "3")));
+        assert_eq!(version("a"), Some(super::super::hash_of("3")));
+        assert!(index.get("other", "a").is_none());
+        writer.apply(&Event::Delete(service("b", "4")));
+        assert!(index.get("ns", "b").is_none());
+        // A relist: until it is done the old view stands; then only what was listed is left.
+        writer.apply(&Event::Apply(service("c", "5")));
+        writer.apply::<Service>(&Event::Init);
+        writer.apply(&Event::InitApply(service("a", "6")));
+        assert_eq!(version("a"), Some(super::super::hash_of("3")));
+        writer.apply::<Service>(&Event::InitDone);
+        assert_eq!(version("a"), Some(super::super::hash_of("6")));
+        assert!(index.get("ns", "c").is_none());
+    }
 
     #[test]
     fn backoff_doubles_caps_and_jitters() {

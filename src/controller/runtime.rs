@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::agent::{self, events, report::Note};
-use super::context::{Cached, Echoes};
+use super::context::{Cached, Echoes, LiveIndex};
 use super::{ChildStores, Config, Context, Error, hash_of};
 use crate::api::ops;
 use crate::crd::Agent;
@@ -676,7 +676,7 @@ impl<K: kube::Resource<DynamicType = ()>> Child<K> {
     /// it), not each step of the rollout.
     fn workload() -> Self {
         Self {
-            trigger: |o| hash_of((o.metadata.generation, o.rolled_out())),
+            trigger: |o| hash_of((o.metadata.generation, o.live().rolled_out())),
         }
     }
 
@@ -702,20 +702,21 @@ fn child_watch<K>(
 where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + 'static,
 {
-    let (store, writer) = reflector::store();
+    let live = LiveIndex::default();
+    let mut writer = live.writer();
     let echoes = Echoes::new(child.trigger);
     let news = echoes.clone();
     let stream = watcher::watcher(scoped::<Observed<K>>(client, ns), managed())
         .default_backoff()
-        .reflect(writer)
         .map_ok(move |event| {
+            writer.apply(&event);
             let changed = news_of(&news, event, |o: &Observed<K>| o);
             futures::stream::iter(changed.map(Ok))
         })
         .try_flatten()
         .map_ok(|obj: Observed<K>| trigger_of::<K>(obj.metadata))
         .boxed();
-    (Cached { store, echoes }, stream)
+    (Cached { live, echoes }, stream)
 }
 
 /// The object of a watch event if it is news to the controller (see [`Echoes`]): a version

@@ -23,7 +23,7 @@ use crate::crd::{Agent, AssignedResources, ValidatedSpec};
 mod observed;
 pub mod policy;
 
-pub use observed::Observed;
+pub use observed::{Live, Observed};
 
 pub use crate::keys::{AGENT_LABEL, CAPABILITY_PREFIX, MANAGED_BY};
 /// Where the identity Secret (tls.crt, tls.key, ca.crt, token) appears in the agent's container.

@@ -5,7 +5,6 @@
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{DeleteParams, Patch, PatchParams};
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -13,11 +12,11 @@ use serde::de::DeserializeOwned;
 use super::report::Report;
 use crate::controller::context::Cached;
 use crate::controller::error::refused_as_invalid;
-use crate::controller::{Applied, Context, NameConflict, content_hash, owned_by};
+use crate::controller::{Applied, Context, NameConflict, content_hash};
 use crate::crd::{Agent, ValidatedSpec};
 use crate::keys::conditions::WORKLOAD_READY;
 use crate::keys::{MANAGER, reasons};
-use crate::workload::{self, MemoryPlan, Observed, Workload};
+use crate::workload::{self, Live, MemoryPlan, Observed, Workload};
 
 /// What failed while applying an Agent's workload.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +66,7 @@ async fn apply<K>(
     obj: &K,
     track: Track,
     uid: &str,
-) -> Result<Observed<K>, WorkloadError>
+) -> Result<Live, WorkloadError>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Serialize
@@ -83,29 +82,25 @@ where
     // cache holds only objects labelled as ours; anything else needs one read to be sure. That
     // read also stands in for the cache when the cache has not yet seen an object a pass just
     // created (so it is not applied a second time).
-    let live = match cache.store.get(&ObjectRef::new(&name).within(ns)) {
+    let live = match cache.live.get(ns, &name) {
         Some(cached) => Some(cached),
-        None => api.get_opt(&name).await?.map(std::sync::Arc::new),
+        None => api.get_opt(&name).await?.map(|o| o.live()),
     };
-    if live.as_ref().is_some_and(|l| !owned_by(l.meta(), uid)) {
+    if live.is_some_and(|l| !l.owned_by(uid)) {
         return Err(NameConflict::new(&K::kind(&()), &name).into());
     }
     if let Some(live) = live {
         let unchanged = ctx.applied(&kind, ns, &name).is_some_and(|a| {
             a.hash == desired
                 && match track {
-                    Track::Generation => {
-                        a.generation.is_some() && live.meta().generation == a.generation
-                    }
+                    Track::Generation => a.generation.is_some() && live.generation == a.generation,
                     Track::ResourceVersion => {
-                        a.resource_version.is_some()
-                            && Applied::version(live.meta().resource_version.as_deref())
-                                == a.resource_version
+                        a.resource_version.is_some() && live.resource_version == a.resource_version
                     }
                 }
         });
         if unchanged {
-            return Ok((*live).clone());
+            return Ok(live);
         }
     }
     // force: these objects are ours; a hand edit of a field we set is reverted.
@@ -117,17 +112,18 @@ where
         )
         .await?;
     cache.echoes.wrote(applied.meta().uid.as_deref(), &applied);
+    let live = applied.live();
     ctx.record_applied(
         &kind,
         ns,
         &name,
         Applied {
             hash: desired,
-            generation: applied.meta().generation,
-            resource_version: Applied::version(applied.meta().resource_version.as_deref()),
+            generation: live.generation,
+            resource_version: live.resource_version,
         },
     );
-    Ok(applied)
+    Ok(live)
 }
 
 /// Deletes the Agent's own Service when it is addressed the other way (a cluster IP where a
@@ -142,9 +138,9 @@ async fn replace_if_other_addressing(
     let cache = &ctx.stores.services;
     let want_headless = !ctx.config.service_cluster_ip;
     let other = cache
-        .store
-        .get(&ObjectRef::new(name).within(ns))
-        .and_then(|live| live.headless())
+        .live
+        .get(ns, name)
+        .and_then(|live| live.headless)
         .is_some_and(|headless| headless != want_headless);
     if other {
         tracing::info!(service = %format!("{ns}/{name}"), headless = want_headless, "replacing the Agent's Service: its cluster IP setting changed");
@@ -170,9 +166,9 @@ where
         + 'static,
 {
     let owned = cache
-        .store
-        .get(&ObjectRef::new(name).within(ns))
-        .is_some_and(|live| owned_by(live.meta(), uid));
+        .live
+        .get(ns, name)
+        .is_some_and(|live| live.owned_by(uid));
     if !owned {
         return Ok(());
     }
@@ -222,7 +218,7 @@ pub async fn step(
                 &uid,
             )
             .await?;
-            applied.rollout()
+            applied.rollout("Deployment")
         }
         Workload::StatefulSet(s) => {
             delete_if_owned::<Deployment>(ctx, &stores.deployments, &ns, &name, &uid).await?;
@@ -235,7 +231,7 @@ pub async fn step(
                 &uid,
             )
             .await?;
-            applied.rollout()
+            applied.rollout("StatefulSet")
         }
     };
     Ok(if ready {
