@@ -8,6 +8,7 @@ pub mod context;
 pub mod error;
 pub mod messaging;
 pub mod runtime;
+pub mod watched;
 
 use std::net::SocketAddr;
 use std::time::Duration;

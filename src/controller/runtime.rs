@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::agent::{self, events, report::Note};
 use super::context::{Cached, Echoes, LiveIndex};
+use super::watched::Watched;
 use super::{ChildStores, Config, Context, Error, hash_of};
 use crate::api::ops;
 use crate::crd::Agent;
@@ -661,9 +662,6 @@ fn dynamic_type<K: kube::Resource<DynamicType = ()>>() -> ApiResource {
     ApiResource::erase::<K>(&())
 }
 
-/// kubectl's annotation holding the whole manifest it last applied.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
 /// Which changes of one child kind reconcile the owning Agent.
 struct Child<K: kube::Resource<DynamicType = ()>> {
     /// The part of the object a reconcile acts on: a change elsewhere (a Deployment's status
@@ -830,7 +828,7 @@ async fn run_agent_controller(
     stop: CancellationToken,
 ) {
     let client = ctx.client.clone();
-    let agents: Api<DeserializeGuard<Agent>> = scoped(&client, &ctx.config.watch_namespace);
+    let agents: Api<Watched> = scoped(&client, &ctx.config.watch_namespace);
     let [
         deployments,
         statefulsets,
@@ -839,24 +837,16 @@ async fn run_agent_controller(
         secrets,
     ] = children;
     // Agents as the reconcile needs them: without managedFields and kubectl's copy of the last
-    // applied manifest, which nothing here reads (a fleet's worth of both would be a large
-    // part of our memory).
+    // applied manifest, which nothing here reads, and decoded without allocating them (see
+    // `Watched`: a fleet's worth of both, and of their decoding, would be a large part of our
+    // memory).
     let mut agent_watch = watcher::Config::default().any_semantic();
     if let Some(selector) = &ctx.config.agent_selector {
         agent_watch = agent_watch.labels(selector);
     }
     let agent_events = watcher::watcher(agents, agent_watch)
         .default_backoff()
-        .modify(|guard: &mut DeserializeGuard<Agent>| {
-            let meta = match &mut guard.0 {
-                Ok(agent) => &mut agent.metadata,
-                Err(invalid) => &mut invalid.metadata,
-            };
-            meta.managed_fields = None;
-            if let Some(a) = meta.annotations.as_mut() {
-                a.remove(LAST_APPLIED);
-            }
-        })
+        .map_ok(Watched::into_guard)
         .reflect(writer)
         .applied_objects()
         .predicate_filter(agent_trigger, Default::default());

@@ -24,6 +24,7 @@ use crate::identity::store::{self, AgentKey, Ledger, RevocationReason, StoreErro
 use crate::identity::trust::{self, TrustedLeaf, Untrusted};
 use crate::keys::conditions::{CERTIFICATE_ISSUED, TOKEN_ISSUED};
 use crate::keys::{AGENT_LABEL, MANAGED_BY, MANAGER, REVOKE_ANNOTATION, reasons};
+use crate::workload::Observed;
 
 /// What failed while keeping an Agent's credentials.
 #[derive(Debug, thiserror::Error)]
@@ -463,7 +464,9 @@ async fn write_secret(
     if existing.map(|e| (&e.data, e.type_.as_deref()))
         != Some((&desired.data, Some("kubernetes.io/tls")))
     {
-        let written = Api::<Secret>::namespaced(ctx.client.clone(), &t.ns)
+        // The answer is read for its version only: decoded as `Observed`, its data (the key
+        // among it) and managedFields are skipped unread.
+        let written = Api::<Observed<Secret>>::namespaced(ctx.client.clone(), &t.ns)
             .patch(
                 &desired.name_any(),
                 &PatchParams::apply(MANAGER).force(),

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 
+use crate::controller::watched::Watched;
 use crate::controller::{Context, OwnWrite};
 use crate::crd::Agent;
 use crate::keys::{CAPABILITY_PREFIX, FINALIZER, MANAGER};
@@ -50,7 +51,7 @@ pub fn desired(agent: &Agent) -> serde_json::Value {
 /// again shortly over the newer Agent than over a stale one.
 pub async fn ensure(
     agent: Arc<Agent>,
-    api: &Api<Agent>,
+    api: &Api<Watched>,
     ctx: &Context,
 ) -> Result<Option<Arc<Agent>>, kube::Error> {
     if agent.meta().deletion_timestamp.is_some() || !needs_apply(&agent) {
@@ -69,7 +70,13 @@ pub async fn ensure(
         )
         .await?;
     ctx.wrote(OwnWrite::Metadata, &agent, &body);
-    Ok(Some(Arc::new(patched)))
+    // The answer as the watch cache would hold it (without managedFields).
+    match patched.0.0 {
+        Ok(patched) => Ok(Some(Arc::new(patched))),
+        Err(invalid) => Err(kube::Error::SerdeError(serde::de::Error::custom(
+            invalid.error,
+        ))),
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use kube::{Api, Resource, ResourceExt};
 
 use self::report::Report;
 use self::status::Facts;
+use super::watched::Watched;
 use super::{Context, Error};
 use crate::crd::Agent;
 use crate::keys::{FINALIZER, reasons};
@@ -53,7 +54,8 @@ pub async fn reconcile(
         return Ok(Action::await_change());
     }
     let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = match metadata::ensure(agent, &api, &ctx).await {
+    let lean: Api<Watched> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = match metadata::ensure(agent, &lean, &ctx).await {
         // Our finalizer and labels are on it: kube's helper goes straight to the apply (or,
         // for a deleting Agent, the cleanup).
         Ok(Some(agent)) => finalizer(&api, FINALIZER, agent, |event| async {

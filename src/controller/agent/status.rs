@@ -12,6 +12,7 @@ use kube::{Api, Resource, ResourceExt};
 
 use super::report::{Level, Report};
 use crate::controller::conditions;
+use crate::controller::watched::Watched;
 use crate::controller::{Context, Error, OwnWrite};
 use crate::crd::{Agent, AgentStatus, AssignedResources, IdentityStatus, Phase};
 use crate::keys::conditions::{READY, RECONCILING, STALLED};
@@ -164,7 +165,8 @@ pub async fn write(ctx: &Context, agent: &Agent, status: AgentStatus) -> Result<
         return Ok(());
     }
     let ns = agent.namespace().ok_or(Error::MissingNamespace)?;
-    let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
+    // The answer is not read: decoded as `Watched`, its managedFields are skipped unread.
+    let api: Api<Watched> = Api::namespaced(ctx.client.clone(), &ns);
     let patch = serde_json::json!({
         "apiVersion": Agent::api_version(&()),
         "kind": Agent::kind(&()),
