@@ -15,8 +15,10 @@
 //! `AGENTRY_BENCH_DIAGNOSTICS=0` skips the two diagnostics; `AGENTRY_BENCH_FIRST=plain` has the
 //! plain client go first in even rounds; `AGENTRY_BENCH_PLAIN_OWNED=1` has it create each Agent
 //! and own the children by it; `AGENTRY_BENCH_TIMELINE=1` records each agent's way to Ready on
-//! both sides (`timeline/`; opt-in, its watches add load). Each side prints its time, CPU and
-//! requests as soon as measured.
+//! both sides (`timeline/`; opt-in, its watches add load);
+//! `AGENTRY_BENCH_CONTROLLER_ARGS="--flag value"` adds controller flags and
+//! `AGENTRY_BENCH_CONTROLLER_WRAPPER="heaptrack -o /tmp/agentry"` runs the controller under a
+//! profiler. Each side prints its time, CPU and requests as soon as measured.
 //!
 //! Needs KUBECONFIG pointing at `hack/local-cluster` (`make bench` starts it).
 //! Run as `controller --baseline-controller <ns>` it is the no-op controller itself.
