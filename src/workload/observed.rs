@@ -107,10 +107,7 @@ impl<K> Observed<K> {
         Live {
             controller: controller.and_then(|o| canonical_uuid(&o.uid)),
             generation: m.generation,
-            resource_version: m
-                .resource_version
-                .as_deref()
-                .map(crate::controller::hash_of),
+            resource_version: crate::controller::Applied::version(m.resource_version.as_deref()),
             headless: spec
                 .and_then(|s| s.cluster_ip.as_deref())
                 .map(|ip| ip == super::HEADLESS),
