@@ -10,6 +10,11 @@
 
 mod report;
 
+/// The controller's allocator (src/main.rs), so the figures are those of what ships.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::time::Duration;
 
 use agentry::identity::ca::{CertificateAuthority, LeafRequest, service_dns_names};
