@@ -714,6 +714,16 @@ async fn agentry_run(
         true => Some(requests_during(client, n, rotate_and_wait(client, ns, n)).await),
         false => None,
     };
+    // Printed before the deletion, which at 10,000 Agents takes long too.
+    if let Some((r, req)) = &rotation {
+        println!(
+            "  CA rotation: all {n} re-issued {:.1} s after `agentry ca rotate` (overlap {ROTATION_OVERLAP}), the re-issue itself {:.1} s; {} not-Ready observations; {:.2} writes per agent",
+            r.total,
+            r.burst,
+            r.not_ready,
+            writes(req)
+        );
+    }
     // Clean up while the controller runs, so finalizers are released.
     delete_namespace(client, ns).await;
     if pid != ours.id() {
@@ -882,15 +892,8 @@ async fn run() {
                 let last = round + 1 == rounds;
                 let (secs, peak, req, rotated) = agentry_run(&client, &ns, n, &log, last).await;
                 println!("round {round}: Agentry {n} Agents Ready in {secs:.1} s");
-                if let Some((r, req)) = rotated {
-                    println!(
-                        "  CA rotation: all {n} re-issued {:.1} s after `agentry ca rotate` (overlap {ROTATION_OVERLAP}), the re-issue itself {:.1} s; {} not-Ready observations; {:.2} writes per agent",
-                        r.total,
-                        r.burst,
-                        r.not_ready,
-                        writes(&req)
-                    );
-                    rotation = Some((r, req));
+                if rotated.is_some() {
+                    rotation = rotated;
                 }
                 ours.push(secs);
                 rss.push(peak);
