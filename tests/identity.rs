@@ -494,6 +494,113 @@ async fn revocation_by_annotation_and_by_deletion_lands_on_the_crl() {
     );
 }
 
+/// A deletion whose CRL cannot be published keeps the Agent's finalizer until a CRL listing
+/// its certificate is: the retry, which finds nothing left to revoke (the revocation was
+/// committed on the failed try), still publishes. Before, it took the finalizer off and the
+/// revocation stayed off the CRL until the daily re-signing. The publish is refused by an
+/// admission policy on the CA ConfigMap, as in a namespace being deleted.
+#[tokio::test]
+async fn a_deletion_waits_until_its_revocation_is_published() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let (client, ns) = setup("id-unpublished").await;
+    let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
+    let agent = create_and_wait(
+        &client,
+        &ns.name,
+        "victim",
+        Duration::from_secs(30),
+        "identity issued",
+        identity_issued,
+    )
+    .await;
+    let serial = agent.status.unwrap().identity.unwrap().serial;
+
+    // Every write of this namespace's CA ConfigMap refused.
+    let name = format!("{}-freeze-ca", ns.name);
+    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": [""], "apiVersions": ["v1"],
+                "operations": ["CREATE", "UPDATE"], "resources": ["configmaps"]
+            }]},
+            "matchConditions": [{"name": "the-ca", "expression": "request.name == 'agentry-ca'"}],
+            "validations": [{"expression": "false", "message": "frozen by the test"}]
+        }
+    }))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}}}
+        }
+    }))
+    .unwrap();
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
+    policies.create(&Default::default(), &policy).await.unwrap();
+    bindings
+        .create(&Default::default(), &binding)
+        .await
+        .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    eventually_ok(Duration::from_secs(30), "the policy enforced", || async {
+        let probe = json!({"metadata": {"labels": {"probe": "x"}}});
+        let params = PatchParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        Ok::<bool, kube::Error>(
+            cms.patch("agentry-ca", &params, &Patch::Merge(&probe))
+                .await
+                .is_err(),
+        )
+    })
+    .await;
+
+    let api: Api<Agent> = Api::namespaced(client.clone(), &ns.name);
+    api.delete("victim", &DeleteParams::default())
+        .await
+        .unwrap();
+    // Three retries at the controller's backoff (1, 2, 4 s): the Agent stays, unpublished.
+    for _ in 0..16 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            api.get_opt("victim").await.unwrap().is_some(),
+            "the finalizer came off while the revocation was unpublished"
+        );
+    }
+    let crl = configmap(&client, &ns.name, "agentry-ca", "crl.pem").await;
+    assert!(
+        !crl_serials(&crl).contains(&serial),
+        "nothing could be published"
+    );
+
+    // Writes allowed again: the next retry publishes, then lets the Agent go.
+    bindings
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    policies
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually_ok(Duration::from_secs(60), "agent gone", || async {
+        Ok::<bool, kube::Error>(api.get_opt("victim").await?.is_none())
+    })
+    .await;
+    let crl = configmap(&client, &ns.name, "agentry-ca", "crl.pem").await;
+    assert!(
+        crl_serials(&crl).contains(&serial),
+        "the deleted Agent's certificate is on the CRL"
+    );
+}
+
 /// SIGKILL the controller again and again while it issues, and once (by a failpoint) exactly
 /// between a ledger commit and the Secret write: no Secret may ever hold a certificate the ledger
 /// lacks, no serial repeats, the certificate committed just before the crash survives in the

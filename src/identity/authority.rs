@@ -377,6 +377,12 @@ impl Authority {
         self.publish_trust_to(&self.sink(client)).await.map(|_| ())
     }
 
+    /// Whether a revocation may be missing from the published CRL (a publish failed and none
+    /// has completed since): see `CrlPublisher::unpublished`.
+    pub fn revocations_unpublished(&self) -> bool {
+        self.crl.unpublished()
+    }
+
     /// The `agentry-ca` ConfigMap, where the trust bundle and the CRL are published.
     fn sink<'a>(&'a self, client: &'a Client) -> ConfigMapSink<'a> {
         ConfigMapSink {
@@ -473,7 +479,7 @@ impl Authority {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_none_or(|at| at.elapsed() >= CRL_REFRESH);
-        if (trust_changed || stale) && self.ledger_health().is_ok() {
+        if (trust_changed || stale || self.crl.unpublished()) && self.ledger_health().is_ok() {
             self.publish_trust(client).await?;
         }
         Ok(())
@@ -693,6 +699,9 @@ pub fn crl_numbers(pem: &str) -> Vec<u64> {
 pub struct CrlPublisher {
     /// Requests so far (a ticket each).
     requested: AtomicU64,
+    /// Every ticket up to this one is covered by a completed publish (`PublishState::covered`,
+    /// readable without waiting for a publish in flight).
+    covered: AtomicU64,
     state: tokio::sync::Mutex<PublishState>,
     delay: Duration,
     /// The CRLs of the last publish, served by the API.
@@ -716,10 +725,19 @@ impl CrlPublisher {
     pub fn new() -> Self {
         Self {
             requested: AtomicU64::new(0),
+            covered: AtomicU64::new(0),
             state: Default::default(),
             delay: Duration::ZERO,
             latest: Default::default(),
         }
+    }
+
+    /// Whether a publish was asked for and none has completed since: a revocation committed
+    /// to the ledger may be missing from the published CRL. Whoever revoked it retries the
+    /// publish when it finds nothing left to revoke (its first publish failed), and so does the
+    /// upkeep, so a revocation is never left unpublished until the next daily re-signing.
+    pub fn unpublished(&self) -> bool {
+        self.requested.load(Ordering::SeqCst) > self.covered.load(Ordering::SeqCst)
     }
 
     /// The CRLs of the last completed publish.
@@ -802,6 +820,7 @@ impl CrlPublisher {
         *self.latest.write().unwrap_or_else(|p| p.into_inner()) = Some(latest);
         state.last_number = Some(number);
         state.covered = covers;
+        self.covered.fetch_max(covers, Ordering::SeqCst);
         Ok(Some(number))
     }
 }
@@ -1197,10 +1216,13 @@ mod tests {
         for i in 1..100 {
             issue_and_revoke(&cas, &ledger, i);
         }
+        assert!(!publisher.unpublished());
         let err = publisher
             .publish(&ledger, || cas.clone(), &sink, CRL_NEXT_UPDATE)
             .await
             .unwrap_err();
+        // Not published: deletions keep their finalizers until it is.
+        assert!(publisher.unpublished());
         let message = err.to_string();
         for needle in [
             "100 revoked",
@@ -1234,9 +1256,68 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(next, Some(3));
+        assert!(!publisher.unpublished());
         assert_eq!(
             crl_serials(&roomy.published.lock().unwrap()[0].1).len(),
             100
+        );
+    }
+
+    /// Refuses every publish, as the apiserver does a ConfigMap write in a namespace being
+    /// deleted or without the permission.
+    struct Refusing;
+
+    impl TrustSink for Refusing {
+        fn published_crl_number(&self) -> BoxFuture<'_, Result<Option<u64>, AuthorityError>> {
+            Box::pin(async move { Ok(None) })
+        }
+        fn publish(&self, _: String, _: String) -> BoxFuture<'_, Result<(), AuthorityError>> {
+            Box::pin(async move { Err(AuthorityError::Task("refused".into())) })
+        }
+        fn limit(&self) -> Option<(usize, String)> {
+            None
+        }
+    }
+
+    /// A revocation whose publish failed is not forgotten: the publisher says one is pending
+    /// until a publish completes, so the retry that finds nothing left to revoke (and the
+    /// upkeep) still publishes it, and that CRL lists it.
+    #[tokio::test]
+    async fn a_failed_publish_leaves_its_revocation_pending_until_one_succeeds() {
+        let ledger = Arc::new(Ledger::in_memory().unwrap());
+        let cas = CaSet::single(
+            CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(86400)).unwrap(),
+        );
+        let publisher = CrlPublisher::new();
+        assert!(!publisher.unpublished(), "nothing asked for yet");
+        let serial = issue_and_revoke(&cas, &ledger, 0);
+        publisher
+            .publish(&ledger, || cas.clone(), &Refusing, CRL_NEXT_UPDATE)
+            .await
+            .unwrap_err();
+        assert!(publisher.unpublished(), "the revocation is not published");
+        // A second failure (the retry) keeps it pending.
+        publisher
+            .publish(&ledger, || cas.clone(), &Refusing, CRL_NEXT_UPDATE)
+            .await
+            .unwrap_err();
+        assert!(publisher.unpublished());
+        let sink = Recorder {
+            published: Default::default(),
+            already: None,
+            limit: None,
+        };
+        let published = publisher
+            .publish(&ledger, || cas.clone(), &sink, CRL_NEXT_UPDATE)
+            .await
+            .unwrap();
+        assert!(published.is_some());
+        assert!(!publisher.unpublished(), "published now");
+        let crl = &sink.published.lock().unwrap()[0].1;
+        assert_eq!(
+            crl_serials(crl),
+            vec![serial],
+            "the CRL lists the revocation"
         );
     }
 

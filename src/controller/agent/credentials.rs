@@ -527,7 +527,9 @@ async fn revoke_on_request(
         }
     })
     .await?;
-    if !serials.is_empty() {
+    // Nothing revoked now but a publish pending: this request's own revocation, committed on
+    // a try whose publish failed. Published before the request is cleared.
+    if !serials.is_empty() || ctx.authority.revocations_unpublished() {
         ctx.authority.publish_trust(&ctx.client).await?;
         ctx.metrics
             .certificates_revoked
@@ -762,7 +764,9 @@ pub async fn cleanup(agent: &Agent, ctx: &Context) -> Result<usize, IdentityErro
         l.revoke_agent(&key, RevocationReason::CessationOfOperation, now)
     })
     .await?;
-    if n > 0 {
+    // Nothing revoked now but a publish pending: this Agent's revocation may be the one
+    // committed on a try whose publish failed. The finalizer stays until it is published.
+    if n > 0 || authority.revocations_unpublished() {
         authority.publish_trust(&ctx.client).await?;
         ctx.metrics.certificates_revoked.inc_by(n as u64);
     }
