@@ -393,10 +393,11 @@ async fn the_configmap_limit_the_crl_is_held_to_is_the_apiservers() {
     );
 }
 
-#[tokio::test]
-async fn revocation_by_annotation_and_by_deletion_lands_on_the_crl() {
-    let (client, ns) = setup("id-revoke").await;
-    let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
+/// A controller over a fresh namespace, and its Agent "victim" once its identity is issued:
+/// the certificate's serial.
+async fn issued_victim(prefix: &str) -> (Client, TestNamespace, ControllerProcess, String) {
+    let (client, ns) = setup(prefix).await;
+    let controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
     let agent = create_and_wait(
         &client,
         &ns.name,
@@ -406,7 +407,13 @@ async fn revocation_by_annotation_and_by_deletion_lands_on_the_crl() {
         identity_issued,
     )
     .await;
-    let first = agent.status.unwrap().identity.unwrap().serial;
+    let serial = agent.status.unwrap().identity.unwrap().serial;
+    (client, ns, controller, serial)
+}
+
+#[tokio::test]
+async fn revocation_by_annotation_and_by_deletion_lands_on_the_crl() {
+    let (client, ns, _controller, first) = issued_victim("id-revoke").await;
 
     // Annotate: the certificate is revoked, a new one issued, the annotation cleared.
     let api: Api<Agent> = Api::namespaced(client.clone(), &ns.name);
@@ -504,18 +511,7 @@ async fn a_deletion_waits_until_its_revocation_is_published() {
     use k8s_openapi::api::admissionregistration::v1::{
         ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
     };
-    let (client, ns) = setup("id-unpublished").await;
-    let _controller = ControllerProcess::start(ControllerOptions::new(&ns.name));
-    let agent = create_and_wait(
-        &client,
-        &ns.name,
-        "victim",
-        Duration::from_secs(30),
-        "identity issued",
-        identity_issued,
-    )
-    .await;
-    let serial = agent.status.unwrap().identity.unwrap().serial;
+    let (client, ns, _controller, serial) = issued_victim("id-unpublished").await;
 
     // Every write of this namespace's CA ConfigMap refused.
     let name = format!("{}-freeze-ca", ns.name);

@@ -377,10 +377,19 @@ impl Authority {
         self.publish_trust_to(&self.sink(client)).await.map(|_| ())
     }
 
-    /// Whether a revocation may be missing from the published CRL (a publish failed and none
-    /// has completed since): see `CrlPublisher::unpublished`.
-    pub fn revocations_unpublished(&self) -> bool {
-        self.crl.unpublished()
+    /// Publishes the CRL after a revocation: when `revoked` certificates were revoked just now,
+    /// or when an earlier publish failed and none has completed since (see
+    /// `CrlPublisher::unpublished`): a retry that finds nothing left to revoke may be retrying
+    /// exactly that publish, and must not return before it is out.
+    pub async fn publish_after_revoking(
+        &self,
+        client: &Client,
+        revoked: usize,
+    ) -> Result<(), AuthorityError> {
+        if revoked > 0 || self.crl.unpublished() {
+            self.publish_trust(client).await?;
+        }
+        Ok(())
     }
 
     /// The `agentry-ca` ConfigMap, where the trust bundle and the CRL are published.
@@ -1066,6 +1075,25 @@ mod tests {
         limit: Option<usize>,
     }
 
+    impl Recorder {
+        fn new(already: Option<u64>, limit: Option<usize>) -> Self {
+            Self {
+                published: Default::default(),
+                already,
+                limit,
+            }
+        }
+    }
+
+    /// An empty ledger and a CA to issue from and sign CRLs with.
+    fn ledger_and_ca() -> (Arc<Ledger>, CaSet) {
+        let ca = CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(86400));
+        (
+            Arc::new(Ledger::in_memory().unwrap()),
+            CaSet::single(ca.unwrap()),
+        )
+    }
+
     impl TrustSink for Recorder {
         fn published_crl_number(&self) -> BoxFuture<'_, Result<Option<u64>, AuthorityError>> {
             Box::pin(async move { Ok(self.already) })
@@ -1121,16 +1149,9 @@ mod tests {
     /// order (strictly increasing), and the last one lists every revoked serial.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_revocations_publish_crls_in_order_and_the_last_has_them_all() {
-        let ledger = Arc::new(Ledger::in_memory().unwrap());
-        let cas = CaSet::single(
-            CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(86400)).unwrap(),
-        );
+        let (ledger, cas) = ledger_and_ca();
         let publisher = Arc::new(CrlPublisher::new().with_delay(Duration::from_millis(5)));
-        let sink = Arc::new(Recorder {
-            published: Default::default(),
-            already: None,
-            limit: None,
-        });
+        let sink = Arc::new(Recorder::new(None, None));
         let tasks: Vec<_> = (0..20)
             .map(|i| {
                 let (ledger, cas, publisher, sink) =
@@ -1170,16 +1191,9 @@ mod tests {
     /// a ledger behind the ConfigMap), never below it.
     #[tokio::test]
     async fn the_first_publish_continues_above_what_is_already_published() {
-        let ledger = Arc::new(Ledger::in_memory().unwrap());
-        let cas = CaSet::single(
-            CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(86400)).unwrap(),
-        );
+        let (ledger, cas) = ledger_and_ca();
         let publisher = CrlPublisher::new();
-        let sink = Recorder {
-            published: Default::default(),
-            already: Some(41),
-            limit: None,
-        };
+        let sink = Recorder::new(Some(41), None);
         let first = publisher
             .publish(&ledger, || cas.clone(), &sink, CRL_NEXT_UPDATE)
             .await
@@ -1197,16 +1211,9 @@ mod tests {
     /// serves it, the next CRL is numbered above it, and one that fits again is published.
     #[tokio::test]
     async fn a_crl_too_large_for_its_configmap_is_not_half_published() {
-        let ledger = Arc::new(Ledger::in_memory().unwrap());
-        let cas = CaSet::single(
-            CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(86400)).unwrap(),
-        );
+        let (ledger, cas) = ledger_and_ca();
         let publisher = CrlPublisher::new();
-        let sink = Recorder {
-            published: Default::default(),
-            already: None,
-            limit: Some(4096),
-        };
+        let sink = Recorder::new(None, Some(4096));
         issue_and_revoke(&cas, &ledger, 0);
         let first = publisher
             .publish(&ledger, || cas.clone(), &sink, CRL_NEXT_UPDATE)
@@ -1246,11 +1253,7 @@ mod tests {
         );
         assert_eq!(crl_numbers(&served), vec![2]);
         // Room again (here: a larger sink): published, numbered above the refused one.
-        let roomy = Recorder {
-            published: Default::default(),
-            already: None,
-            limit: Some(CONFIGMAP_MAX_BYTES),
-        };
+        let roomy = Recorder::new(None, Some(CONFIGMAP_MAX_BYTES));
         let next = publisher
             .publish(&ledger, || cas.clone(), &roomy, CRL_NEXT_UPDATE)
             .await
@@ -1284,10 +1287,7 @@ mod tests {
     /// upkeep) still publishes it, and that CRL lists it.
     #[tokio::test]
     async fn a_failed_publish_leaves_its_revocation_pending_until_one_succeeds() {
-        let ledger = Arc::new(Ledger::in_memory().unwrap());
-        let cas = CaSet::single(
-            CertificateAuthority::generate("agentry CA (td)", Duration::from_secs(86400)).unwrap(),
-        );
+        let (ledger, cas) = ledger_and_ca();
         let publisher = CrlPublisher::new();
         assert!(!publisher.unpublished(), "nothing asked for yet");
         let serial = issue_and_revoke(&cas, &ledger, 0);
@@ -1302,11 +1302,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(publisher.unpublished());
-        let sink = Recorder {
-            published: Default::default(),
-            already: None,
-            limit: None,
-        };
+        let sink = Recorder::new(None, None);
         let published = publisher
             .publish(&ledger, || cas.clone(), &sink, CRL_NEXT_UPDATE)
             .await

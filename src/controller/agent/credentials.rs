@@ -527,14 +527,13 @@ async fn revoke_on_request(
         }
     })
     .await?;
-    // Nothing revoked now but a publish pending: this request's own revocation, committed on
-    // a try whose publish failed. Published before the request is cleared.
-    if !serials.is_empty() || ctx.authority.revocations_unpublished() {
-        ctx.authority.publish_trust(&ctx.client).await?;
-        ctx.metrics
-            .certificates_revoked
-            .inc_by(serials.len() as u64);
-    }
+    // Published before the request is cleared, also on a retry of a failed publish.
+    ctx.authority
+        .publish_after_revoking(&ctx.client, serials.len())
+        .await?;
+    ctx.metrics
+        .certificates_revoked
+        .inc_by(serials.len() as u64);
     Ok(Note::normal(
         reasons::REVOKED,
         "Revoke",
@@ -764,12 +763,10 @@ pub async fn cleanup(agent: &Agent, ctx: &Context) -> Result<usize, IdentityErro
         l.revoke_agent(&key, RevocationReason::CessationOfOperation, now)
     })
     .await?;
-    // Nothing revoked now but a publish pending: this Agent's revocation may be the one
-    // committed on a try whose publish failed. The finalizer stays until it is published.
-    if n > 0 || authority.revocations_unpublished() {
-        authority.publish_trust(&ctx.client).await?;
-        ctx.metrics.certificates_revoked.inc_by(n as u64);
-    }
+    // The finalizer stays until the revocation is published, also on a retry of a failed
+    // publish (which finds nothing left to revoke).
+    authority.publish_after_revoking(&ctx.client, n).await?;
+    ctx.metrics.certificates_revoked.inc_by(n as u64);
     Ok(n)
 }
 
